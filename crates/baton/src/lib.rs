@@ -1,1 +1,74 @@
-//! placeholder
+//! Zero-downtime restarts, binary upgrades and config reloads for tokio
+//! network services.
+//!
+//! # Guarantees
+//!
+//! - **The listening socket never closes.** Each named listener is bound once;
+//!   every later generation inherits the very same kernel socket at `exec`
+//!   (systemd's `LISTEN_FDS` convention), so connections that arrive during a
+//!   restart wait in the kernel's queue instead of being refused.
+//! - **Readiness with rollback.** The old generation keeps accepting until the
+//!   new one reports ready. If the new one exits, reports an error or misses
+//!   the upgrade timeout, it is killed with its process group and reaped, and
+//!   the old one carries on; the caller is told why (exit status or signal,
+//!   the error it sent, the tail of its stderr).
+//! - **Drain without a race.** Once the new generation is ready, the old one
+//!   stops accepting and holds no listening fd, lets in-flight requests
+//!   finish, answers the next request on each keep-alive connection with
+//!   `Connection: close`, closes connections only after they have been silent
+//!   for the idle grace, and closes whatever remains at the drain timeout.
+//!   Then exit hooks run and the process exits.
+//!
+//! # Lifecycle
+//!
+//! [`State::Starting`] → [`ready`](Baton::ready) → [`State::Active`] →
+//! (upgrade succeeded, or stop requested) → [`State::Draining`] →
+//! [`wait`](Baton::wait) drains and runs exit hooks → [`State::Stopped`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let baton = baton::Baton::builder()
+//!         .control_socket("/tmp/app.sock")
+//!         .pid_file("/tmp/app.pid")
+//!         .from_env()?;                                  // inherited sockets, if any
+//!     baton::signals::handle(baton.clone())?;            // USR2 upgrade, HUP reload, TERM stop
+//!     let http = baton.tcp("http", "127.0.0.1:8080").await?; // inherited or bound
+//!     baton.on_exit(|| async { /* flush metrics */ });
+//!     baton.ready().await?;                              // the old generation stops accepting
+//!     let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
+//!     tokio::spawn(baton::http::serve(http, app, baton.shutdown()));
+//!     baton.wait().await;                                // drained, hooks run
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The hand-off protocol, the environment variables and the control
+//! protocol are described in the repository's `docs/`.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::exit)
+)]
+
+mod baton;
+pub mod control;
+mod drain;
+pub mod env;
+mod error;
+mod handoff;
+pub mod http;
+mod listeners;
+mod notify;
+mod pidfile;
+mod reload;
+pub mod signals;
+mod sys;
+
+pub use crate::baton::{Baton, Builder, State, StopReason};
+pub use crate::drain::{Drain, DrainOutcome, Shutdown};
+pub use crate::error::{BoxError, Error, ReloadError, UpgradeError};
+pub use crate::handoff::Upgraded;
+pub use crate::listeners::{ListenAddr, ListenerInfo, ListenerKind};
+pub use crate::reload::Reloadable;

@@ -1,0 +1,47 @@
+//! A tiny HTTP server that upgrades without losing a request.
+//!
+//! ```text
+//! cargo run --example hello -- --listen 127.0.0.1:8080 --control-socket /tmp/hello.sock
+//! curl http://127.0.0.1:8080/          # hello from generation 1 pid ...
+//! kill -USR2 $(cat /tmp/hello.pid)     # or: {"command":"upgrade"} on the control socket
+//! ```
+mod common;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::init_logging();
+    let args = common::Args::parse();
+    let baton = args.baton()?;
+    baton::signals::handle(baton.clone())?;
+
+    let http = baton.tcp("http", &args.listen).await?;
+    let local = http.local_addr()?;
+    let unix = match &args.unix {
+        Some(path) => Some(baton.unix("unix", path).await?),
+        None => None,
+    };
+    args.startup(&baton).await;
+
+    let body = format!(
+        "hello from generation {} pid {}\n",
+        baton.generation(),
+        std::process::id()
+    );
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move { body }
+    });
+    // A reload has nothing to re-read here; it proves the path works.
+    baton.on_reload(|| async { Ok(()) });
+
+    baton.ready().await?;
+    common::announce(&baton, serde_json::json!({"listen": local.to_string()}));
+    tokio::spawn(baton::http::serve(http, app.clone(), baton.shutdown()));
+    if let Some(unix) = unix {
+        tokio::spawn(baton::http::serve(unix, app, baton.shutdown()));
+    }
+    baton.wait().await;
+    Ok(())
+}

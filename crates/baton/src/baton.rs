@@ -1,0 +1,889 @@
+//! The [`Baton`] handle: listeners, readiness, upgrade, reload, stop.
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+use socket2::Socket;
+use tokio::sync::watch;
+
+use crate::control::{self, Request};
+use crate::drain::{Drain, DrainOutcome, Shutdown};
+use crate::env;
+use crate::error::{BoxError, Error, ReloadError, UpgradeError};
+use crate::handoff::{self, ChildHandshake, NextGeneration, Upgraded};
+use crate::listeners::{self, Held, Inherited, InheritedFd, ListenerInfo, ListenerKind, Want};
+use crate::notify;
+use crate::pidfile;
+use crate::sys;
+
+/// Where a generation is in its life. Watch it with [`Baton::state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Binding or inheriting listeners; the previous generation (if any) is
+    /// still the active one.
+    Starting,
+    /// The active generation: accepting, answering the control socket.
+    Active,
+    /// No longer accepting; finishing what is in flight.
+    Draining(StopReason),
+    /// Drained and exit hooks run; the process should exit now.
+    Stopped(StopReason),
+}
+
+impl State {
+    fn label(&self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Active => "active",
+            State::Draining(_) => "draining",
+            State::Stopped(_) => "stopped",
+        }
+    }
+}
+
+/// Why a generation stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// A new generation took over.
+    Upgraded {
+        /// Its pid.
+        pid: u32,
+        /// Its generation number.
+        generation: u64,
+    },
+    /// A graceful stop (SIGTERM, SIGQUIT, control `stop`): drain, then exit.
+    Graceful,
+    /// A fast stop (SIGINT): close everything now.
+    Fast,
+}
+
+type ExitHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+type ReloadHandler =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> + Send + Sync>;
+
+/// Settings for a [`Baton`]; see [`Baton::builder`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    drain_timeout: Duration,
+    upgrade_timeout: Duration,
+    idle_grace: Duration,
+    exit_hook_timeout: Duration,
+    pid_file: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            drain_timeout: Duration::from_secs(30),
+            upgrade_timeout: Duration::from_secs(30),
+            idle_grace: Duration::from_secs(1),
+            exit_hook_timeout: Duration::from_secs(10),
+            pid_file: None,
+            control_socket: None,
+        }
+    }
+}
+
+impl Builder {
+    /// How long a stopping generation waits for in-flight work before it
+    /// closes what remains (default 30 s).
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// How long an upgrade waits for the new generation to be ready before
+    /// killing it and rolling back (default 30 s).
+    pub fn upgrade_timeout(mut self, d: Duration) -> Self {
+        self.upgrade_timeout = d;
+        self
+    }
+
+    /// How long an idle keep-alive connection stays open once draining
+    /// begins (default 1 s). A request that arrives in that time is answered
+    /// with `Connection: close`.
+    pub fn idle_grace(mut self, d: Duration) -> Self {
+        self.idle_grace = d;
+        self
+    }
+
+    /// How long exit hooks may run, all together (default 10 s).
+    pub fn exit_hook_timeout(mut self, d: Duration) -> Self {
+        self.exit_hook_timeout = d;
+        self
+    }
+
+    /// Write the active generation's pid here (atomically) when it becomes
+    /// active.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// Serve the control protocol on a Unix socket at this path (mode 0600).
+    /// The socket is handed to each next generation.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control_socket = Some(path.into());
+        self
+    }
+
+    /// Reads the environment (inherited fds, handshake, generation) and
+    /// builds the handle. Call once per process, inside a tokio runtime.
+    pub fn from_env(self) -> Result<Baton, Error> {
+        Baton::build(self)
+    }
+}
+
+pub(crate) struct Inner {
+    settings: Builder,
+    generation: u64,
+    pid: u32,
+    started: Instant,
+    started_wall: SystemTime,
+    exe: PathBuf,
+    args: Vec<OsString>,
+    first_start: bool,
+    inherited: Mutex<Inherited>,
+    held: Mutex<Vec<(Held, bool)>>,
+    control: Mutex<Option<(PathBuf, OwnedFd, bool)>>,
+    handshake: Mutex<Option<ChildHandshake>>,
+    state: watch::Sender<State>,
+    upgrading: AtomicBool,
+    drain: Drain,
+    hooks: Mutex<Vec<ExitHook>>,
+    reload: Mutex<Option<ReloadHandler>>,
+    last_reload: Mutex<Option<Value>>,
+    last_upgrade: Mutex<Option<Value>>,
+}
+
+/// The handle a server uses to take part in zero-downtime restarts.
+///
+/// Cheap to clone. See the [crate documentation](crate) for the lifecycle.
+#[derive(Clone)]
+pub struct Baton {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Baton {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Baton")
+            .field("generation", &self.inner.generation)
+            .field("pid", &self.inner.pid)
+            .field("state", &*self.inner.state.borrow())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short locks leaves plain data that
+    // is still consistent; keep going rather than poisoning the process.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Baton {
+    /// Settings with defaults; finish with [`Builder::from_env`].
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// [`Baton::builder()`]`.from_env()`: default settings, no pid file, no
+    /// control socket.
+    pub fn from_env() -> Result<Baton, Error> {
+        Builder::default().from_env()
+    }
+
+    fn build(settings: Builder) -> Result<Baton, Error> {
+        let pid = std::process::id();
+        let generation = match env::var(env::BATON_GENERATION) {
+            Some(g) => g.parse::<u64>().map_err(|_| {
+                Error::Environment(format!("{}={g:?} is not a number", env::BATON_GENERATION))
+            })?,
+            None => 1,
+        };
+        let (inherited, handshake) = adopt_inherited(pid)?;
+        let first_start = handshake.is_none();
+        let exe = current_exe();
+        let args: Vec<OsString> = std::env::args_os().collect();
+        let (state, _) = watch::channel(State::Starting);
+        let baton = Baton {
+            inner: Arc::new(Inner {
+                drain: Drain::new(settings.idle_grace),
+                settings,
+                generation,
+                pid,
+                started: Instant::now(),
+                started_wall: SystemTime::now(),
+                exe,
+                args,
+                first_start,
+                inherited: Mutex::new(Inherited::new(inherited)),
+                held: Mutex::new(Vec::new()),
+                control: Mutex::new(None),
+                handshake: Mutex::new(handshake),
+                state,
+                upgrading: AtomicBool::new(false),
+                hooks: Mutex::new(Vec::new()),
+                reload: Mutex::new(None),
+                last_reload: Mutex::new(None),
+                last_upgrade: Mutex::new(None),
+            }),
+        };
+        if let Some(path) = baton.inner.settings.control_socket.clone() {
+            baton.setup_control(&path)?;
+        }
+        tracing::info!(generation, pid, "baton started");
+        Ok(baton)
+    }
+
+    fn setup_control(&self, path: &Path) -> Result<(), Error> {
+        let want = Want::Unix(path.to_path_buf());
+        let adopted =
+            lock(&self.inner.inherited).take(env::CONTROL_FD_NAME, ListenerKind::Unix, &want);
+        let (fd, inherited) = match adopted {
+            Some(f) => (f.fd, true),
+            None => (
+                control::bind(path).map_err(|source| Error::Control {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+                false,
+            ),
+        };
+        *lock(&self.inner.control) = Some((path.to_path_buf(), fd, inherited));
+        Ok(())
+    }
+
+    /// This process's generation number (1 at first start).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// Whether this generation was started by an upgrade (rather than by an
+    /// operator or a service manager).
+    pub fn is_upgrade(&self) -> bool {
+        !self.inner.first_start
+    }
+
+    /// Watches the lifecycle.
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.inner.state.subscribe()
+    }
+
+    /// A handle for servers and tasks: see [`Shutdown`].
+    pub fn shutdown(&self) -> Shutdown {
+        self.inner.drain.handle()
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), Error> {
+        if name.is_empty() || name.contains(':') || name.len() > 255 {
+            return Err(Error::ListenerName {
+                name: name.to_owned(),
+                reason: "names must be 1 to 255 characters without ':'",
+            });
+        }
+        if name == env::CONTROL_FD_NAME {
+            return Err(Error::ListenerName {
+                name: name.to_owned(),
+                reason: "reserved for the control socket",
+            });
+        }
+        if lock(&self.inner.held).iter().any(|(h, _)| h.name == name) {
+            return Err(Error::ListenerName {
+                name: name.to_owned(),
+                reason: "already in use by this generation",
+            });
+        }
+        Ok(())
+    }
+
+    async fn resolve(name: &str, addr: &str) -> Result<Vec<std::net::SocketAddr>, Error> {
+        let addrs: Vec<_> = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|source| Error::Listener {
+                name: name.to_owned(),
+                address: addr.to_owned(),
+                source,
+            })?
+            .collect();
+        Ok(addrs)
+    }
+
+    fn claim(
+        &self,
+        name: &str,
+        kind: ListenerKind,
+        want: &Want,
+        address: &str,
+        bind: impl FnOnce() -> std::io::Result<Socket>,
+    ) -> Result<OwnedFd, Error> {
+        self.check_name(name)?;
+        let err = |source| Error::Listener {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            source,
+        };
+        let (fd, inherited) = match lock(&self.inner.inherited).take(name, kind, want) {
+            Some(InheritedFd { fd, .. }) => (fd, true),
+            None => (OwnedFd::from(bind().map_err(err)?), false),
+        };
+        let (_, actual) = listeners::describe(&fd).map_err(err)?;
+        let app = fd.try_clone().map_err(err)?;
+        tracing::info!(name, %actual, inherited, "listener");
+        lock(&self.inner.held).push((
+            Held {
+                name: name.to_owned(),
+                kind,
+                addr: actual,
+                fd,
+            },
+            inherited,
+        ));
+        Ok(app)
+    }
+
+    /// A TCP listener named `name` at `addr` ("127.0.0.1:8080",
+    /// "localhost:0"): the previous generation's very socket if it had one of
+    /// that name at that address (port 0 matches any port), else bound now.
+    pub async fn tcp(&self, name: &str, addr: &str) -> Result<tokio::net::TcpListener, Error> {
+        let addrs = Self::resolve(name, addr).await?;
+        let want = Want::Inet(addrs.clone());
+        let fd = self.claim(name, ListenerKind::Tcp, &want, addr, || {
+            listeners::bind_tcp(&addrs)
+        })?;
+        let std = std::net::TcpListener::from(fd);
+        std.set_nonblocking(true)
+            .map_err(|source| Error::Listener {
+                name: name.to_owned(),
+                address: addr.to_owned(),
+                source,
+            })?;
+        tokio::net::TcpListener::from_std(std).map_err(|source| Error::Listener {
+            name: name.to_owned(),
+            address: addr.to_owned(),
+            source,
+        })
+    }
+
+    /// A UDP socket named `name` at `addr`, inherited or bound like
+    /// [`tcp`](Self::tcp).
+    pub async fn udp(&self, name: &str, addr: &str) -> Result<tokio::net::UdpSocket, Error> {
+        let addrs = Self::resolve(name, addr).await?;
+        let want = Want::Inet(addrs.clone());
+        let fd = self.claim(name, ListenerKind::Udp, &want, addr, || {
+            listeners::bind_udp(&addrs)
+        })?;
+        let std = std::net::UdpSocket::from(fd);
+        std.set_nonblocking(true)
+            .map_err(|source| Error::Listener {
+                name: name.to_owned(),
+                address: addr.to_owned(),
+                source,
+            })?;
+        tokio::net::UdpSocket::from_std(std).map_err(|source| Error::Listener {
+            name: name.to_owned(),
+            address: addr.to_owned(),
+            source,
+        })
+    }
+
+    /// A Unix stream listener named `name` at `path`, inherited or bound like
+    /// [`tcp`](Self::tcp). A stale socket file is replaced; one a live
+    /// process accepts on is an error.
+    pub async fn unix(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<tokio::net::UnixListener, Error> {
+        let path = path.as_ref();
+        let want = Want::Unix(path.to_path_buf());
+        let shown = path.display().to_string();
+        let fd = self.claim(name, ListenerKind::Unix, &want, &shown, || {
+            listeners::bind_unix(path)
+        })?;
+        let std = std::os::unix::net::UnixListener::from(fd);
+        std.set_nonblocking(true)
+            .map_err(|source| Error::Listener {
+                name: name.to_owned(),
+                address: shown.clone(),
+                source,
+            })?;
+        tokio::net::UnixListener::from_std(std).map_err(|source| Error::Listener {
+            name: name.to_owned(),
+            address: shown,
+            source,
+        })
+    }
+
+    /// Stops handing the listener `name` to later generations (for a
+    /// listener removed by a config reload). The application closes its own
+    /// socket. Returns whether such a listener was held.
+    pub fn release(&self, name: &str) -> bool {
+        let mut held = lock(&self.inner.held);
+        let before = held.len();
+        held.retain(|(h, _)| h.name != name);
+        held.len() != before
+    }
+
+    /// The listeners this generation holds.
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        lock(&self.inner.held)
+            .iter()
+            .map(|(h, inherited)| ListenerInfo {
+                name: h.name.clone(),
+                kind: h.kind,
+                address: h.addr.clone(),
+                inherited: *inherited,
+            })
+            .collect()
+    }
+
+    /// Runs `hook` after draining, before the process exits (all hooks
+    /// together are bounded by the exit hook timeout).
+    pub fn on_exit<F, Fut>(&self, hook: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        lock(&self.inner.hooks).push(Box::new(move || Box::pin(hook())));
+    }
+
+    /// Sets what a reload (SIGHUP, control `reload`) does. The handler
+    /// should load, validate and swap (see [`Reloadable`](crate::Reloadable));
+    /// an error leaves the old configuration in place and is reported to the
+    /// caller.
+    pub fn on_reload<F, Fut>(&self, handler: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        *lock(&self.inner.reload) = Some(Arc::new(move || Box::pin(handler())));
+    }
+
+    /// Reports that this generation is ready to serve.
+    ///
+    /// At first start it becomes the active generation at once. After an
+    /// upgrade it tells the previous generation, which stops accepting and
+    /// answers; only then does this one become active (pid file, control
+    /// socket, `READY=1`). Inherited listeners nobody claimed are closed here.
+    /// An `Err(Error::RolledBack)` means the previous generation gave up on
+    /// this one: exit.
+    pub async fn ready(&self) -> Result<(), Error> {
+        if *self.inner.state.borrow() != State::Starting {
+            return Err(Error::AlreadyReady);
+        }
+        let handshake = lock(&self.inner.handshake).take();
+        if let Some(h) = handshake {
+            h.ready().await?;
+        }
+        // Unclaimed inherited fds: listeners the new configuration dropped.
+        for f in lock(&self.inner.inherited).take_rest() {
+            tracing::info!(name = %f.name, address = %f.addr, "closing inherited listener nobody claimed");
+        }
+        if let Some(path) = &self.inner.settings.pid_file {
+            pidfile::write(path, self.inner.pid).map_err(|source| Error::PidFile {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        if self.inner.first_start {
+            notify::notify_logged(&format!("READY=1\nMAINPID={}", self.inner.pid));
+        }
+        self.inner.state.send_replace(State::Active);
+        self.start_control()?;
+        tracing::info!(
+            generation = self.inner.generation,
+            pid = self.inner.pid,
+            "active"
+        );
+        Ok(())
+    }
+
+    /// Reports a startup failure to the previous generation (which then
+    /// rolls back and includes `message` in its answer). Without a previous
+    /// generation this only logs. The process should exit afterwards.
+    pub fn fail(&self, message: &str) {
+        tracing::error!(message, "startup failed");
+        if let Some(h) = lock(&self.inner.handshake).take() {
+            h.fail(message);
+        }
+    }
+
+    fn start_control(&self) -> Result<(), Error> {
+        let guard = lock(&self.inner.control);
+        let Some((path, fd, _)) = guard.as_ref() else {
+            return Ok(());
+        };
+        let err = |source| Error::Control {
+            path: path.clone(),
+            source,
+        };
+        let std = std::os::unix::net::UnixListener::from(fd.try_clone().map_err(err)?);
+        std.set_nonblocking(true).map_err(err)?;
+        let listener = tokio::net::UnixListener::from_std(std).map_err(err)?;
+        drop(guard);
+        tokio::spawn(control::serve(self.clone(), listener));
+        Ok(())
+    }
+
+    /// Starts the next generation from the binary this one was started from
+    /// (or `binary`), with the same arguments and our listeners, and waits
+    /// until it is ready. Then this generation stops accepting and begins to
+    /// drain (watch [`Shutdown::draining`], and call [`wait`](Self::wait)).
+    ///
+    /// If the new generation exits, reports an error or misses the upgrade
+    /// timeout, it is killed (with its process group) and reaped, and this
+    /// generation carries on as if nothing happened. Only one upgrade may be
+    /// in flight.
+    pub async fn upgrade(&self, binary: Option<PathBuf>) -> Result<Upgraded, UpgradeError> {
+        let state = self.inner.state.borrow().label();
+        if state != "active" {
+            return Err(UpgradeError::NotActive(state));
+        }
+        if self.inner.upgrading.swap(true, Ordering::SeqCst) {
+            return Err(UpgradeError::InProgress);
+        }
+        struct Reset<'a>(&'a AtomicBool);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _reset = Reset(&self.inner.upgrading);
+
+        notify::notify_logged(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            sys::monotonic_usec()
+        ));
+        let result = self.start_next(binary).await;
+        match &result {
+            Ok(up) => {
+                tracing::info!(
+                    pid = up.pid,
+                    generation = up.generation,
+                    elapsed_ms = up.elapsed.as_secs_f64() * 1000.0,
+                    "upgrade succeeded"
+                );
+                notify::notify_logged(&format!("MAINPID={}\nREADY=1", up.pid));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade failed; this generation keeps serving");
+                notify::notify_logged("READY=1");
+            }
+        }
+        *lock(&self.inner.last_upgrade) = Some(match &result {
+            Ok(up) => {
+                json!({"ok": true, "pid": up.pid, "generation": up.generation, "elapsed_ms": up.elapsed.as_secs_f64() * 1000.0})
+            }
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        });
+        result
+    }
+
+    async fn start_next(&self, binary: Option<PathBuf>) -> Result<Upgraded, UpgradeError> {
+        let mut fds = Vec::new();
+        for (h, _) in lock(&self.inner.held).iter() {
+            fds.push((h.name.clone(), h.fd.try_clone().map_err(UpgradeError::Io)?));
+        }
+        if let Some((_, fd, _)) = lock(&self.inner.control).as_ref() {
+            fds.push((
+                env::CONTROL_FD_NAME.to_owned(),
+                fd.try_clone().map_err(UpgradeError::Io)?,
+            ));
+        }
+        let next = NextGeneration {
+            binary: binary.unwrap_or_else(|| self.inner.exe.clone()),
+            args: self.inner.args.clone(),
+            generation: self.inner.generation + 1,
+            fds,
+            timeout: self.inner.settings.upgrade_timeout,
+        };
+        let child = handoff::start(next).await?;
+        let upgraded = child.upgraded.clone();
+        // Stop accepting before telling the new generation it is in charge.
+        self.begin_stop(StopReason::Upgraded {
+            pid: upgraded.pid,
+            generation: upgraded.generation,
+        });
+        child.ack().await;
+        Ok(upgraded)
+    }
+
+    /// Runs the reload handler. Errors leave the previous configuration in
+    /// place.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let state = self.inner.state.borrow().label();
+        if state != "active" {
+            return Err(ReloadError::NotActive(state));
+        }
+        let handler = lock(&self.inner.reload)
+            .clone()
+            .ok_or(ReloadError::Unsupported)?;
+        notify::notify_logged(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            sys::monotonic_usec()
+        ));
+        let started = Instant::now();
+        let result = handler().await.map_err(ReloadError::Rejected);
+        notify::notify_logged("READY=1");
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match &result {
+            Ok(()) => tracing::info!(elapsed_ms, "reload succeeded"),
+            Err(e) => tracing::error!(error = %e, "reload rejected; previous configuration kept"),
+        }
+        *lock(&self.inner.last_reload) = Some(json!({
+            "ok": result.is_ok(),
+            "error": result.as_ref().err().map(|e| e.to_string()),
+            "at_unix_ms": unix_ms(SystemTime::now()),
+            "elapsed_ms": elapsed_ms,
+        }));
+        result
+    }
+
+    /// Asks this generation to stop: gracefully (drain, bounded by the drain
+    /// timeout) or fast (close everything now). [`wait`](Self::wait) returns
+    /// once done.
+    pub fn stop(&self, graceful: bool) {
+        let reason = if graceful {
+            StopReason::Graceful
+        } else {
+            StopReason::Fast
+        };
+        self.begin_stop(reason);
+    }
+
+    fn begin_stop(&self, reason: StopReason) {
+        let mut changed = false;
+        self.inner.state.send_if_modified(|s| match s {
+            State::Starting | State::Active => {
+                *s = State::Draining(reason.clone());
+                changed = true;
+                true
+            }
+            _ => false,
+        });
+        if reason == StopReason::Fast {
+            self.inner.drain.expire();
+        }
+        if !changed {
+            return;
+        }
+        if reason == StopReason::Graceful || reason == StopReason::Fast {
+            notify::notify_logged("STOPPING=1");
+        }
+        // Our duplicates of the listening sockets go now, so that this process
+        // holds no listening fd once the application's accept loops stop.
+        lock(&self.inner.held).clear();
+        self.inner.drain.start();
+        tracing::info!(generation = self.inner.generation, reason = ?reason, "draining");
+    }
+
+    /// Waits until this generation has stopped (after an upgrade or a stop
+    /// request), drains, runs the exit hooks, and returns why. `main` should
+    /// return afterwards.
+    pub async fn wait(&self) -> StopReason {
+        let mut rx = self.inner.state.subscribe();
+        let reason = loop {
+            if let State::Draining(r) = &*rx.borrow_and_update() {
+                break r.clone();
+            }
+            if rx.changed().await.is_err() {
+                break StopReason::Fast;
+            }
+        };
+        // The control fd: close ours (the next generation has its own copy).
+        let control = lock(&self.inner.control).take();
+        let timeout = match reason {
+            StopReason::Fast => Duration::ZERO,
+            _ => self.inner.settings.drain_timeout,
+        };
+        let started = Instant::now();
+        match self.inner.drain.drain(timeout).await {
+            DrainOutcome::Complete => tracing::info!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "drained"
+            ),
+            DrainOutcome::TimedOut { remaining } => tracing::warn!(
+                remaining,
+                "drain timeout reached; remaining connections closed"
+            ),
+        }
+        let hooks: Vec<ExitHook> = std::mem::take(&mut *lock(&self.inner.hooks));
+        if !hooks.is_empty() {
+            let run = async {
+                for hook in hooks {
+                    hook().await;
+                }
+            };
+            if tokio::time::timeout(self.inner.settings.exit_hook_timeout, run)
+                .await
+                .is_err()
+            {
+                tracing::warn!("exit hooks timed out");
+            }
+        }
+        if !matches!(reason, StopReason::Upgraded { .. }) {
+            // The last generation cleans up after itself; after an upgrade
+            // the paths belong to the next one.
+            if let Some(path) = &self.inner.settings.pid_file {
+                pidfile::remove_if_ours(path, self.inner.pid);
+            }
+            if let Some((path, _, _)) = &control {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        drop(control);
+        self.inner
+            .state
+            .send_replace(State::Stopped(reason.clone()));
+        tracing::info!(generation = self.inner.generation, "stopped");
+        reason
+    }
+
+    /// A JSON description of this generation (the control `status` answer).
+    pub fn status(&self) -> Value {
+        let state = self.inner.state.borrow().clone();
+        json!({
+            "ok": true,
+            "pid": self.inner.pid,
+            "generation": self.inner.generation,
+            "state": state.label(),
+            "uptime_ms": self.inner.started.elapsed().as_secs_f64() * 1000.0,
+            "started_at_unix_ms": unix_ms(self.inner.started_wall),
+            "binary": self.inner.exe.display().to_string(),
+            "upgrade_in_progress": self.inner.upgrading.load(Ordering::SeqCst),
+            "listeners": self.listeners(),
+            "last_upgrade": *lock(&self.inner.last_upgrade),
+            "last_reload": *lock(&self.inner.last_reload),
+        })
+    }
+
+    /// Carries out one control request and returns the answer line.
+    pub async fn handle(&self, req: Request) -> Value {
+        match req {
+            Request::Upgrade { binary } => match self.upgrade(binary).await {
+                Ok(up) => {
+                    json!({"ok": true, "pid": up.pid, "generation": up.generation, "elapsed_ms": up.elapsed.as_secs_f64() * 1000.0})
+                }
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            },
+            Request::Reload => match self.reload().await {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            },
+            Request::Status => self.status(),
+            Request::Stop => {
+                self.stop(true);
+                json!({"ok": true, "pid": self.inner.pid})
+            }
+        }
+    }
+}
+
+fn unix_ms(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// The binary to start for the next generation: the path this one was
+/// started from. If the file was replaced on disk since, the kernel reports
+/// it as "PATH (deleted)"; the path is what we want (the new file).
+fn current_exe() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(p) => {
+            let s = p.as_os_str().to_string_lossy();
+            match s.strip_suffix(" (deleted)") {
+                Some(stripped) => PathBuf::from(stripped),
+                None => p,
+            }
+        }
+        Err(_) => std::env::args_os()
+            .next()
+            .map(PathBuf::from)
+            .unwrap_or_default(),
+    }
+}
+
+/// Adopts the fds described by `LISTEN_FDS`/`LISTEN_FDNAMES` when
+/// `LISTEN_PID` names us, and the handshake channel when present.
+fn adopt_inherited(pid: u32) -> Result<(Vec<InheritedFd>, Option<ChildHandshake>), Error> {
+    let listen_pid = env::var(env::LISTEN_PID).and_then(|p| p.parse::<u32>().ok());
+    let count = env::var(env::LISTEN_FDS).and_then(|n| n.parse::<i32>().ok());
+    let handshake_fd = env::var(env::BATON_HANDSHAKE_FD);
+    let ours = listen_pid == Some(pid);
+    if (!ours || count.is_none()) && handshake_fd.is_none() {
+        return Ok((Vec::new(), None));
+    }
+    if !sys::claim_inherited() {
+        // A second Baton in the same process gets nothing inherited.
+        return Ok((Vec::new(), None));
+    }
+    let mut fds = Vec::new();
+    if ours {
+        let n = count.unwrap_or(0);
+        let names: Vec<String> = env::var(env::LISTEN_FDNAMES)
+            .map(|s| s.split(':').map(str::to_owned).collect())
+            .unwrap_or_default();
+        for i in 0..n {
+            let raw = sys::LISTEN_FDS_START + i;
+            let name = names
+                .get(i as usize)
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned());
+            let fd = sys::adopt_fd(raw)
+                .map_err(|e| Error::Environment(format!("inherited fd {raw} ({name}): {e}")))?;
+            match listeners::describe(&fd) {
+                Ok((kind, addr)) => fds.push(InheritedFd {
+                    name,
+                    fd,
+                    kind,
+                    addr,
+                }),
+                Err(e) => {
+                    tracing::warn!(fd = raw, name, error = %e, "ignoring inherited fd");
+                }
+            }
+        }
+    }
+    let handshake = match handshake_fd {
+        Some(h) => {
+            let raw: i32 = h.parse().map_err(|_| {
+                Error::Environment(format!(
+                    "{}={h:?} is not an fd number",
+                    env::BATON_HANDSHAKE_FD
+                ))
+            })?;
+            let fd = sys::adopt_fd(raw)
+                .map_err(|e| Error::Environment(format!("handshake fd {raw}: {e}")))?;
+            let real_stderr = match env::var(env::BATON_STDERR_FD) {
+                Some(s) => {
+                    let raw: i32 = s.parse().map_err(|_| {
+                        Error::Environment(format!(
+                            "{}={s:?} is not an fd number",
+                            env::BATON_STDERR_FD
+                        ))
+                    })?;
+                    Some(
+                        sys::adopt_fd(raw)
+                            .map_err(|e| Error::Environment(format!("stderr fd {raw}: {e}")))?,
+                    )
+                }
+                None => None,
+            };
+            Some(ChildHandshake {
+                stream: std::os::unix::net::UnixStream::from(fd),
+                real_stderr,
+            })
+        }
+        None => None,
+    };
+    Ok((fds, handshake))
+}

@@ -1,0 +1,204 @@
+//! The control socket: one JSON object per line, in each direction.
+//!
+//! Requests: `{"command":"upgrade"}` (optionally `"binary":"PATH"`),
+//! `{"command":"reload"}`, `{"command":"status"}`, `{"command":"stop"}`.
+//! Each is answered with exactly one line, once the outcome is known, with
+//! `"ok":true` and command-specific fields, or `"ok":false` and `"error"`.
+//! The full protocol is in `docs/CONTROL.md`.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::Baton;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// Start the next generation; answered once it is ready or has failed.
+    Upgrade {
+        /// Binary to start instead of the current one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<PathBuf>,
+    },
+    /// Reload the configuration in-process.
+    Reload,
+    /// Describe this generation.
+    Status,
+    /// Stop gracefully (drain, then exit).
+    Stop,
+}
+
+/// Longest request line accepted; anything longer is a protocol error.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Runs the control server on `listener` until draining begins. Each
+/// connection may send several requests; it is closed after the answer that
+/// is in progress when draining begins.
+pub(crate) async fn serve(baton: Baton, listener: UnixListener) {
+    let shutdown = baton.shutdown();
+    let my_uid = rustix::process::getuid().as_raw();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.draining() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == my_uid => {}
+            Ok(cred) => {
+                tracing::warn!(
+                    peer_uid = cred.uid(),
+                    "control socket: refused a peer with another uid"
+                );
+                let mut stream = stream;
+                let _ = stream
+                    .write_all(&line(&json!({"ok": false, "error": format!("permission denied: uid {} is not the server's uid {my_uid}", cred.uid())})))
+                    .await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: cannot read peer credentials");
+                continue;
+            }
+        }
+        let b = baton.clone();
+        shutdown.spawn(async move { connection(b, stream).await });
+    }
+    // Dropping the listener here closes this generation's control fd; the
+    // socket itself lives on in the next generation.
+}
+
+async fn connection(baton: Baton, stream: UnixStream) {
+    let shutdown = baton.shutdown();
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        let read = tokio::select! {
+            _ = shutdown.draining() => break,
+            r = read_bounded_line(&mut reader, &mut buf) => r,
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if buf.len() > MAX_LINE {
+            let _ = w
+                .write_all(&line(
+                    &json!({"ok": false, "error": "request line too long"}),
+                ))
+                .await;
+            break;
+        }
+        let text = buf.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let answer = match serde_json::from_str::<Request>(text) {
+            Ok(req) => {
+                tracing::info!(request = ?req, "control request");
+                baton.handle(req).await
+            }
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        if w.write_all(&line(&answer)).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Reads one line, stopping after `MAX_LINE + 1` bytes so a client cannot
+/// make us buffer without bound.
+async fn read_bounded_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut String,
+) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut limited = r.take(MAX_LINE as u64 + 1);
+    limited.read_line(buf).await
+}
+
+fn line(v: &Value) -> Vec<u8> {
+    let mut out = v.to_string().into_bytes();
+    out.push(b'\n');
+    out
+}
+
+/// Binds the control socket at `path` with mode 0600.
+pub(crate) fn bind(path: &Path) -> io::Result<OwnedFd> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let sock = crate::listeners::bind_unix(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(sock.into())
+}
+
+/// Sends one request to a control socket and returns the answer line as
+/// JSON. Waits as long as the server takes (an upgrade answers only once the
+/// new generation is ready or has failed); bound it with a timeout if needed.
+///
+/// ```no_run
+/// # async fn f() -> std::io::Result<()> {
+/// let answer = baton::control::request("/run/app.sock".as_ref(), &baton::control::Request::Status).await?;
+/// println!("generation {}", answer["generation"]);
+/// # Ok(()) }
+/// ```
+pub async fn request(socket: &Path, req: &Request) -> io::Result<Value> {
+    let stream = UnixStream::connect(socket).await?;
+    let (r, mut w) = stream.into_split();
+    let mut body = serde_json::to_vec(req).map_err(io::Error::other)?;
+    body.push(b'\n');
+    w.write_all(&body).await?;
+    let mut reader = BufReader::new(r);
+    let mut answer = String::new();
+    if reader.read_line(&mut answer).await? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "control socket closed without answering",
+        ));
+    }
+    serde_json::from_str(answer.trim()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        let up: Request = serde_json::from_str(r#"{"command":"upgrade"}"#).unwrap();
+        assert_eq!(up, Request::Upgrade { binary: None });
+        let up: Request =
+            serde_json::from_str(r#"{"command":"upgrade","binary":"/usr/bin/x"}"#).unwrap();
+        assert_eq!(
+            up,
+            Request::Upgrade {
+                binary: Some("/usr/bin/x".into())
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"command":"status"}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"command":"reload","x":1}"#).is_err());
+    }
+}

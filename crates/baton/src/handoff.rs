@@ -1,0 +1,367 @@
+//! The hand-off between generations: starting the next one with our sockets,
+//! and the private handshake over an inherited socketpair.
+//!
+//! Handshake messages are JSON lines:
+//! - new → old: `{"event":"ready"}` or `{"event":"error","message":"..."}`
+//! - old → new: `{"event":"ack"}` once the old generation has stopped
+//!   accepting; only then does the new one write the pid file and open the
+//!   control socket. If the old generation gives up (timeout), it kills the
+//!   new one instead of answering.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::env;
+use crate::error::UpgradeError;
+use crate::sys;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub(crate) enum Message {
+    Ready,
+    Error { message: String },
+    Ack,
+}
+
+impl Message {
+    pub(crate) fn line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
+        v.push(b'\n');
+        v
+    }
+}
+
+/// The outcome of a successful upgrade.
+#[derive(Debug, Clone, Serialize)]
+pub struct Upgraded {
+    /// Pid of the new generation.
+    pub pid: u32,
+    /// Its generation number.
+    pub generation: u64,
+    /// From the request to the new generation's readiness.
+    #[serde(serialize_with = "ser_ms", rename = "elapsed_ms")]
+    pub elapsed: Duration,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+/// Everything needed to start the next generation.
+pub(crate) struct NextGeneration {
+    pub binary: PathBuf,
+    pub args: Vec<OsString>,
+    pub generation: u64,
+    /// (name, fd) in `LISTEN_FDNAMES` order.
+    pub fds: Vec<(String, OwnedFd)>,
+    pub timeout: Duration,
+}
+
+/// A new generation that is ready; the old one must stop accepting, then
+/// call [`ReadyChild::ack`].
+pub(crate) struct ReadyChild {
+    pub upgraded: Upgraded,
+    handshake: tokio::net::UnixStream,
+}
+
+impl ReadyChild {
+    /// Tells the new generation it is now the active one.
+    pub(crate) async fn ack(mut self) {
+        if let Err(e) = self.handshake.write_all(&Message::Ack.line()).await {
+            tracing::warn!(error = %e, "could not acknowledge the new generation");
+        }
+    }
+}
+
+/// Keeps the last bytes a child wrote to stderr while passing everything on.
+const TAIL_BYTES: usize = 4096;
+
+#[derive(Clone, Default)]
+struct Tail(Arc<Mutex<VecDeque<u8>>>);
+
+impl Tail {
+    fn push(&self, bytes: &[u8]) {
+        if let Ok(mut t) = self.0.lock() {
+            t.extend(bytes);
+            while t.len() > TAIL_BYTES {
+                t.pop_front();
+            }
+        }
+    }
+    fn text(&self) -> String {
+        match self.0.lock() {
+            Ok(t) => {
+                let (a, b) = t.as_slices();
+                let mut v = a.to_vec();
+                v.extend_from_slice(b);
+                String::from_utf8_lossy(&v).into_owned()
+            }
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// Starts the next generation and waits until it is ready, fails, or times
+/// out. On failure the child's process group is killed and reaped before this
+/// returns.
+pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeError> {
+    let started = Instant::now();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(UpgradeError::Io)?;
+    // stderr capture: the child's fd 2 is a pipe we read until it is ready;
+    // it gets our real stderr as an extra fd to switch to afterwards.
+    let capture = match sys::dup_stderr() {
+        Some(real) => {
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| UpgradeError::Io(e.into()))?;
+            Some((real, r, w))
+        }
+        None => None,
+    };
+
+    let n = next.fds.len();
+    let names: Vec<&str> = next.fds.iter().map(|(n, _)| n.as_str()).collect();
+    let mut envs: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !env::RECOMPUTED.iter().any(|r| k.as_bytes() == r.as_bytes()))
+        .collect();
+    let handshake_fd = sys::LISTEN_FDS_START + n as i32;
+    envs.push((env::LISTEN_FDS.into(), n.to_string().into()));
+    envs.push((env::LISTEN_FDNAMES.into(), names.join(":").into()));
+    envs.push((
+        env::BATON_GENERATION.into(),
+        next.generation.to_string().into(),
+    ));
+    envs.push((
+        env::BATON_HANDSHAKE_FD.into(),
+        handshake_fd.to_string().into(),
+    ));
+    envs.push((
+        env::BATON_PARENT_PID.into(),
+        std::process::id().to_string().into(),
+    ));
+    if capture.is_some() {
+        envs.push((
+            env::BATON_STDERR_FD.into(),
+            (handshake_fd + 1).to_string().into(),
+        ));
+    }
+
+    let binary = next.binary.clone();
+    let args = next.args.clone();
+    let spawned = tokio::task::spawn_blocking(move || {
+        let mut fds: Vec<std::os::fd::BorrowedFd<'_>> =
+            next.fds.iter().map(|(_, fd)| fd.as_fd()).collect();
+        fds.push(theirs.as_fd());
+        if let Some((real, _, _)) = &capture {
+            fds.push(real.as_fd());
+        }
+        let spec = sys::SpawnSpec {
+            program: &binary,
+            args: &args,
+            env: envs,
+            fds,
+            stderr: capture.as_ref().map(|(_, _, w)| w.as_fd()),
+            listen_pid: true,
+        };
+        let result = sys::spawn(spec);
+        // Our copies of the child's ends close here: the child holds its own.
+        (result, capture.map(|(_, r, _)| r))
+    })
+    .await
+    .map_err(|e| UpgradeError::Io(io::Error::other(e)))?;
+    let (spawned, stderr_r) = spawned;
+    let spawned = spawned.map_err(|source| UpgradeError::Spawn {
+        path: next.binary.clone(),
+        source,
+    })?;
+    let pid = spawned.pid.as_raw_nonzero().get() as u32;
+    tracing::info!(pid, generation = next.generation, binary = %next.binary.display(), "started new generation");
+
+    let tail = Tail::default();
+    let forwarder = stderr_r.and_then(|r| forward_stderr(r, tail.clone()).ok());
+
+    let result = wait_ready(ours, &spawned, next.timeout).await;
+    match result {
+        Ok(handshake) => Ok(ReadyChild {
+            upgraded: Upgraded {
+                pid,
+                generation: next.generation,
+                elapsed: started.elapsed(),
+            },
+            handshake,
+        }),
+        Err(failure) => {
+            sys::kill_group(spawned.pid, spawned.pidfd.as_fd());
+            let status = reap(&spawned).await;
+            // The pipe reaches EOF once the whole group is gone; give the
+            // forwarder a moment to collect the last words.
+            if let Some(f) = forwarder {
+                let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
+            }
+            let stderr_tail = tail.text();
+            Err(match failure {
+                Failure::Exited => UpgradeError::Exited {
+                    pid,
+                    status: status.map_or_else(|| "exited".to_owned(), |s| s.to_string()),
+                    stderr_tail,
+                },
+                Failure::Reported(message) => UpgradeError::Reported {
+                    pid,
+                    message,
+                    stderr_tail,
+                },
+                Failure::Timeout => UpgradeError::Timeout {
+                    pid,
+                    timeout: next.timeout,
+                    stderr_tail,
+                },
+                Failure::Io(e) => UpgradeError::Io(e),
+            })
+        }
+    }
+}
+
+enum Failure {
+    Exited,
+    Reported(String),
+    Timeout,
+    Io(io::Error),
+}
+
+async fn wait_ready(
+    ours: std::os::unix::net::UnixStream,
+    child: &sys::Spawned,
+    timeout: Duration,
+) -> Result<tokio::net::UnixStream, Failure> {
+    ours.set_nonblocking(true).map_err(Failure::Io)?;
+    let stream = tokio::net::UnixStream::from_std(ours).map_err(Failure::Io)?;
+    let pidfd =
+        sys::async_pidfd(child.pidfd.try_clone().map_err(Failure::Io)?).map_err(Failure::Io)?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let outcome = tokio::time::timeout(timeout, async {
+        tokio::select! {
+            // The handshake line decides; an EOF means the child closed its
+            // end (usually because it is exiting), so we wait for its exit.
+            read = reader.read_line(&mut line) => match read {
+                Ok(0) => { let _ = pidfd.readable().await; Err(Failure::Exited) }
+                Ok(_) => match serde_json::from_str::<Message>(line.trim()) {
+                    Ok(Message::Ready) => Ok(()),
+                    Ok(Message::Error { message }) => Err(Failure::Reported(message)),
+                    Ok(Message::Ack) | Err(_) => Err(Failure::Reported(format!("unexpected handshake message {:?}", line.trim()))),
+                },
+                Err(e) => Err(Failure::Io(e)),
+            },
+            _ = pidfd.readable() => Err(Failure::Exited),
+        }
+    })
+    .await;
+    match outcome {
+        Ok(Ok(())) => Ok(reader.into_inner()),
+        Ok(Err(f)) => Err(f),
+        Err(_) => Err(Failure::Timeout),
+    }
+}
+
+/// Waits (bounded) for the killed child to exit and reaps it.
+async fn reap(child: &sys::Spawned) -> Option<sys::ExitStatus> {
+    let pidfd = sys::async_pidfd(child.pidfd.try_clone().ok()?).ok()?;
+    let wait = async {
+        loop {
+            match sys::try_reap(child.pidfd.as_fd()) {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+            match pidfd.readable().await {
+                Ok(mut guard) => guard.clear_ready(),
+                Err(_) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Copies the child's stderr to ours while it starts up, keeping a tail.
+fn forward_stderr(r: OwnedFd, tail: Tail) -> io::Result<tokio::task::JoinHandle<()>> {
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(r)?;
+    Ok(tokio::spawn(async move {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            match pipe.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    tail.push(&buf[..n]);
+                    let _ = io::stderr().write_all(&buf[..n]);
+                }
+            }
+        }
+    }))
+}
+
+/// The new generation's side of the handshake.
+#[derive(Debug)]
+pub(crate) struct ChildHandshake {
+    pub stream: std::os::unix::net::UnixStream,
+    pub real_stderr: Option<OwnedFd>,
+}
+
+impl ChildHandshake {
+    /// Reports readiness and waits for the old generation's go-ahead. On
+    /// success, stderr is switched from the capture pipe to the real one.
+    pub(crate) async fn ready(self) -> Result<(), crate::Error> {
+        self.stream
+            .set_nonblocking(true)
+            .map_err(crate::Error::Handshake)?;
+        let mut stream =
+            tokio::net::UnixStream::from_std(self.stream).map_err(crate::Error::Handshake)?;
+        stream
+            .write_all(&Message::Ready.line())
+            .await
+            .map_err(crate::Error::Handshake)?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        let n = reader
+            .read_line(&mut line)
+            .await
+            .map_err(crate::Error::Handshake)?;
+        if n == 0 {
+            return Err(crate::Error::RolledBack);
+        }
+        match serde_json::from_str::<Message>(line.trim()) {
+            Ok(Message::Ack) => {}
+            _ => {
+                return Err(crate::Error::Handshake(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected handshake message {:?}", line.trim()),
+                )))
+            }
+        }
+        if let Some(real) = self.real_stderr {
+            sys::redirect_stderr(real).map_err(crate::Error::Handshake)?;
+        }
+        Ok(())
+    }
+
+    /// Reports a startup error to the old generation (best effort).
+    pub(crate) fn fail(mut self, message: &str) {
+        use std::io::Write as _;
+        let _ = self.stream.write_all(
+            &Message::Error {
+                message: message.to_owned(),
+            }
+            .line(),
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! Serving HTTP/1.1 with hyper (or axum) and draining without a race.
+//!
+//! [`serve`] accepts until draining begins, then:
+//! - stops accepting and drops its listener at once (the next generation
+//!   accepts from the same socket);
+//! - lets every in-flight request finish;
+//! - answers the next request on each keep-alive connection with
+//!   `Connection: close`, so the client itself opens its next connection
+//!   (to the new generation) instead of racing a closing socket;
+//! - closes a connection only once it has been silent (no bytes from the
+//!   client) for the idle grace, so a request the client is sending right
+//!   now is never cut off;
+//! - at the drain timeout ([`Shutdown::expired`]) closes whatever is left.
+//!
+//! Upgraded connections (WebSocket) leave hyper's hands: spawn their tasks
+//! with [`Shutdown::spawn`] and watch [`Shutdown::draining`] /
+//! [`Shutdown::expired`].
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, CONNECTION};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::drain::Shutdown;
+use crate::error::BoxError;
+
+/// A listener [`serve`] can accept from: TCP or Unix.
+pub trait Accept: Send + 'static {
+    /// The connection type.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Accepts one connection.
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        let (s, _) = tokio::net::TcpListener::accept(self).await?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        let (s, _) = tokio::net::UnixListener::accept(self).await?;
+        Ok(s)
+    }
+}
+
+/// Serves `service` (any tower service, such as an axum `Router`) on
+/// `listener` until draining, then drains as described in the
+/// [module docs](self). Returns once every connection has finished or was
+/// closed at the drain timeout.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let baton = baton::Baton::from_env()?;
+/// let listener = baton.tcp("http", "127.0.0.1:8080").await?;
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi\n" }));
+/// baton.ready().await?;
+/// tokio::spawn(baton::http::serve(listener, app, baton.shutdown()));
+/// baton.wait().await;
+/// # Ok(()) }
+/// ```
+pub async fn serve<L, S, B>(listener: L, service: S, shutdown: Shutdown) -> io::Result<()>
+where
+    L: Accept,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        let io = tokio::select! {
+            biased;
+            _ = shutdown.draining() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(io) => io,
+                Err(e) if is_transient(&e) => {
+                    // Out of fds or memory: back off instead of spinning;
+                    // connections wait in the kernel's queue meanwhile.
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept error");
+                    continue;
+                }
+            },
+        };
+        let svc = service.clone();
+        let handle = shutdown.clone();
+        shutdown.spawn(serve_connection(io, svc, handle));
+    }
+    // Stop accepting: this generation's listening fd closes here.
+    drop(listener);
+    tracing::debug!("stopped accepting");
+    Ok(())
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Serves one connection with the keep-alive wind-down. Exposed for servers
+/// with their own accept loop.
+pub async fn serve_connection<I, S, B>(io: I, service: S, shutdown: Shutdown)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let activity = Arc::new(Activity::new());
+    let io = Tracked {
+        inner: io,
+        activity: activity.clone(),
+    };
+    let svc = CloseWhenDraining {
+        inner: TowerToHyperService::new(service),
+        shutdown: shutdown.clone(),
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new());
+    let conn = builder
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+
+    tokio::select! {
+        r = conn.as_mut() => { log_conn(r); return; }
+        _ = shutdown.draining() => {}
+    }
+    // Draining: requests now get `Connection: close`. Close only once the
+    // client has been silent for the idle grace.
+    let grace = shutdown.idle_grace();
+    loop {
+        let idle = activity.idle_for();
+        if idle >= grace {
+            conn.as_mut().graceful_shutdown();
+            break;
+        }
+        tokio::select! {
+            r = conn.as_mut() => { log_conn(r); return; }
+            _ = tokio::time::sleep(grace - idle) => {}
+            _ = shutdown.expired() => return,
+        }
+    }
+    tokio::select! {
+        r = conn.as_mut() => log_conn(r),
+        _ = shutdown.expired() => {}
+    }
+}
+
+fn log_conn(r: Result<(), hyper::Error>) {
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "connection error");
+    }
+}
+
+/// When the client last sent us bytes.
+struct Activity {
+    base: Instant,
+    last_read_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            last_read_ms: AtomicU64::new(0),
+        }
+    }
+    fn touch(&self) {
+        self.last_read_ms
+            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        let now = self.base.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_read_ms.load(Ordering::Relaxed)))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An IO that records when bytes were last read.
+    struct Tracked<I> {
+        #[pin]
+        inner: I,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Tracked<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Adds `Connection: close` to responses once draining has begun; hyper then
+/// closes the connection right after that response.
+#[derive(Clone)]
+struct CloseWhenDraining<S> {
+    inner: S,
+    shutdown: Shutdown,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for CloseWhenDraining<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let fut = self.inner.call(req);
+        let shutdown = self.shutdown.clone();
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            // Checked when the response is ready, not when the request came
+            // in: a request that was in flight when draining began also
+            // closes its connection.
+            if shutdown.is_draining() && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(resp)
+        })
+    }
+}
