@@ -480,9 +480,20 @@ impl Baton {
             return Err(Error::AlreadyReady);
         }
         let handshake = lock(&self.inner.handshake).take();
-        if let Some(h) = handshake {
-            h.ready().await?;
+        let confirm = match handshake {
+            Some(h) => Some(h.ready().await?),
+            None => None,
+        };
+        let result = self.become_active();
+        if let Some(confirm) = confirm {
+            confirm
+                .send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
+                .await;
         }
+        result
+    }
+
+    fn become_active(&self) -> Result<(), Error> {
         // Unclaimed inherited fds: listeners the new configuration dropped.
         for f in lock(&self.inner.inherited).take_rest() {
             tracing::info!(name = %f.name, address = %f.addr, "closing inherited listener nobody claimed");
@@ -612,7 +623,16 @@ impl Baton {
             pid: upgraded.pid,
             generation: upgraded.generation,
         });
-        child.ack().await;
+        // From here on this generation is draining whatever happens: the
+        // new one has the sockets. Wait for it to confirm it is active, so
+        // the caller's "ok" is true of the pid file and control socket too.
+        child
+            .ack(Duration::from_secs(10))
+            .await
+            .map_err(|reason| UpgradeError::Unconfirmed {
+                pid: upgraded.pid,
+                reason,
+            })?;
         Ok(upgraded)
     }
 
@@ -774,12 +794,12 @@ impl Baton {
                 }
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             },
-            Request::Reload => match self.reload().await {
+            Request::Reload {} => match self.reload().await {
                 Ok(()) => json!({"ok": true}),
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             },
-            Request::Status => self.status(),
-            Request::Stop => {
+            Request::Status {} => self.status(),
+            Request::Stop {} => {
                 self.stop(true);
                 json!({"ok": true, "pid": self.inner.pid})
             }

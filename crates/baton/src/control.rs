@@ -29,11 +29,11 @@ pub enum Request {
         binary: Option<PathBuf>,
     },
     /// Reload the configuration in-process.
-    Reload,
+    Reload {},
     /// Describe this generation.
-    Status,
+    Status {},
     /// Stop gracefully (drain, then exit).
-    Stop,
+    Stop {},
 }
 
 /// Longest request line accepted; anything longer is a protocol error.
@@ -157,7 +157,7 @@ pub(crate) fn bind(path: &Path) -> io::Result<OwnedFd> {
 ///
 /// ```no_run
 /// # async fn f() -> std::io::Result<()> {
-/// let answer = baton::control::request("/run/app.sock".as_ref(), &baton::control::Request::Status).await?;
+/// let answer = baton::control::request("/run/app.sock".as_ref(), &baton::control::Request::Status {}).await?;
 /// println!("generation {}", answer["generation"]);
 /// # Ok(()) }
 /// ```
@@ -195,7 +195,7 @@ mod tests {
             }
         );
         assert_eq!(
-            serde_json::to_string(&Request::Status).unwrap(),
+            serde_json::to_string(&Request::Status {}).unwrap(),
             r#"{"command":"status"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());

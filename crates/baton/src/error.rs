@@ -113,6 +113,15 @@ pub enum UpgradeError {
         /// The last lines it wrote to stderr.
         stderr_tail: String,
     },
+    /// The new generation took over (the old one is draining) but did not
+    /// confirm that it became active: check it.
+    #[error("new generation (pid {pid}) took over but did not confirm it is active: {reason}")]
+    Unconfirmed {
+        /// Its pid.
+        pid: u32,
+        /// What happened.
+        reason: String,
+    },
     /// Setting up the hand-off failed (fds, pipes).
     #[error("preparing the hand-off: {0}")]
     Io(#[source] io::Error),

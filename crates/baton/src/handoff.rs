@@ -7,6 +7,9 @@
 //!   accepting; only then does the new one write the pid file and open the
 //!   control socket. If the old generation gives up (timeout), it kills the
 //!   new one instead of answering.
+//! - new → old: `{"event":"active"}` once the pid file names it and its
+//!   control socket answers, so that the upgrade's caller is told "ok" only
+//!   when everything it can observe already agrees.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -30,6 +33,7 @@ pub(crate) enum Message {
     Ready,
     Error { message: String },
     Ack,
+    Active,
 }
 
 impl Message {
@@ -74,10 +78,24 @@ pub(crate) struct ReadyChild {
 }
 
 impl ReadyChild {
-    /// Tells the new generation it is now the active one.
-    pub(crate) async fn ack(mut self) {
-        if let Err(e) = self.handshake.write_all(&Message::Ack.line()).await {
-            tracing::warn!(error = %e, "could not acknowledge the new generation");
+    /// Tells the new generation it is now the active one, and waits
+    /// (bounded) for it to confirm that it is.
+    pub(crate) async fn ack(mut self, timeout: Duration) -> Result<(), String> {
+        self.handshake
+            .write_all(&Message::Ack.line())
+            .await
+            .map_err(|e| format!("could not acknowledge: {e}"))?;
+        let mut reader = BufReader::new(self.handshake);
+        let mut line = String::new();
+        match tokio::time::timeout(timeout, reader.read_line(&mut line)).await {
+            Err(_) => Err(format!("no confirmation within {timeout:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(0)) => Err("it closed the handshake without confirming".to_owned()),
+            Ok(Ok(_)) => match serde_json::from_str::<Message>(line.trim()) {
+                Ok(Message::Active) => Ok(()),
+                Ok(Message::Error { message }) => Err(message),
+                _ => Err(format!("unexpected handshake message {:?}", line.trim())),
+            },
         }
     }
 }
@@ -256,7 +274,7 @@ async fn wait_ready(
                 Ok(_) => match serde_json::from_str::<Message>(line.trim()) {
                     Ok(Message::Ready) => Ok(()),
                     Ok(Message::Error { message }) => Err(Failure::Reported(message)),
-                    Ok(Message::Ack) | Err(_) => Err(Failure::Reported(format!("unexpected handshake message {:?}", line.trim()))),
+                    Ok(Message::Ack | Message::Active) | Err(_) => Err(Failure::Reported(format!("unexpected handshake message {:?}", line.trim()))),
                 },
                 Err(e) => Err(Failure::Io(e)),
             },
@@ -310,6 +328,22 @@ fn forward_stderr(r: OwnedFd, tail: Tail) -> io::Result<tokio::task::JoinHandle<
     }))
 }
 
+/// Sends the last handshake message: active, or what went wrong.
+#[derive(Debug)]
+pub(crate) struct Confirm(tokio::net::UnixStream);
+
+impl Confirm {
+    pub(crate) async fn send(mut self, result: Result<(), String>) {
+        let msg = match result {
+            Ok(()) => Message::Active,
+            Err(message) => Message::Error { message },
+        };
+        if let Err(e) = self.0.write_all(&msg.line()).await {
+            tracing::warn!(error = %e, "could not confirm to the previous generation");
+        }
+    }
+}
+
 /// The new generation's side of the handshake.
 #[derive(Debug)]
 pub(crate) struct ChildHandshake {
@@ -319,8 +353,9 @@ pub(crate) struct ChildHandshake {
 
 impl ChildHandshake {
     /// Reports readiness and waits for the old generation's go-ahead. On
-    /// success, stderr is switched from the capture pipe to the real one.
-    pub(crate) async fn ready(self) -> Result<(), crate::Error> {
+    /// success, stderr is switched from the capture pipe to the real one;
+    /// the returned handle confirms activity (or failure) afterwards.
+    pub(crate) async fn ready(self) -> Result<Confirm, crate::Error> {
         self.stream
             .set_nonblocking(true)
             .map_err(crate::Error::Handshake)?;
@@ -351,7 +386,7 @@ impl ChildHandshake {
         if let Some(real) = self.real_stderr {
             sys::redirect_stderr(real).map_err(crate::Error::Handshake)?;
         }
-        Ok(())
+        Ok(Confirm(reader.into_inner()))
     }
 
     /// Reports a startup error to the old generation (best effort).
