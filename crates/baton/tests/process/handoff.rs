@@ -17,8 +17,8 @@ fn twenty_upgrades_under_load_lose_no_request() {
     load.wait_for_progress(200, Duration::from_secs(10));
 
     let mut pids = vec![first];
-    let mut generation = 1;
-    for i in 0..20 {
+    for i in 0..20u64 {
+        let generation = i + 1;
         let answer = r.upgrade(r#"{"command":"upgrade"}"#);
         assert_eq!(answer["ok"], true, "upgrade {i}: {answer}");
         let pid = answer["pid"].as_u64().unwrap() as u32;
@@ -28,7 +28,6 @@ fn twenty_upgrades_under_load_lose_no_request() {
             generation + 1,
             "upgrade {i}: {answer}"
         );
-        generation += 1;
         pids.push(pid);
         assert_eq!(r.pid_file_pid(), pid, "pid file names the new generation");
         // Let traffic flow on the new generation before the next upgrade.
