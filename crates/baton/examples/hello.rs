@@ -29,9 +29,31 @@ async fn main() -> anyhow::Result<()> {
         baton.generation(),
         std::process::id()
     );
-    let app = axum::Router::new().fallback(move || {
-        let body = body.clone();
-        async move { body }
+    // `/sleep/MS` answers after MS milliseconds (a slow in-flight request);
+    // everything else answers at once.
+    let slow_body = body.clone();
+    let app = axum::Router::new()
+        .route(
+            "/sleep/{ms}",
+            axum::routing::get(move |axum::extract::Path(ms): axum::extract::Path<u64>| {
+                let body = slow_body.clone();
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    body
+                }
+            }),
+        )
+        .fallback(move || {
+            let body = body.clone();
+            async move { body }
+        });
+    let generation = baton.generation();
+    baton.on_exit(move || async move {
+        // Runs after the drain: tests and scripts see it on stdout.
+        println!(
+            "{}",
+            serde_json::json!({"event": "exit_hook", "pid": std::process::id(), "generation": generation})
+        );
     });
     // A reload has nothing to re-read here; it proves the path works.
     baton.on_reload(|| async { Ok(()) });
