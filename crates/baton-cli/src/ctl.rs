@@ -1,0 +1,90 @@
+//! `baton ctl`: talk to a control socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use baton::control::Request;
+
+/// What `ctl` should do.
+#[derive(Debug, Clone)]
+pub struct CtlOptions {
+    pub socket: PathBuf,
+    pub request: Request,
+    pub json: bool,
+}
+
+/// The default control socket: `$XDG_RUNTIME_DIR/baton/proxy.sock`, else
+/// `/tmp/baton-UID/proxy.sock`.
+pub fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => Path::new(&dir).join("baton").join("proxy.sock"),
+        None => {
+            let uid = std::fs::metadata("/proc/self").map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.uid()
+            });
+            PathBuf::from(format!("/tmp/baton-{}", uid.unwrap_or(0))).join("proxy.sock")
+        }
+    }
+}
+
+/// Sends the request; returns whether the server answered `ok: true`.
+pub async fn run(opts: CtlOptions) -> anyhow::Result<bool> {
+    let answer = baton::control::request(&opts.socket, &opts.request)
+        .await
+        .with_context(|| format!("control socket {}", opts.socket.display()))?;
+    let ok = answer["ok"] == true;
+    if opts.json {
+        println!("{answer}");
+    } else if !ok {
+        eprintln!(
+            "baton ctl: {}",
+            answer["error"].as_str().unwrap_or("request failed")
+        );
+    } else {
+        print_human(&opts.request, &answer);
+    }
+    Ok(ok)
+}
+
+fn print_human(req: &Request, a: &serde_json::Value) {
+    match req {
+        Request::Upgrade { .. } => println!(
+            "upgraded: generation {} pid {} ({:.1} ms)",
+            a["generation"],
+            a["pid"],
+            a["elapsed_ms"].as_f64().unwrap_or(0.0)
+        ),
+        Request::Reload {} => println!("reloaded"),
+        Request::Stop {} => println!("stopping pid {}", a["pid"]),
+        Request::Status {} => {
+            println!(
+                "pid {}  generation {}  state {}  uptime {:.1}s",
+                a["pid"],
+                a["generation"],
+                a["state"].as_str().unwrap_or("?"),
+                a["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0
+            );
+            if let Some(ls) = a["listeners"].as_array() {
+                for l in ls {
+                    println!(
+                        "  listener {} {} {}{}",
+                        l["name"].as_str().unwrap_or("?"),
+                        l["kind"].as_str().unwrap_or("?"),
+                        l["address"].as_str().unwrap_or("?"),
+                        if l["inherited"] == true {
+                            " (inherited)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+            for key in ["last_upgrade", "last_reload"] {
+                if !a[key].is_null() {
+                    println!("  {key}: {}", a[key]);
+                }
+            }
+        }
+    }
+}
