@@ -184,3 +184,30 @@ fn listener_with_changed_address_is_bound_anew_and_old_one_closed() {
     s.read_to_string(&mut out).unwrap();
     assert!(out.contains("generation 2"), "{out}");
 }
+
+#[test]
+fn upgrade_is_allowed_while_an_older_generation_is_still_draining() {
+    let mut r = Running::start("tcp_echo", &["--drain-timeout", "20s"]);
+    let first = r.pid();
+    // A long-lived connection keeps generation 1 draining.
+    let mut conn = TcpStream::connect(r.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"hi").unwrap();
+    let mut b = [0u8; 2];
+    conn.read_exact(&mut b).unwrap();
+
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(a["ok"], true, "{a}");
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(
+        a["ok"], true,
+        "second upgrade while generation 1 drains: {a}"
+    );
+    assert_eq!(a["generation"], 3);
+    assert!(!r.server.is_gone(first), "generation 1 is still draining");
+    // And its connection still works.
+    conn.write_all(b"yo").unwrap();
+    conn.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"yo");
+}
