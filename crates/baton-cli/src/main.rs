@@ -5,7 +5,9 @@
 //! bench, a control request answered `ok: false`); 2 usage error, invalid
 //! input or an unreachable target.
 
+mod bench;
 mod ctl;
+mod demo;
 mod hello;
 
 use std::path::PathBuf;
@@ -30,6 +32,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Drive HTTP/1.1 load at a URL while restarting the server; report every failed request.
+    Bench(BenchArgs),
+    /// Upgrade a built-in server under load and show that no request is lost.
+    Demo {
+        /// Measured load per client mode (keep-alive, then new connection per request).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+        /// Upgrades per client mode.
+        #[arg(long, default_value_t = 5)]
+        upgrades: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Where to write the reports [default: $TMPDIR/baton-demo].
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Talk to a running server's control socket.
     Ctl {
         /// The control socket [default: $XDG_RUNTIME_DIR/baton/proxy.sock, else /tmp/baton-UID/proxy.sock].
@@ -56,6 +75,93 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("restart").args(["restart_cmd", "restart_signal", "control_socket"])))]
+struct BenchArgs {
+    /// The URL to load (http://HOST:PORT/PATH).
+    #[arg(long)]
+    url: String,
+    /// keepalive: reuse connections; close: a new connection per request.
+    #[arg(long, default_value = "keepalive")]
+    mode: baton_bench::Mode,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Fixed total request rate (requests per second); default: as fast as possible.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Measured load window.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Restarts, evenly spaced inside the load window.
+    #[arg(long, default_value_t = 0)]
+    restarts: usize,
+    /// Restart by running this shell command.
+    #[arg(long)]
+    restart_cmd: Option<String>,
+    /// Restart by sending this signal (HUP, USR2, ...) to the pid in --pid-file.
+    #[arg(long, requires = "pid_file")]
+    restart_signal: Option<String>,
+    /// Pid file read at each restart (with --restart-signal).
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Restart through this Baton control socket (with --action).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Control socket action: upgrade or reload.
+    #[arg(long, default_value = "upgrade", value_parser = ["upgrade", "reload"])]
+    action: String,
+    /// Load before the measured window, not counted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    warmup: Duration,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write report.html and timeline.svg into this directory.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Per-request timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    timeout: Duration,
+    /// Bound on one restart (a command still running then is killed).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+    restart_timeout: Duration,
+}
+
+impl BenchArgs {
+    /// Flags → the library's options (validated by the library).
+    fn options(self) -> anyhow::Result<(baton_bench::BenchOptions, bench::Outputs)> {
+        let mut o = baton_bench::BenchOptions::new(self.url);
+        o.mode = self.mode;
+        o.concurrency = self.concurrency;
+        o.rate = self.rate;
+        o.duration = self.duration;
+        o.restarts = self.restarts;
+        o.warmup = self.warmup;
+        o.timeout = self.timeout;
+        o.restart_timeout = self.restart_timeout;
+        o.restart = if let Some(cmd) = self.restart_cmd {
+            Some(baton_bench::RestartAction::command(cmd))
+        } else if let Some(sig) = self.restart_signal {
+            let pid_file = self.pid_file.unwrap_or_default();
+            Some(baton_bench::RestartAction::signal(
+                baton_bench::parse_signal(&sig)?,
+                pid_file,
+            ))
+        } else {
+            self.control_socket
+                .map(|s| baton_bench::RestartAction::control(s, self.action))
+        };
+        Ok((
+            o,
+            bench::Outputs {
+                json: self.json,
+                report: self.report,
+            },
+        ))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum CtlAction {
     /// Start the next generation; succeeds once it is active.
@@ -74,7 +180,7 @@ enum CtlAction {
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,baton_bench=warn"));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);
@@ -109,6 +215,42 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Bench(args) => {
+            let (options, outputs) = args.options()?;
+            let config = options.validate()?;
+            let result = bench::run(config, &outputs).await?;
+            print!("{}", result.summary());
+            if result.failed_restarts() > 0 {
+                eprintln!(
+                    "baton bench: {} restart(s) failed; see the summary",
+                    result.failed_restarts()
+                );
+            }
+            Ok(if result.failed() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Demo {
+            duration,
+            upgrades,
+            concurrency,
+            report,
+        } => {
+            let ok = demo::run(demo::DemoOptions {
+                duration,
+                upgrades,
+                concurrency,
+                report: report.unwrap_or_else(|| std::env::temp_dir().join("baton-demo")),
+            })
+            .await?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Ctl {
             socket,
             json,

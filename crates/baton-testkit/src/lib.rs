@@ -184,6 +184,18 @@ impl Server {
         }
     }
 
+    /// The next event line for which `pred` holds, skipping others.
+    pub fn wait_event(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self.next_event(left);
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+
     /// The first generation's pid.
     pub fn first_pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)

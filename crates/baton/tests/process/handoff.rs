@@ -87,7 +87,9 @@ fn sigusr2_upgrades_and_sigterm_stops_cleanly() {
         rustix::process::Signal::USR2,
     )
     .unwrap();
-    let ready = r.server.next_event(Duration::from_secs(30));
+    let ready = r
+        .server
+        .wait_event(Duration::from_secs(30), |e| e["event"] == "ready");
     assert_eq!(ready["generation"], 2, "{ready}");
     let second = ready["pid"].as_u64().unwrap() as u32;
     assert_eventually!(

@@ -1,0 +1,256 @@
+//! The `baton` binary end to end: bench (with a negative control), demo, ctl.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use baton_testkit::{Server, TempDir};
+use serde_json::Value;
+
+fn baton() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_baton"))
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(baton())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `baton hello` with a control socket and pid file in `dir`.
+fn hello(dir: &TempDir) -> (Server, String, PathBuf) {
+    baton_testkit::become_subreaper();
+    let control = dir.join("control.sock");
+    let pid = dir.join("hello.pid");
+    let (server, ready) = Server::start(
+        &baton(),
+        &[
+            "hello",
+            "--listen",
+            "127.0.0.1:0",
+            "--control-socket",
+            control.to_str().unwrap(),
+            "--pid-file",
+            pid.to_str().unwrap(),
+            "--drain-timeout",
+            "5s",
+        ],
+        dir,
+    );
+    (
+        server,
+        ready["listen"].as_str().unwrap().to_owned(),
+        control,
+    )
+}
+
+#[test]
+fn bench_reports_zero_failures_across_baton_upgrades_with_json_and_report() {
+    let dir = TempDir::new("cli-bench");
+    let (server, listen, control) = hello(&dir);
+    let json = dir.join("result.json");
+    let report = dir.join("report");
+    let url = format!("http://{listen}/");
+    let out = run(&[
+        "bench",
+        "--url",
+        &url,
+        "--mode",
+        "keepalive",
+        "--concurrency",
+        "4",
+        "--duration",
+        "3s",
+        "--restarts",
+        "3",
+        "--control-socket",
+        control.to_str().unwrap(),
+        "--action",
+        "upgrade",
+        "--json",
+        json.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let result: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(result["failed"], 0, "{result}");
+    assert!(result["requests"].as_u64().unwrap() > 100);
+    let restarts = result["restarts"].as_array().unwrap();
+    assert_eq!(restarts.len(), 3);
+    for (i, r) in restarts.iter().enumerate() {
+        assert_eq!(r["outcome"]["ok"], true, "restart {i}: {r}");
+        server.track(r["outcome"]["response"]["pid"].as_u64().unwrap_or(0) as u32);
+    }
+    let svg = std::fs::read_to_string(report.join("timeline.svg")).unwrap();
+    for i in 1..=3 {
+        assert!(
+            svg.contains(&format!("restart {i}")),
+            "restart {i} is marked"
+        );
+    }
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert!(html.contains("<svg"), "the chart is inlined");
+}
+
+#[test]
+fn bench_catches_a_naive_restart_and_exits_1() {
+    // Negative control: kill -9 and start again on the same port, the way a
+    // plain restart does. Keep-alive connections die with the process, so
+    // every restart costs at least one request.
+    baton_testkit::become_subreaper();
+    let dir = TempDir::new("cli-naive");
+    let pid_file = dir.join("naive.pid");
+    let (server, ready) = Server::start(
+        &baton(),
+        &[
+            "hello",
+            "--listen",
+            "127.0.0.1:0",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    let listen = ready["listen"].as_str().unwrap().to_owned();
+    let restart = dir.script(
+        "naive-restart",
+        &format!(
+            "old=$(cat {pid}); kill -9 $old\n# wait until it is dead (a zombie counts: its sockets are closed)\nwhile [ -e /proc/$old ] && ! grep -q ') Z' /proc/$old/stat; do sleep 0.01; done\nsetsid {baton} hello --listen {listen} --pid-file {pid} >/dev/null 2>&1 &\necho $! >> {pid}.all\nwhile [ \"$(cat {pid} 2>/dev/null)\" = \"$old\" ]; do sleep 0.01; done",
+            pid = pid_file.display(),
+            baton = baton().display(),
+        ),
+    );
+    let url = format!("http://{listen}/");
+    let out = run(&[
+        "bench",
+        "--url",
+        &url,
+        "--mode",
+        "keepalive",
+        "--concurrency",
+        "4",
+        "--duration",
+        "3s",
+        "--restarts",
+        "3",
+        "--restart-cmd",
+        restart.to_str().unwrap(),
+        "--restart-timeout",
+        "10s",
+    ]);
+    // Every server the restarts started is killed and reaped with the guard.
+    let all = std::fs::read_to_string(dir.join("naive.pid.all")).unwrap_or_default();
+    for pid in all.split_whitespace() {
+        server.track(pid.parse().unwrap_or(0));
+    }
+    drop(server);
+    assert_eq!(baton_testkit::our_zombies(), Vec::<u32>::new());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("failed: 0\n"), "{stdout}");
+}
+
+#[test]
+fn bench_usage_errors_and_unreachable_urls_exit_2() {
+    let out = run(&["bench"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let out = run(&[
+        "bench",
+        "--url",
+        &format!("http://{addr}/"),
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = run(&["bench", "--url", "ftp://x/", "--duration", "1s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn demo_passes_and_writes_reports() {
+    baton_testkit::become_subreaper();
+    let dir = TempDir::new("cli-demo");
+    let out = run(&[
+        "demo",
+        "--duration",
+        "2s",
+        "--upgrades",
+        "2",
+        "--concurrency",
+        "4",
+        "--report",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PASS: not one request lost"), "{stdout}");
+    for mode in ["keepalive", "close"] {
+        assert!(dir.join(mode).join("report.html").exists(), "{mode} report");
+        assert!(dir.join(&format!("{mode}.json")).exists(), "{mode} json");
+    }
+    assert_eq!(baton_testkit::our_zombies(), Vec::<u32>::new());
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["ctl", "--socket", socket.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+#[test]
+fn ctl_speaks_the_control_protocol_with_exit_codes() {
+    let dir = TempDir::new("cli-ctl");
+    let (server, _listen, control) = hello(&dir);
+    let out = ctl(&control, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("generation 1"),
+        "{}",
+        text(&out)
+    );
+
+    let out = ctl(&control, &["--json", "upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    server.track(answer["pid"].as_u64().unwrap() as u32);
+    assert_eq!(answer["generation"], 2);
+
+    let out = ctl(&control, &["upgrade", "--binary", "/nonexistent/baton"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such file"),
+        "{}",
+        text(&out)
+    );
+
+    let out = ctl(&control, &["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let out = ctl(&dir.join("nothing.sock"), &["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    let out = ctl(&control, &["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let pid = answer["pid"].as_u64().unwrap() as u32;
+    let mut server = server;
+    baton_testkit::assert_eventually!(
+        Duration::from_secs(10),
+        server.is_gone(pid),
+        "stop did not stop"
+    );
+}
