@@ -157,6 +157,9 @@ pub(crate) struct Inner {
     handshake: Mutex<Option<ChildHandshake>>,
     state: watch::Sender<State>,
     upgrading: AtomicBool,
+    /// Set once a next generation took the sockets: from then on the pid
+    /// file and the control socket path belong to it.
+    handed_over: AtomicBool,
     drain: Drain,
     hooks: Mutex<Vec<ExitHook>>,
     reload: Mutex<Option<ReloadHandler>>,
@@ -230,6 +233,7 @@ impl Baton {
                 handshake: Mutex::new(handshake),
                 state,
                 upgrading: AtomicBool::new(false),
+                handed_over: AtomicBool::new(false),
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
                 last_reload: Mutex::new(None),
@@ -618,6 +622,7 @@ impl Baton {
         };
         let child = handoff::start(next).await?;
         let upgraded = child.upgraded.clone();
+        self.inner.handed_over.store(true, Ordering::SeqCst);
         // Stop accepting before telling the new generation it is in charge.
         self.begin_stop(StopReason::Upgraded {
             pid: upgraded.pid,
@@ -749,7 +754,7 @@ impl Baton {
                 tracing::warn!("exit hooks timed out");
             }
         }
-        if !matches!(reason, StopReason::Upgraded { .. }) {
+        if !self.inner.handed_over.load(Ordering::SeqCst) {
             // The last generation cleans up after itself; after an upgrade
             // the paths belong to the next one.
             if let Some(path) = &self.inner.settings.pid_file {

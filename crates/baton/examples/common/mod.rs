@@ -37,6 +37,9 @@ pub struct Args {
     /// Exit with status 1 before reporting ready.
     #[arg(long)]
     pub fail_startup: bool,
+    /// Report this startup error to the previous generation, then exit 1.
+    #[arg(long)]
+    pub report_error: Option<String>,
 }
 
 impl Args {
@@ -61,6 +64,10 @@ impl Args {
                 "hello: --fail-startup given, exiting before ready (generation {})",
                 baton.generation()
             );
+            std::process::exit(1);
+        }
+        if let Some(message) = &self.report_error {
+            baton.fail(message);
             std::process::exit(1);
         }
         if let Some(d) = self.startup_delay {

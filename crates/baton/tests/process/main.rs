@@ -28,8 +28,12 @@ pub struct Running {
 impl Running {
     /// Starts example `name` listening on 127.0.0.1:0 with `extra` flags.
     pub fn start(name: &str, extra: &[&str]) -> Running {
+        Self::start_program(&example(name), extra, TempDir::new(name))
+    }
+
+    /// Starts `program` (an example binary or a copy of one) in `dir`.
+    pub fn start_program(program: &std::path::Path, extra: &[&str], dir: TempDir) -> Running {
         baton_testkit::become_subreaper();
-        let dir = TempDir::new(name);
         let control = dir.join("control.sock");
         let pid_file = dir.join("server.pid");
         let mut args = vec![
@@ -41,7 +45,7 @@ impl Running {
             pid_file.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let (server, ready) = Server::start(&example(name), &args, &dir);
+        let (server, ready) = Server::start(program, &args, &dir);
         Running {
             server,
             dir,

@@ -135,3 +135,62 @@ fn a_second_concurrent_upgrade_is_refused() {
     r.server.track(first["pid"].as_u64().unwrap() as u32);
     assert_eq!(first["generation"], 2);
 }
+
+#[test]
+fn an_error_reported_by_the_new_generation_is_in_the_answer() {
+    let r = Running::start("hello", &[]);
+    let hello = baton_testkit::example("hello");
+    let failing = r.dir.script(
+        "failing",
+        &format!(
+            "exec {} \"$@\" --report-error 'database unreachable'",
+            hello.display()
+        ),
+    );
+    let a = r.upgrade(&format!(
+        r#"{{"command":"upgrade","binary":"{}"}}"#,
+        failing.display()
+    ));
+    assert_eq!(a["ok"], false, "{a}");
+    let err = a["error"].as_str().unwrap();
+    assert!(err.contains("failed: database unreachable"), "{err}");
+    assert_eq!(r.control(r#"{"command":"status"}"#)["generation"], 1);
+}
+
+#[test]
+fn the_binary_replaced_on_disk_is_what_the_upgrade_starts() {
+    // Start from a copy, then replace the file (rename over it, as package
+    // managers do). The upgrade must run the new file: here a wrapper that
+    // refuses to start, which the answer reveals.
+    let dir = baton_testkit::TempDir::new("replaced");
+    let server = dir.join("server");
+    std::fs::copy(baton_testkit::example("hello"), &server).unwrap();
+    let mut r = crate::Running::start_program(&server, &[], dir);
+    let replacement = r.dir.script(
+        "server.new",
+        &format!(
+            "exec {} \"$@\" --fail-startup",
+            baton_testkit::example("hello").display()
+        ),
+    );
+    std::fs::rename(&replacement, &server).unwrap();
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .contains("--fail-startup given"),
+        "{a}"
+    );
+    // Put a working binary back: the next upgrade succeeds from the same path.
+    std::fs::copy(baton_testkit::example("hello"), r.dir.join("server.tmp")).unwrap();
+    std::fs::rename(r.dir.join("server.tmp"), &server).unwrap();
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.is_gone(r.pid()),
+        "old generation did not exit"
+    );
+}
