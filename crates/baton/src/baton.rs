@@ -329,16 +329,16 @@ impl Baton {
         bind: impl FnOnce() -> std::io::Result<Socket>,
     ) -> Result<OwnedFd, Error> {
         self.check_name(name)?;
-        let err = |source| Error::Listener {
-            name: name.to_owned(),
-            address: address.to_owned(),
-            source,
-        };
+        let err = listener_error(name, address);
         let (fd, inherited) = match lock(&self.inner.inherited).take(name, kind, want) {
             Some(InheritedFd { fd, .. }) => (fd, true),
             None => (OwnedFd::from(bind().map_err(err)?), false),
         };
         let (_, actual) = listeners::describe(&fd).map_err(err)?;
+        // systemd hands over blocking sockets; tokio needs non-blocking ones.
+        socket2::SockRef::from(&fd)
+            .set_nonblocking(true)
+            .map_err(err)?;
         let app = fd.try_clone().map_err(err)?;
         tracing::info!(name, %actual, inherited, "listener");
         lock(&self.inner.held).push((
@@ -362,18 +362,7 @@ impl Baton {
         let fd = self.claim(name, ListenerKind::Tcp, &want, addr, || {
             listeners::bind_tcp(&addrs)
         })?;
-        let std = std::net::TcpListener::from(fd);
-        std.set_nonblocking(true)
-            .map_err(|source| Error::Listener {
-                name: name.to_owned(),
-                address: addr.to_owned(),
-                source,
-            })?;
-        tokio::net::TcpListener::from_std(std).map_err(|source| Error::Listener {
-            name: name.to_owned(),
-            address: addr.to_owned(),
-            source,
-        })
+        tokio::net::TcpListener::from_std(fd.into()).map_err(listener_error(name, addr))
     }
 
     /// A UDP socket named `name` at `addr`, inherited or bound like
@@ -384,18 +373,7 @@ impl Baton {
         let fd = self.claim(name, ListenerKind::Udp, &want, addr, || {
             listeners::bind_udp(&addrs)
         })?;
-        let std = std::net::UdpSocket::from(fd);
-        std.set_nonblocking(true)
-            .map_err(|source| Error::Listener {
-                name: name.to_owned(),
-                address: addr.to_owned(),
-                source,
-            })?;
-        tokio::net::UdpSocket::from_std(std).map_err(|source| Error::Listener {
-            name: name.to_owned(),
-            address: addr.to_owned(),
-            source,
-        })
+        tokio::net::UdpSocket::from_std(fd.into()).map_err(listener_error(name, addr))
     }
 
     /// A Unix stream listener named `name` at `path`, inherited or bound like
@@ -412,18 +390,7 @@ impl Baton {
         let fd = self.claim(name, ListenerKind::Unix, &want, &shown, || {
             listeners::bind_unix(path)
         })?;
-        let std = std::os::unix::net::UnixListener::from(fd);
-        std.set_nonblocking(true)
-            .map_err(|source| Error::Listener {
-                name: name.to_owned(),
-                address: shown.clone(),
-                source,
-            })?;
-        tokio::net::UnixListener::from_std(std).map_err(|source| Error::Listener {
-            name: name.to_owned(),
-            address: shown,
-            source,
-        })
+        tokio::net::UnixListener::from_std(fd.into()).map_err(listener_error(name, &shown))
     }
 
     /// Stops handing the listener `name` to later generations (for a
@@ -809,6 +776,17 @@ impl Baton {
                 json!({"ok": true, "pid": self.inner.pid})
             }
         }
+    }
+}
+
+fn listener_error<'a>(
+    name: &'a str,
+    address: &'a str,
+) -> impl Fn(std::io::Error) -> Error + Copy + 'a {
+    move |source| Error::Listener {
+        name: name.to_owned(),
+        address: address.to_owned(),
+        source,
     }
 }
 
