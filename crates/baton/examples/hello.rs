@@ -55,6 +55,9 @@ async fn main() -> anyhow::Result<()> {
             serde_json::json!({"event": "exit_hook", "pid": std::process::id(), "generation": generation})
         );
     });
+    // Application fields in the control socket's `status` answer.
+    let listen_addr = local.to_string();
+    baton.on_status(move || serde_json::json!({"app": "hello", "listen": listen_addr}));
     // A reload has nothing to re-read here; it proves the path works.
     baton.on_reload(|| async { Ok(()) });
 

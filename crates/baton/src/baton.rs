@@ -65,6 +65,7 @@ pub enum StopReason {
 }
 
 type ExitHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+type StatusHook = Arc<dyn Fn() -> Value + Send + Sync>;
 type ReloadHandler =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> + Send + Sync>;
 
@@ -163,6 +164,7 @@ pub(crate) struct Inner {
     drain: Drain,
     hooks: Mutex<Vec<ExitHook>>,
     reload: Mutex<Option<ReloadHandler>>,
+    status_hook: Mutex<Option<StatusHook>>,
     last_reload: Mutex<Option<Value>>,
     last_upgrade: Mutex<Option<Value>>,
 }
@@ -236,6 +238,7 @@ impl Baton {
                 handed_over: AtomicBool::new(false),
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
+                status_hook: Mutex::new(None),
                 last_reload: Mutex::new(None),
                 last_upgrade: Mutex::new(None),
             }),
@@ -436,6 +439,15 @@ impl Baton {
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         *lock(&self.inner.reload) = Some(Arc::new(move || Box::pin(handler())));
+    }
+
+    /// Adds application fields to the `status` answer: `hook` returns a JSON
+    /// object whose fields are merged in (Baton's own fields win).
+    pub fn on_status<F>(&self, hook: F)
+    where
+        F: Fn() -> Value + Send + Sync + 'static,
+    {
+        *lock(&self.inner.status_hook) = Some(Arc::new(hook));
     }
 
     /// Reports that this generation is ready to serve.
@@ -742,7 +754,8 @@ impl Baton {
     /// A JSON description of this generation (the control `status` answer).
     pub fn status(&self) -> Value {
         let state = self.inner.state.borrow().clone();
-        json!({
+        let extra = lock(&self.inner.status_hook).clone().map(|hook| hook());
+        let mut status = json!({
             "ok": true,
             "pid": self.inner.pid,
             "generation": self.inner.generation,
@@ -754,7 +767,13 @@ impl Baton {
             "listeners": self.listeners(),
             "last_upgrade": *lock(&self.inner.last_upgrade),
             "last_reload": *lock(&self.inner.last_reload),
-        })
+        });
+        if let (Some(Value::Object(extra)), Some(fields)) = (extra, status.as_object_mut()) {
+            for (k, v) in extra {
+                fields.entry(k).or_insert(v);
+            }
+        }
+        status
     }
 
     /// Carries out one control request and returns the answer line.

@@ -20,8 +20,11 @@ fn control_socket_rejects_bad_requests_and_other_users() {
     assert!(a["error"].as_str().unwrap().contains("bad request"), "{a}");
     let a = r.control("not json");
     assert_eq!(a["ok"], false);
-    // The server is unharmed.
-    assert_eq!(r.control(r#"{"command":"status"}"#)["state"], "active");
+    // The server is unharmed, and its status carries the application's fields.
+    let status = r.control(r#"{"command":"status"}"#);
+    assert_eq!(status["state"], "active");
+    assert_eq!(status["app"], "hello", "{status}");
+    assert_eq!(status["pid"], r.pid(), "Baton's own fields win");
 
     if !rustix::process::getuid().is_root() {
         eprintln!("not root: skipping the other-uid part");
