@@ -523,7 +523,7 @@ impl Baton {
         std.set_nonblocking(true).map_err(err)?;
         let listener = tokio::net::UnixListener::from_std(std).map_err(err)?;
         drop(guard);
-        tokio::spawn(control::serve(self.clone(), listener));
+        tokio::spawn(control::serve(listener, self.clone(), self.shutdown()));
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::Baton;
+use crate::{Baton, Shutdown};
 
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,11 +39,25 @@ pub enum Request {
 /// Longest request line accepted; anything longer is a protocol error.
 const MAX_LINE: usize = 64 * 1024;
 
-/// Runs the control server on `listener` until draining begins. Each
+/// Answers control requests. [`Baton`] implements it; so can any program
+/// that wants to speak the same protocol (`baton run` does).
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// Carries out one request and returns the answer (an object with
+    /// `"ok"`), once the outcome is known.
+    fn handle(&self, request: Request) -> impl std::future::Future<Output = Value> + Send;
+}
+
+impl Handler for Baton {
+    async fn handle(&self, request: Request) -> Value {
+        Baton::handle(self, request).await
+    }
+}
+
+/// Runs the control server on `listener` until `shutdown` starts draining.
+/// Peers with another uid than ours are refused (`SO_PEERCRED`). Each
 /// connection may send several requests; it is closed after the answer that
 /// is in progress when draining begins.
-pub(crate) async fn serve(baton: Baton, listener: UnixListener) {
-    let shutdown = baton.shutdown();
+pub async fn serve<H: Handler>(listener: UnixListener, handler: H, shutdown: Shutdown) {
     let my_uid = rustix::process::getuid().as_raw();
     loop {
         let accepted = tokio::select! {
@@ -76,15 +90,14 @@ pub(crate) async fn serve(baton: Baton, listener: UnixListener) {
                 continue;
             }
         }
-        let b = baton.clone();
-        shutdown.spawn(async move { connection(b, stream).await });
+        let (h, s) = (handler.clone(), shutdown.clone());
+        shutdown.spawn(async move { connection(h, stream, s).await });
     }
-    // Dropping the listener here closes this generation's control fd; the
-    // socket itself lives on in the next generation.
+    // Dropping the listener here closes this process's control fd; for a
+    // Baton server the socket itself lives on in the next generation.
 }
 
-async fn connection(baton: Baton, stream: UnixStream) {
-    let shutdown = baton.shutdown();
+async fn connection<H: Handler>(handler: H, stream: UnixStream, shutdown: Shutdown) {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut buf = String::new();
@@ -113,7 +126,7 @@ async fn connection(baton: Baton, stream: UnixStream) {
         let answer = match serde_json::from_str::<Request>(text) {
             Ok(req) => {
                 tracing::info!(request = ?req, "control request");
-                baton.handle(req).await
+                handler.handle(req).await
             }
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         };
@@ -140,8 +153,9 @@ fn line(v: &Value) -> Vec<u8> {
     out
 }
 
-/// Binds the control socket at `path` with mode 0600.
-pub(crate) fn bind(path: &Path) -> io::Result<OwnedFd> {
+/// Binds a control socket at `path` with mode 0600 (creating the parent
+/// directory). A stale socket file is replaced; one in use is an error.
+pub fn bind(path: &Path) -> io::Result<OwnedFd> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }

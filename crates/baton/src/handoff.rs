@@ -11,20 +11,18 @@
 //!   control socket answers, so that the upgrade's caller is told "ok" only
 //!   when everything it can observe already agrees.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::{self, Write};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::env;
 use crate::error::UpgradeError;
+use crate::process::{Child, Spawn};
 use crate::sys;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -100,114 +98,37 @@ impl ReadyChild {
     }
 }
 
-/// Keeps the last bytes a child wrote to stderr while passing everything on.
-const TAIL_BYTES: usize = 4096;
-
-#[derive(Clone, Default)]
-struct Tail(Arc<Mutex<VecDeque<u8>>>);
-
-impl Tail {
-    fn push(&self, bytes: &[u8]) {
-        if let Ok(mut t) = self.0.lock() {
-            t.extend(bytes);
-            while t.len() > TAIL_BYTES {
-                t.pop_front();
-            }
-        }
-    }
-    fn text(&self) -> String {
-        match self.0.lock() {
-            Ok(t) => {
-                let (a, b) = t.as_slices();
-                let mut v = a.to_vec();
-                v.extend_from_slice(b);
-                String::from_utf8_lossy(&v).into_owned()
-            }
-            Err(_) => String::new(),
-        }
-    }
-}
-
 /// Starts the next generation and waits until it is ready, fails, or times
 /// out. On failure the child's process group is killed and reaped before this
 /// returns.
 pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeError> {
     let started = Instant::now();
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(UpgradeError::Io)?;
+    let mut spawn = Spawn::new(&next.binary)
+        .argv(next.args.iter().cloned())
+        .env(env::BATON_GENERATION, next.generation.to_string())
+        .env(env::BATON_PARENT_PID, std::process::id().to_string());
+    for (name, fd) in next.fds {
+        spawn = spawn.listen_fd(name, fd);
+    }
+    let handshake_fd = spawn.extra_fd(OwnedFd::from(theirs));
+    spawn = spawn.env(env::BATON_HANDSHAKE_FD, handshake_fd.to_string());
     // stderr capture: the child's fd 2 is a pipe we read until it is ready;
     // it gets our real stderr as an extra fd to switch to afterwards.
-    let capture = match sys::dup_stderr() {
-        Some(real) => {
-            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| UpgradeError::Io(e.into()))?;
-            Some((real, r, w))
-        }
-        None => None,
-    };
-
-    let n = next.fds.len();
-    let names: Vec<&str> = next.fds.iter().map(|(n, _)| n.as_str()).collect();
-    let mut envs: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| !env::RECOMPUTED.iter().any(|r| k.as_bytes() == r.as_bytes()))
-        .collect();
-    let handshake_fd = sys::LISTEN_FDS_START + n as i32;
-    envs.push((env::LISTEN_FDS.into(), n.to_string().into()));
-    envs.push((env::LISTEN_FDNAMES.into(), names.join(":").into()));
-    envs.push((
-        env::BATON_GENERATION.into(),
-        next.generation.to_string().into(),
-    ));
-    envs.push((
-        env::BATON_HANDSHAKE_FD.into(),
-        handshake_fd.to_string().into(),
-    ));
-    envs.push((
-        env::BATON_PARENT_PID.into(),
-        std::process::id().to_string().into(),
-    ));
-    if capture.is_some() {
-        envs.push((
-            env::BATON_STDERR_FD.into(),
-            (handshake_fd + 1).to_string().into(),
-        ));
+    if let Some(real) = sys::dup_stderr() {
+        let stderr_fd = spawn.extra_fd(real);
+        spawn = spawn
+            .env(env::BATON_STDERR_FD, stderr_fd.to_string())
+            .capture_stderr(true);
     }
-
-    let binary = next.binary.clone();
-    let args = next.args.clone();
-    let spawned = tokio::task::spawn_blocking(move || {
-        let mut fds: Vec<std::os::fd::BorrowedFd<'_>> =
-            next.fds.iter().map(|(_, fd)| fd.as_fd()).collect();
-        fds.push(theirs.as_fd());
-        if let Some((real, _, _)) = &capture {
-            fds.push(real.as_fd());
-        }
-        let spec = sys::SpawnSpec {
-            program: &binary,
-            args: &args,
-            env: envs,
-            fds,
-            stderr: capture.as_ref().map(|(_, _, w)| w.as_fd()),
-            listen_pid: true,
-        };
-        let result = sys::spawn(spec);
-        // Our copies of the child's ends close here: the child holds its own.
-        (result, capture.map(|(_, r, _)| r))
-    })
-    .await
-    .map_err(|e| UpgradeError::Io(io::Error::other(e)))?;
-    let (spawned, stderr_r) = spawned;
-    let spawned = spawned.map_err(|source| UpgradeError::Spawn {
+    let child = spawn.spawn().await.map_err(|source| UpgradeError::Spawn {
         path: next.binary.clone(),
         source,
     })?;
-    let pid = spawned.pid.as_raw_nonzero().get() as u32;
+    let pid = child.pid();
     tracing::info!(pid, generation = next.generation, binary = %next.binary.display(), "started new generation");
 
-    let tail = Tail::default();
-    let forwarder = stderr_r.and_then(|r| forward_stderr(r, tail.clone()).ok());
-
-    let result = wait_ready(ours, &spawned, next.timeout).await;
-    match result {
+    match wait_ready(ours, &child, next.timeout).await {
         Ok(handshake) => Ok(ReadyChild {
             upgraded: Upgraded {
                 pid,
@@ -217,14 +138,8 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
             handshake,
         }),
         Err(failure) => {
-            sys::kill_group(spawned.pid, spawned.pidfd.as_fd());
-            let status = reap(&spawned).await;
-            // The pipe reaches EOF once the whole group is gone; give the
-            // forwarder a moment to collect the last words.
-            if let Some(f) = forwarder {
-                let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
-            }
-            let stderr_tail = tail.text();
+            let status = child.kill_and_reap().await;
+            let stderr_tail = child.stderr_tail().await;
             Err(match failure {
                 Failure::Exited => UpgradeError::Exited {
                     pid,
@@ -256,13 +171,11 @@ enum Failure {
 
 async fn wait_ready(
     ours: std::os::unix::net::UnixStream,
-    child: &sys::Spawned,
+    child: &Child,
     timeout: Duration,
 ) -> Result<tokio::net::UnixStream, Failure> {
     ours.set_nonblocking(true).map_err(Failure::Io)?;
     let stream = tokio::net::UnixStream::from_std(ours).map_err(Failure::Io)?;
-    let pidfd =
-        sys::async_pidfd(child.pidfd.try_clone().map_err(Failure::Io)?).map_err(Failure::Io)?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     let outcome = tokio::time::timeout(timeout, async {
@@ -270,7 +183,7 @@ async fn wait_ready(
             // The handshake line decides; an EOF means the child closed its
             // end (usually because it is exiting), so we wait for its exit.
             read = reader.read_line(&mut line) => match read {
-                Ok(0) => { let _ = pidfd.readable().await; Err(Failure::Exited) }
+                Ok(0) => { let _ = child.wait().await; Err(Failure::Exited) }
                 Ok(_) => match serde_json::from_str::<Message>(line.trim()) {
                     Ok(Message::Ready) => Ok(()),
                     Ok(Message::Error { message }) => Err(Failure::Reported(message)),
@@ -278,7 +191,7 @@ async fn wait_ready(
                 },
                 Err(e) => Err(Failure::Io(e)),
             },
-            _ = pidfd.readable() => Err(Failure::Exited),
+            _ = child.wait() => Err(Failure::Exited),
         }
     })
     .await;
@@ -287,45 +200,6 @@ async fn wait_ready(
         Ok(Err(f)) => Err(f),
         Err(_) => Err(Failure::Timeout),
     }
-}
-
-/// Waits (bounded) for the killed child to exit and reaps it.
-async fn reap(child: &sys::Spawned) -> Option<sys::ExitStatus> {
-    let pidfd = sys::async_pidfd(child.pidfd.try_clone().ok()?).ok()?;
-    let wait = async {
-        loop {
-            match sys::try_reap(child.pidfd.as_fd()) {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) => {}
-                Err(_) => return None,
-            }
-            match pidfd.readable().await {
-                Ok(mut guard) => guard.clear_ready(),
-                Err(_) => return None,
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), wait)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// Copies the child's stderr to ours while it starts up, keeping a tail.
-fn forward_stderr(r: OwnedFd, tail: Tail) -> io::Result<tokio::task::JoinHandle<()>> {
-    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(r)?;
-    Ok(tokio::spawn(async move {
-        let mut buf = vec![0u8; 8192];
-        loop {
-            match pipe.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    tail.push(&buf[..n]);
-                    let _ = io::stderr().write_all(&buf[..n]);
-                }
-            }
-        }
-    }))
 }
 
 /// Sends the last handshake message: active, or what went wrong.

@@ -263,3 +263,90 @@ pub struct ListenerInfo {
     /// Whether it was inherited (true) or bound by this generation.
     pub inherited: bool,
 }
+
+/// A listener as written on a command line: `tcp://HOST:PORT`,
+/// `udp://HOST:PORT`, `unix:/path` (or `unix:///path`), or plain
+/// `HOST:PORT` for TCP.
+///
+/// ```
+/// use baton::{ListenSpec, ListenerKind};
+/// let spec: ListenSpec = "udp://127.0.0.1:5353".parse().unwrap();
+/// assert_eq!(spec.kind, ListenerKind::Udp);
+/// assert_eq!(spec.address, "127.0.0.1:5353");
+/// assert!("ftp://x".parse::<ListenSpec>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// TCP, UDP or Unix.
+    pub kind: ListenerKind,
+    /// `HOST:PORT`, or the path for Unix sockets.
+    pub address: String,
+}
+
+impl std::str::FromStr for ListenSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, address) = if let Some(rest) = s.strip_prefix("tcp://") {
+            (ListenerKind::Tcp, rest)
+        } else if let Some(rest) = s.strip_prefix("udp://") {
+            (ListenerKind::Udp, rest)
+        } else if let Some(rest) = s.strip_prefix("unix://") {
+            (ListenerKind::Unix, rest)
+        } else if let Some(rest) = s.strip_prefix("unix:") {
+            (ListenerKind::Unix, rest)
+        } else if s.contains("://") {
+            return Err(format!(
+                "{s:?}: unknown scheme (use tcp://, udp:// or unix:)"
+            ));
+        } else {
+            (ListenerKind::Tcp, s)
+        };
+        if address.is_empty() {
+            return Err(format!("{s:?}: empty address"));
+        }
+        if kind != ListenerKind::Unix && !address.contains(':') {
+            return Err(format!("{s:?}: expected HOST:PORT"));
+        }
+        Ok(ListenSpec {
+            kind,
+            address: address.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ListenerKind::Unix => write!(f, "unix:{}", self.address),
+            k => write!(f, "{k}://{}", self.address),
+        }
+    }
+}
+
+impl ListenSpec {
+    /// Binds it, the way a Baton server binds a listener it did not inherit
+    /// (`SO_REUSEADDR`, never `SO_REUSEPORT`, backlog 1024, non-blocking,
+    /// close-on-exec). Resolves host names; blocks while it does.
+    pub fn bind(&self) -> io::Result<OwnedFd> {
+        let sock = match self.kind {
+            ListenerKind::Unix => bind_unix(Path::new(&self.address))?,
+            kind => {
+                use std::net::ToSocketAddrs;
+                let addrs: Vec<SocketAddr> = self.address.to_socket_addrs()?.collect();
+                if kind == ListenerKind::Tcp {
+                    bind_tcp(&addrs)?
+                } else {
+                    bind_udp(&addrs)?
+                }
+            }
+        };
+        Ok(sock.into())
+    }
+
+    /// The address a socket bound from this spec actually has (the port an
+    /// ephemeral `:0` got, say).
+    pub fn local_addr(fd: &OwnedFd) -> io::Result<ListenAddr> {
+        describe(fd).map(|(_, addr)| addr)
+    }
+}

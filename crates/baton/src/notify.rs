@@ -7,9 +7,11 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 use crate::env;
 
-/// Sends `state` (newline-separated `KEY=VALUE` assignments) to the socket in
-/// `NOTIFY_SOCKET`, if set. Returns `Ok(false)` when there is no socket.
-pub(crate) fn notify(state: &str) -> io::Result<bool> {
+/// Sends `state` (newline-separated `KEY=VALUE` assignments, e.g.
+/// `"READY=1"`) to the service manager's socket in `NOTIFY_SOCKET`, if set.
+/// Returns `Ok(false)` when there is none. Baton sends its own notifications;
+/// this is for programs that manage other processes (`baton run`).
+pub fn notify(state: &str) -> io::Result<bool> {
     let Some(path) = env::var(env::NOTIFY_SOCKET) else {
         return Ok(false);
     };
