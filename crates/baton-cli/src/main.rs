@@ -9,6 +9,7 @@ mod bench;
 mod ctl;
 mod demo;
 mod hello;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Run any program as a child that inherits the listening sockets; restart it without losing a connection.
+    Run(RunArgs),
     /// Talk to a running server's control socket.
     Ctl {
         /// The control socket [default: $XDG_RUNTIME_DIR/baton/proxy.sock, else /tmp/baton-UID/proxy.sock].
@@ -162,6 +165,40 @@ impl BenchArgs {
     }
 }
 
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// A socket to hold: NAME=ADDR with ADDR tcp://HOST:PORT, udp://HOST:PORT, unix:PATH or HOST:PORT (repeatable).
+    #[arg(long = "listen", value_name = "NAME=ADDR")]
+    listen: Vec<String>,
+    /// Give the child a fresh loopback port in VAR instead of the socket, and forward NAME's connections to it (repeatable).
+    #[arg(long = "port-env", value_name = "NAME=VAR")]
+    port_env: Vec<String>,
+    /// notify | tcp:ADDR | http:URL | delay:DUR ({VAR} in ADDR or URL is a --port-env value) [default: tcp probe of the --port-env port, else delay:1s].
+    #[arg(long)]
+    ready: Option<String>,
+    /// How long a child may take to become ready.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    ready_timeout: Duration,
+    /// Signal that asks a child to stop gracefully.
+    #[arg(long, default_value = "TERM")]
+    stop_signal: String,
+    /// How long a stopping child may take before SIGKILL.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    drain_timeout: Duration,
+    /// Serve the control protocol here (baton ctl --socket PATH reload|status|stop).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Write the supervisor's pid here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Replace a child that dies, with exponential back-off, instead of exiting with its status.
+    #[arg(long)]
+    restart_on_crash: bool,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<std::ffi::OsString>,
+}
+
 #[derive(Debug, Subcommand)]
 enum CtlAction {
     /// Start the next generation; succeeds once it is active.
@@ -250,6 +287,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Run(a) => {
+            let code = run::run(baton_supervisor::Options {
+                command: a.command,
+                listen: a.listen,
+                port_env: a.port_env,
+                ready: a.ready,
+                ready_timeout: Some(a.ready_timeout),
+                stop_signal: Some(a.stop_signal),
+                drain_timeout: Some(a.drain_timeout),
+                restart_on_crash: a.restart_on_crash,
+                control_socket: a.control_socket,
+                pid_file: a.pid_file,
+            })
+            .await?;
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
         Command::Ctl {
             socket,

@@ -232,7 +232,18 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let pids: Vec<u32> = self.pids.lock().unwrap().iter().copied().collect();
+        // Children of what we track too (a supervisor's children, say): they
+        // live in their own process groups.
+        let mut pids: Vec<u32> = self.pids.lock().unwrap().iter().copied().collect();
+        let mut i = 0;
+        while i < pids.len() {
+            for c in children_of(pids[i]) {
+                if !pids.contains(&c) {
+                    pids.push(c);
+                }
+            }
+            i += 1;
+        }
         for pid in &pids {
             if let Some(p) = Pid::from_raw(*pid as i32) {
                 let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
@@ -250,6 +261,21 @@ impl Drop for Server {
             }
         }
     }
+}
+
+/// Processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() {
+                if proc_ppid(p) == Some(pid) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Reaps `pid` if it is a zombie child of ours; true if it no longer exists.
@@ -575,7 +601,8 @@ fn exchange(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Error::new(ErrorKind::InvalidData, "bad status line"))?;
     let mut len = 0usize;
-    let mut close = false;
+    // HTTP/1.0 closes after the response unless it says keep-alive.
+    let mut close = head.starts_with("http/1.0") && !head.contains("connection: keep-alive");
     for line in head.lines() {
         if let Some(v) = line.strip_prefix("content-length:") {
             len = v.trim().parse().unwrap_or(0);

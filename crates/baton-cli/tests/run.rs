@@ -1,0 +1,368 @@
+//! `baton run`: real children (a Python socket-activation server, the Rust
+//! `baton hello`, `python3 -m http.server` behind --port-env) under load
+//! from keep-alive and new-connection clients, reloaded, crashed, rolled back.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use baton_testkit::{assert_eventually, Load, LoadReport, Server, Target, TempDir};
+use serde_json::Value;
+
+fn baton() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_baton"))
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/activation_server.py")
+}
+
+/// A running `baton run` and its control socket.
+struct Run {
+    server: Server,
+    control: PathBuf,
+    dir: TempDir,
+}
+
+impl Run {
+    /// Starts `baton run ARGS -- COMMAND` and waits (on the control
+    /// socket) until its first child is ready.
+    fn start(args: &[&str], command: &[&str]) -> Run {
+        baton_testkit::become_subreaper();
+        let dir = TempDir::new("run");
+        let control = dir.join("control.sock");
+        let mut all = vec!["run", "--control-socket", control.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.push("--");
+        all.extend_from_slice(command);
+        let server = Server::spawn(&baton(), &all, &dir, &[("RUST_LOG", "info")]);
+        let mut run = Run {
+            server,
+            control,
+            dir,
+        };
+        assert_eventually!(
+            Duration::from_secs(20),
+            run.control.exists() || run.server.first_exit().is_some(),
+            "baton run did not come up"
+        );
+        assert!(
+            run.server.first_exit().is_none(),
+            "baton run exited: {}",
+            run.server.stderr()
+        );
+        let pid = run.status()["pid"].as_u64().unwrap() as u32;
+        run.server.track(pid);
+        run
+    }
+
+    fn status(&self) -> Value {
+        baton_testkit::control(
+            &self.control,
+            r#"{"command":"status"}"#,
+            Duration::from_secs(30),
+        )
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.status()["listeners"][0]["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn reload(&self) -> Value {
+        let a = baton_testkit::control(
+            &self.control,
+            r#"{"command":"reload"}"#,
+            Duration::from_secs(60),
+        );
+        if let Some(pid) = a["pid"].as_u64() {
+            self.server.track(pid as u32);
+        }
+        a
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["ctl", "--socket", self.control.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Command::new(baton()).args(&all).output().unwrap()
+    }
+}
+
+fn assert_no_loss(report: &LoadReport) {
+    assert_eq!(
+        report.failed, 0,
+        "failed requests: {:?} (ok {})",
+        report.failures, report.ok
+    );
+    assert!(report.ok > 200, "load too small: {report:?}");
+}
+
+/// Twenty reloads under load, each a new pid and generation; old children gone.
+fn twenty_reloads(run: &Run, expect_body: &str) {
+    let load = Load::start(Target::Tcp(run.addr()), 4, 4, Duration::from_secs(120));
+    load.wait_for_progress(100, Duration::from_secs(10));
+    let mut pids = vec![run.status()["pid"].as_u64().unwrap()];
+    for i in 0..20u64 {
+        let a = run.reload();
+        assert_eq!(a["ok"], true, "reload {i}: {a}");
+        assert_eq!(a["generation"], i + 2, "{a}");
+        let pid = a["pid"].as_u64().unwrap();
+        assert!(!pids.contains(&pid));
+        pids.push(pid);
+        load.wait_for_progress(50, Duration::from_secs(10));
+    }
+    let report = load.stop();
+    assert_no_loss(&report);
+    assert!(
+        report.bodies.iter().any(|b| b.contains(expect_body)),
+        "the last child served: {:?}",
+        report.bodies.iter().rev().take(3).collect::<Vec<_>>()
+    );
+    for pid in &pids[..pids.len() - 1] {
+        let pid = *pid as u32;
+        assert_eventually!(
+            Duration::from_secs(15),
+            baton_testkit::proc_state(pid).is_none(),
+            "old child {pid} still there"
+        );
+    }
+}
+
+#[test]
+fn python_socket_activation_server_twenty_reloads_lose_nothing() {
+    let fx = fixture();
+    let run = Run::start(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--drain-timeout",
+            "10s",
+        ],
+        &["python3", fx.to_str().unwrap()],
+    );
+    twenty_reloads(&run, "python generation 21");
+}
+
+#[test]
+fn rust_socket_activation_server_twenty_reloads_lose_nothing() {
+    // `baton hello` adopts the socket named "http" from LISTEN_FDS at first
+    // start (it asks for 127.0.0.1:0, which matches any port) and sends
+    // READY=1 to NOTIFY_SOCKET.
+    let b = baton();
+    let run = Run::start(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--drain-timeout",
+            "10s",
+        ],
+        &[
+            b.to_str().unwrap(),
+            "hello",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "5s",
+        ],
+    );
+    twenty_reloads(&run, "hello from generation 21 pid");
+    assert!(
+        run.server.stderr().contains("inherited=true"),
+        "the child adopted the supervisor's socket"
+    );
+}
+
+#[test]
+fn failed_reloads_keep_the_old_child_serving() {
+    let fx = fixture();
+    let dir = TempDir::new("run-scripts");
+    let script = dir.join("child.sh");
+    let write = |body: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = dir.join("child.sh.tmp");
+        std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &script).unwrap();
+    };
+    write(&format!("exec python3 {} \"$@\"", fx.display()));
+    let run = Run::start(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "2s",
+        ],
+        &[script.to_str().unwrap()],
+    );
+    let first = run.status()["pid"].as_u64().unwrap();
+    let load = Load::start(Target::Tcp(run.addr()), 3, 3, Duration::from_secs(90));
+    load.wait_for_progress(100, Duration::from_secs(10));
+
+    // Fails to start.
+    write(&format!("exec python3 {} --fail", fx.display()));
+    let out = run.ctl(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("exited with status 3") && err.contains("--fail given"),
+        "{err}"
+    );
+    load.wait_for_progress(50, Duration::from_secs(10));
+
+    // Never becomes ready.
+    write(&format!("exec python3 {} --never-ready", fx.display()));
+    let out = run.ctl(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not ready within 2s"), "{err}");
+    load.wait_for_progress(50, Duration::from_secs(10));
+
+    // Binary missing.
+    std::fs::remove_file(&script).unwrap();
+    let out = run.ctl(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No such file"), "{err}");
+    load.wait_for_progress(50, Duration::from_secs(10));
+
+    let status = run.status();
+    assert_eq!(
+        status["pid"].as_u64().unwrap(),
+        first,
+        "the old child is untouched: {status}"
+    );
+    assert_eq!(status["last_reload"]["ok"], false);
+
+    // And a good reload still works.
+    write(&format!("exec python3 {} \"$@\"", fx.display()));
+    let a = run.reload();
+    assert_eq!(a["ok"], true, "{a}");
+    load.wait_for_progress(50, Duration::from_secs(10));
+    assert_no_loss(&load.stop());
+    drop(run.dir);
+}
+
+#[test]
+fn a_killed_child_is_replaced_within_a_second_without_refusing_connections() {
+    let fx = fixture();
+    let run = Run::start(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--restart-on-crash",
+        ],
+        &["python3", fx.to_str().unwrap()],
+    );
+    let victim = run.status()["pid"].as_u64().unwrap() as u32;
+    let load = Load::start(Target::Tcp(run.addr()), 4, 4, Duration::from_secs(60));
+    load.wait_for_progress(200, Duration::from_secs(10));
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(victim as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let killed_at = Instant::now();
+    // The replacement answers (its pid in the body) within a second.
+    let replacement = std::cell::Cell::new(0u32);
+    assert_eventually!(
+        Duration::from_secs(5),
+        {
+            let s = run.status();
+            replacement.set(s["pid"].as_u64().unwrap_or(0) as u32);
+            replacement.get() != victim && s["restarts"] == 1
+        },
+        "no replacement"
+    );
+    let replacement = replacement.get();
+    run.server.track(replacement);
+    let body = format!("pid {replacement}\n");
+    let mut c = std::net::TcpStream::connect(run.addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    use std::io::{Read, Write};
+    c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    let served_after = killed_at.elapsed();
+    assert!(resp.ends_with(&body), "{resp}");
+    assert!(
+        served_after < Duration::from_secs(1),
+        "replacement served after {served_after:?}"
+    );
+    load.wait_for_progress(200, Duration::from_secs(10));
+
+    let report = load.stop();
+    // Only requests in flight on the killed child may fail: at most one per
+    // client. None is refused: the socket never closed.
+    assert!(report.failed <= 8, "{:?}", report.failures);
+    assert!(
+        !report
+            .failures
+            .iter()
+            .any(|f| f.to_lowercase().contains("refused")),
+        "{:?}",
+        report.failures
+    );
+}
+
+#[test]
+fn port_env_makes_a_plain_server_zero_downtime() {
+    let www = TempDir::new("www");
+    std::fs::write(www.join("index.html"), "hello from http.server\n").unwrap();
+    let cmd = format!(
+        "exec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory {}",
+        www.path().display()
+    );
+    let run = Run::start(
+        &[
+            "--listen",
+            "web=127.0.0.1:0",
+            "--port-env",
+            "web=PORT",
+            "--drain-timeout",
+            "10s",
+        ],
+        &["sh", "-c", &cmd],
+    );
+    twenty_reloads(&run, "hello from http.server");
+    let status = run.status();
+    assert_eq!(status["generation"], 21, "{status}");
+}
+
+#[test]
+fn without_restart_on_crash_the_supervisor_exits_with_the_child_status() {
+    let run = Run::start(
+        &["--ready", "delay:100ms"],
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 7' TERM; while :; do sleep 0.05; done",
+        ],
+    );
+    let child = run.status()["pid"].as_u64().unwrap() as u32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let mut server = run.server;
+    assert_eventually!(
+        Duration::from_secs(10),
+        server.first_exit().is_some(),
+        "supervisor did not exit"
+    );
+    assert_eq!(server.first_exit().unwrap().code(), Some(7));
+}

@@ -1,0 +1,606 @@
+//! Child generations: start, readiness, reload with rollback, crash
+//! restart, stop; connection forwarding for `--port-env`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use baton::process::{Child, ExitStatus, Spawn};
+use baton::{control, Drain};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream, UnixDatagram};
+use tokio::sync::watch;
+
+use crate::config::{Config, ReadyMode};
+use crate::{probe, Error};
+
+/// Back-off between crash restarts: doubles from `BACKOFF_MIN` up to
+/// `BACKOFF_MAX`, and starts over once a child has stayed up for
+/// `BACKOFF_RESET`.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const BACKOFF_RESET: Duration = Duration::from_secs(10);
+
+/// One running child.
+#[derive(Debug)]
+struct Generation {
+    number: u64,
+    child: Child,
+    started: Instant,
+    /// `--port-env` variable → the port this child listens on.
+    ports: HashMap<String, u16>,
+    /// Connections forwarded to this child and still open.
+    conns: AtomicUsize,
+    /// Set once it is being replaced or stopped (its exit is not a crash).
+    retiring: AtomicBool,
+    /// Reads (and discards) the child's later sd_notify messages.
+    notify_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if let Some(t) = &self.notify_task {
+            t.abort();
+        }
+    }
+}
+
+struct Inner {
+    config: Config,
+    command: Mutex<Vec<OsString>>,
+    /// Sockets handed to each child as fds: (name, socket).
+    passed: Vec<(String, OwnedFd)>,
+    current: watch::Sender<Option<Arc<Generation>>>,
+    generations: AtomicU64,
+    crash_restarts: AtomicU64,
+    /// One reload or crash restart at a time.
+    transition: tokio::sync::Mutex<()>,
+    backoff: Mutex<Duration>,
+    last_reload: Mutex<Option<Value>>,
+    started: Instant,
+    stopping: AtomicBool,
+    exit: watch::Sender<Option<i32>>,
+    drain: Drain,
+    notify_dir: PathBuf,
+    listeners: Vec<Value>,
+}
+
+/// The supervisor. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field(
+                "generations",
+                &self.inner.generations.load(Ordering::SeqCst),
+            )
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Setup { what, source }
+}
+
+impl Supervisor {
+    /// Binds the sockets, starts the first child and waits until it is
+    /// ready, then serves the control socket and writes the pid file.
+    pub async fn start(config: Config) -> Result<Supervisor, Error> {
+        let mut passed = Vec::new();
+        let mut forwarded = Vec::new();
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let fd = l
+                .spec
+                .bind()
+                .map_err(setup(format!("--listen {}={}", l.name, l.spec)))?;
+            let addr = baton::ListenSpec::local_addr(&fd)
+                .map_err(setup(format!("--listen {}", l.name)))?;
+            tracing::info!(name = %l.name, address = %addr, port_env = ?l.port_env, "listening");
+            listeners.push(json!({"name": l.name, "kind": l.spec.kind, "address": addr.to_string(), "port_env": l.port_env}));
+            match &l.port_env {
+                Some(var) => forwarded.push((var.clone(), fd)),
+                None => passed.push((l.name.clone(), fd)),
+            }
+        }
+        let notify_dir = std::env::temp_dir().join(format!("baton-run-{}", std::process::id()));
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::remove_dir_all(&notify_dir);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(&notify_dir)
+                .map_err(setup(format!("{}", notify_dir.display())))?;
+        }
+        let (current, _) = watch::channel(None);
+        let (exit, _) = watch::channel(None);
+        let sup = Supervisor {
+            inner: Arc::new(Inner {
+                command: Mutex::new(config.command.clone()),
+                config,
+                passed,
+                current,
+                generations: AtomicU64::new(0),
+                crash_restarts: AtomicU64::new(0),
+                transition: tokio::sync::Mutex::new(()),
+                backoff: Mutex::new(Duration::ZERO),
+                last_reload: Mutex::new(None),
+                started: Instant::now(),
+                stopping: AtomicBool::new(false),
+                exit,
+                drain: Drain::new(Duration::from_secs(1)),
+                notify_dir,
+                listeners,
+            }),
+        };
+        let first = sup.start_generation().await.map_err(Error::FirstChild)?;
+        sup.inner.current.send_replace(Some(first.clone()));
+        sup.monitor(first.clone());
+        for (var, fd) in forwarded {
+            let std = std::net::TcpListener::from(fd);
+            let listener = TcpListener::from_std(std).map_err(setup("forwarding listener"))?;
+            let s = sup.clone();
+            tokio::spawn(async move { s.forward(listener, var).await });
+        }
+        if let Some(path) = &sup.inner.config.control_socket {
+            let fd =
+                control::bind(path).map_err(setup(format!("control socket {}", path.display())))?;
+            let std = std::os::unix::net::UnixListener::from(fd);
+            let listener = tokio::net::UnixListener::from_std(std)
+                .map_err(setup(format!("control socket {}", path.display())))?;
+            tokio::spawn(control::serve(
+                listener,
+                sup.clone(),
+                sup.inner.drain.handle(),
+            ));
+        }
+        if let Some(path) = &sup.inner.config.pid_file {
+            write_pid_file(path).map_err(setup(format!("pid file {}", path.display())))?;
+        }
+        let _ = baton::sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+        tracing::info!(
+            pid = first.child.pid(),
+            generation = first.number,
+            "child ready"
+        );
+        Ok(sup)
+    }
+
+    /// Starts a child and waits until it is ready; kills it on failure.
+    async fn start_generation(&self) -> Result<Arc<Generation>, String> {
+        let cfg = &self.inner.config;
+        let number = self.inner.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        let command = lock(&self.inner.command).clone();
+        let Some(program) = command.first().map(|p| resolve(Path::new(p))) else {
+            return Err("no command".into());
+        };
+        let mut spawn = Spawn::new(&program)
+            .argv(command.iter().cloned())
+            .env("BATON_GENERATION", number.to_string())
+            .env_remove("NOTIFY_SOCKET")
+            .capture_stderr(true);
+        for (name, fd) in &self.inner.passed {
+            let dup = fd
+                .try_clone()
+                .map_err(|e| format!("duplicating {name}: {e}"))?;
+            spawn = spawn.listen_fd(name.clone(), dup);
+        }
+        let mut vars = HashMap::new();
+        let mut ports = HashMap::new();
+        for l in &cfg.listeners {
+            if let Some(var) = &l.port_env {
+                let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
+                vars.insert(var.clone(), port.to_string());
+                ports.insert(var.clone(), port);
+                spawn = spawn.env(var, port.to_string());
+            }
+        }
+        let notify = if cfg.ready == ReadyMode::Notify {
+            let path = self.inner.notify_dir.join(format!("notify-{number}.sock"));
+            let _ = std::fs::remove_file(&path);
+            let sock = UnixDatagram::bind(&path).map_err(|e| format!("notify socket: {e}"))?;
+            spawn = spawn.env("NOTIFY_SOCKET", &path);
+            Some((sock, path))
+        } else {
+            None
+        };
+        let child = spawn
+            .spawn()
+            .await
+            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let pid = child.pid();
+        tracing::info!(pid, generation = number, "child started");
+
+        let ready = async {
+            match &cfg.ready {
+                ReadyMode::Notify => match &notify {
+                    Some((sock, _)) => probe::notify(sock).await,
+                    None => Err("no notify socket".into()),
+                },
+                ReadyMode::Tcp(t) => {
+                    probe::tcp(&probe::substitute(t, &vars)).await;
+                    Ok(())
+                }
+                ReadyMode::Http(u) => probe::http(&probe::substitute(u, &vars)).await,
+                ReadyMode::Delay(d) => {
+                    tokio::time::sleep(*d).await;
+                    Ok(())
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = ready => r,
+            s = child.wait() => Err(match s {
+                Ok(s) => format!("{s} before it was ready"),
+                Err(e) => format!("waiting for it: {e}"),
+            }),
+            _ = tokio::time::sleep(cfg.ready_timeout) => Err(format!("not ready within {:?}; killed it", cfg.ready_timeout)),
+        };
+        if let Err(reason) = outcome {
+            let tail = child.stderr_tail().await;
+            let tail = tail.trim_end();
+            if matches!(child.try_wait(), Ok(None)) {
+                // Still running (not ready in time): it may already have
+                // accepted connections on the shared sockets, so it is
+                // stopped like an old child (stop signal, then SIGKILL at the
+                // drain timeout), in the background.
+                let (signal, drain) = (cfg.stop_signal, cfg.drain_timeout);
+                tokio::spawn(async move { stop_gracefully(&child, signal, drain).await });
+            }
+            return Err(if tail.is_empty() {
+                format!("child (pid {pid}) {reason}")
+            } else {
+                format!("child (pid {pid}) {reason}; stderr tail:\n{tail}")
+            });
+        }
+        let notify_task = notify.map(|(sock, path)| {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = sock.recv(&mut buf).await {
+                    tracing::debug!(message = %String::from_utf8_lossy(&buf[..n]), "child notification");
+                }
+                let _ = std::fs::remove_file(path);
+            })
+        });
+        Ok(Arc::new(Generation {
+            number,
+            child,
+            started: Instant::now(),
+            ports,
+            conns: AtomicUsize::new(0),
+            retiring: AtomicBool::new(false),
+            notify_task,
+        }))
+    }
+
+    /// Starts a new child on the same sockets and, once it is ready, retires
+    /// the old one. Refused while another reload or a crash restart runs.
+    pub async fn reload(&self) -> Result<Value, String> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err("the supervisor is stopping".into());
+        }
+        let Ok(_one) = self.inner.transition.try_lock() else {
+            return Err("a reload is already in progress".into());
+        };
+        let _ = baton::sd_notify("RELOADING=1");
+        let started = Instant::now();
+        let result = self.start_generation().await;
+        let _ = baton::sd_notify("READY=1");
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let answer = match result {
+            Ok(new) => {
+                let old = self.inner.current.send_replace(Some(new.clone()));
+                self.monitor(new.clone());
+                if let Some(old) = old {
+                    self.retire(old);
+                }
+                tracing::info!(
+                    pid = new.child.pid(),
+                    generation = new.number,
+                    elapsed_ms,
+                    "reloaded"
+                );
+                Ok(
+                    json!({"ok": true, "pid": new.child.pid(), "generation": new.number, "elapsed_ms": elapsed_ms}),
+                )
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "reload failed; the running child keeps serving");
+                Err(reason)
+            }
+        };
+        *lock(&self.inner.last_reload) = Some(json!({
+            "ok": answer.is_ok(),
+            "error": answer.as_ref().err(),
+            "at_unix_ms": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
+            "elapsed_ms": elapsed_ms,
+        }));
+        answer
+    }
+
+    /// Asks an old child to stop once its forwarded connections are done,
+    /// and kills it at the drain timeout.
+    fn retire(&self, old: Arc<Generation>) {
+        old.retiring.store(true, Ordering::SeqCst);
+        let cfg_signal = self.inner.config.stop_signal;
+        let drain = self.inner.config.drain_timeout;
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + drain;
+            // Forwarded connections finish on the old child first: a child
+            // that dies at the stop signal (most do) would cut them off.
+            while old.conns.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            stop_gracefully(&old.child, cfg_signal, left).await;
+        });
+    }
+
+    /// Watches a child: if it dies while current, restarts it (with
+    /// `--restart-on-crash`) or makes the supervisor exit with its status.
+    fn monitor(&self, gen: Arc<Generation>) {
+        let s = self.clone();
+        tokio::spawn(async move {
+            let status = gen.child.wait().await.unwrap_or(ExitStatus::Code(1));
+            if gen.retiring.load(Ordering::SeqCst) || s.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let _one = s.inner.transition.lock().await;
+            let still_current =
+                matches!(&*s.inner.current.borrow(), Some(c) if Arc::ptr_eq(c, &gen));
+            if !still_current || s.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            tracing::error!(pid = gen.child.pid(), generation = gen.number, %status, "child died");
+            if !s.inner.config.restart_on_crash {
+                s.inner.exit.send_replace(Some(status.shell_code()));
+                return;
+            }
+            let mut delay = {
+                let mut b = lock(&s.inner.backoff);
+                if gen.started.elapsed() >= BACKOFF_RESET {
+                    *b = Duration::ZERO;
+                }
+                *b
+            };
+            loop {
+                if !delay.is_zero() {
+                    tracing::info!(
+                        delay_ms = delay.as_millis() as u64,
+                        "restarting after back-off"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                if s.inner.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                delay = (delay * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                *lock(&s.inner.backoff) = delay;
+                match s.start_generation().await {
+                    Ok(new) => {
+                        s.inner.crash_restarts.fetch_add(1, Ordering::SeqCst);
+                        tracing::info!(
+                            pid = new.child.pid(),
+                            generation = new.number,
+                            "replacement ready"
+                        );
+                        s.inner.current.send_replace(Some(new.clone()));
+                        s.monitor(new);
+                        return;
+                    }
+                    Err(reason) => tracing::error!(%reason, "replacement failed"),
+                }
+            }
+        });
+    }
+
+    /// Accepts on a `--port-env` listener and forwards each connection to
+    /// the current child's port.
+    async fn forward(self, listener: TcpListener, var: String) {
+        let shutdown = self.inner.drain.handle();
+        loop {
+            let (client, _) = tokio::select! {
+                _ = shutdown.draining() => break,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => { tracing::warn!(error = %e, "accept"); tokio::time::sleep(Duration::from_millis(20)).await; continue; }
+                },
+            };
+            let s = self.clone();
+            let var = var.clone();
+            shutdown.spawn(async move { s.forward_one(client, &var).await });
+        }
+    }
+
+    async fn forward_one(&self, mut client: TcpStream, var: &str) {
+        let _ = client.set_nodelay(true);
+        let mut current = self.inner.current.subscribe();
+        let deadline = tokio::time::Instant::now() + self.inner.config.ready_timeout;
+        // Find a child that accepts; while there is none (a crash), wait
+        // for the next one instead of refusing the client.
+        let (gen, mut upstream) = loop {
+            let gen = current.borrow_and_update().clone();
+            if let Some(gen) = gen {
+                if let Some(port) = gen.ports.get(var) {
+                    // Counted before connecting, so a retiring child is not
+                    // told to stop while this connection is being set up.
+                    gen.conns.fetch_add(1, Ordering::SeqCst);
+                    match TcpStream::connect(("127.0.0.1", *port)).await {
+                        Ok(up) => break (gen, up),
+                        Err(e) => {
+                            gen.conns.fetch_sub(1, Ordering::SeqCst);
+                            tracing::debug!(error = %e, port, "child port refused; waiting for the next child");
+                        }
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, current.changed())
+                .await
+                .is_err()
+            {
+                tracing::warn!("no child accepted a forwarded connection in time");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        gen.conns.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Stops the current child gracefully (stop signal, drain timeout, then
+    /// SIGKILL), stops accepting, and makes [`wait`](Self::wait) return 0.
+    pub async fn stop(&self) {
+        if self.inner.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let _ = baton::sd_notify("STOPPING=1");
+        self.inner.drain.start();
+        let current = self.inner.current.borrow().clone();
+        if let Some(gen) = current {
+            gen.retiring.store(true, Ordering::SeqCst);
+            stop_gracefully(
+                &gen.child,
+                self.inner.config.stop_signal,
+                self.inner.config.drain_timeout,
+            )
+            .await;
+        }
+        self.inner.exit.send_replace(Some(0));
+    }
+
+    /// Waits until the supervisor should exit, cleans up, and returns the
+    /// exit status: 0 after a stop, the child's status after a crash without
+    /// `--restart-on-crash`.
+    pub async fn wait(&self) -> i32 {
+        let mut rx = self.inner.exit.subscribe();
+        let code = loop {
+            if let Some(code) = *rx.borrow_and_update() {
+                break code;
+            }
+            if rx.changed().await.is_err() {
+                break 1;
+            }
+        };
+        self.inner.drain.start();
+        if let Some(p) = &self.inner.config.pid_file {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(p) = &self.inner.config.control_socket {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir_all(&self.inner.notify_dir);
+        code
+    }
+
+    /// The control `status` answer.
+    pub fn status(&self) -> Value {
+        let current = self.inner.current.borrow().clone();
+        json!({
+            "ok": true,
+            "supervisor_pid": std::process::id(),
+            "pid": current.as_ref().map(|g| g.child.pid()),
+            "generation": current.as_ref().map(|g| g.number),
+            "uptime_ms": current.as_ref().map(|g| g.started.elapsed().as_secs_f64() * 1000.0),
+            "supervisor_uptime_ms": self.inner.started.elapsed().as_secs_f64() * 1000.0,
+            "restarts": self.inner.crash_restarts.load(Ordering::SeqCst),
+            "reload_in_progress": self.inner.transition.try_lock().is_err(),
+            "state": if self.inner.stopping.load(Ordering::SeqCst) { "stopping" } else { "active" },
+            "command": lock(&self.inner.command).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            "listeners": self.inner.listeners,
+            "last_reload": *lock(&self.inner.last_reload),
+        })
+    }
+}
+
+impl control::Handler for Supervisor {
+    async fn handle(&self, request: control::Request) -> Value {
+        match request {
+            control::Request::Upgrade { binary } => {
+                if let Some(b) = binary {
+                    if let Some(first) = lock(&self.inner.command).first_mut() {
+                        // From now on this binary is the command: like a
+                        // Baton server, later reloads start it again.
+                        *first = b.into_os_string();
+                    }
+                }
+                self.reload()
+                    .await
+                    .unwrap_or_else(|e| json!({"ok": false, "error": e}))
+            }
+            control::Request::Reload {} => self
+                .reload()
+                .await
+                .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+            control::Request::Status {} => self.status(),
+            control::Request::Stop {} => {
+                let s = self.clone();
+                tokio::spawn(async move { s.stop().await });
+                json!({"ok": true, "pid": std::process::id()})
+            }
+        }
+    }
+}
+
+/// Sends the stop signal, waits up to `drain` for the child to exit, then
+/// SIGKILLs its process group; always reaps it.
+async fn stop_gracefully(child: &Child, signal: i32, drain: Duration) {
+    if let Err(e) = child.signal(signal) {
+        tracing::debug!(error = %e, "stop signal");
+    }
+    match tokio::time::timeout(drain, child.wait()).await {
+        Ok(Ok(status)) => tracing::info!(pid = child.pid(), %status, "child exited"),
+        _ => {
+            tracing::warn!(
+                pid = child.pid(),
+                "child still running at the drain timeout; killing it"
+            );
+            child.kill_and_reap().await;
+        }
+    }
+}
+
+/// A free loopback port for a child to bind (the kernel's pick; released
+/// again at once, so the child can take it).
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Looks a bare command name up in `PATH`, as a shell would; paths with a
+/// `/` are used as they are. Done at every start, so a new binary in `PATH`
+/// is what runs.
+fn resolve(program: &Path) -> PathBuf {
+    if program.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return program.to_path_buf();
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(program);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    program.to_path_buf()
+}
+
+fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("pid.tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
