@@ -366,3 +366,63 @@ fn without_restart_on_crash_the_supervisor_exits_with_the_child_status() {
     );
     assert_eq!(server.first_exit().unwrap().code(), Some(7));
 }
+
+#[test]
+fn unix_socket_listener_and_signals() {
+    let fx = fixture();
+    let dir = TempDir::new("run-unix");
+    let sock = dir.join("app.sock");
+    let addr = format!("http=unix:{}", sock.display());
+    let run = Run::start(
+        &[
+            "--listen",
+            &addr,
+            "--ready",
+            "notify",
+            "--drain-timeout",
+            "5s",
+        ],
+        &["python3", fx.to_str().unwrap()],
+    );
+    let supervisor = run.server.first_pid();
+    let load = Load::start(Target::Unix(sock.clone()), 2, 2, Duration::from_secs(60));
+    load.wait_for_progress(100, Duration::from_secs(10));
+    // SIGHUP reloads.
+    let before = run.status()["pid"].as_u64().unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(supervisor as i32).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    assert_eventually!(
+        Duration::from_secs(10),
+        run.status()["last_reload"]["ok"] == true,
+        "SIGHUP did not reload"
+    );
+    let after = run.status()["pid"].as_u64().unwrap();
+    assert_ne!(before, after);
+    run.server.track(after as u32);
+    load.wait_for_progress(100, Duration::from_secs(10));
+    assert_no_loss(&load.stop());
+
+    // SIGTERM stops the child gracefully and the supervisor exits 0.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(supervisor as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let mut server = run.server;
+    assert_eventually!(
+        Duration::from_secs(10),
+        server.first_exit().is_some(),
+        "supervisor did not exit"
+    );
+    assert_eq!(server.first_exit().unwrap().code(), Some(0));
+    assert_eventually!(
+        Duration::from_secs(10),
+        baton_testkit::proc_state(after as u32).is_none(),
+        "child still running"
+    );
+    assert!(!run.control.exists(), "control socket removed");
+    assert!(!sock.exists(), "the unix listener's socket file removed");
+}

@@ -503,6 +503,11 @@ impl Supervisor {
             let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_dir_all(&self.inner.notify_dir);
+        for l in &self.inner.config.listeners {
+            if l.spec.kind == baton::ListenerKind::Unix {
+                let _ = std::fs::remove_file(&l.spec.address);
+            }
+        }
         code
     }
 
