@@ -85,6 +85,37 @@ fn print_human(req: &Request, a: &serde_json::Value) {
                     println!("  {key}: {}", a[key]);
                 }
             }
+            print_proxy(&a["proxy"]);
+        }
+    }
+}
+
+/// The `proxy` fields of a `baton proxy` status answer, if present.
+fn print_proxy(p: &serde_json::Value) {
+    if !p.is_object() {
+        return;
+    }
+    println!(
+        "  config {} ({} routes, {} reloads)",
+        p["config_file"].as_str().unwrap_or("?"),
+        p["routes"],
+        p["reloads"]
+    );
+    println!(
+        "  connections: {} active, {} draining",
+        p["connections"]["active"], p["connections"]["draining"]
+    );
+    if let Some(ups) = p["upstreams"].as_object() {
+        for (name, up) in ups {
+            for s in up["servers"].as_array().into_iter().flatten() {
+                println!(
+                    "  upstream {name} {} {} (in flight {}, failures {})",
+                    s["address"].as_str().unwrap_or("?"),
+                    if s["healthy"] == true { "up" } else { "down" },
+                    s["active"],
+                    s["failures"]
+                );
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ mod bench;
 mod ctl;
 mod demo;
 mod hello;
+mod proxy;
 mod run;
 
 use std::path::PathBuf;
@@ -62,6 +63,18 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         action: CtlAction,
+    },
+    /// Run the reverse proxy (config reloads in-process; upgrades lose no request).
+    Proxy {
+        /// The configuration file [default: a built-in one: 127.0.0.1:8080, a welcome page].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a proxy configuration: exit 0, or 1 with FILE:LINE:COL: message for every problem.
+    Check {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
     },
     /// A tiny HTTP server that answers "hello from generation G pid P" (what `baton demo` upgrades).
     Hello {
@@ -327,6 +340,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Proxy { config } => {
+            proxy::run(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => Ok(if proxy::check(&config) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }),
         Command::Hello {
             listen,
             control_socket,

@@ -1,0 +1,81 @@
+//! `baton proxy` and `baton check`: glue between flags and `baton-proxy`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// Runs the proxy with the configuration at `config` (or the built-in one)
+/// until it is stopped or upgraded away.
+pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    // Absolute, so `status` names the file unambiguously.
+    let config = config.map(|p| std::path::absolute(&p).unwrap_or(p));
+    let cfg = match &config {
+        Some(path) => baton_proxy::config::load(path)?,
+        None => baton_proxy::config::builtin()?,
+    };
+    baton_proxy::prepare_control_dir(&cfg.server.control_socket)?;
+    let mut builder = baton::Baton::builder()
+        .control_socket(&cfg.server.control_socket)
+        .drain_timeout(cfg.server.drain_timeout)
+        .upgrade_timeout(cfg.server.upgrade_timeout)
+        .idle_grace(cfg.server.idle_grace);
+    if let Some(pid_file) = &cfg.server.pid_file {
+        builder = builder.pid_file(pid_file);
+    }
+    let control_socket = cfg.server.control_socket.clone();
+    let baton = builder.from_env().context("cannot start")?;
+    baton::signals::handle(baton.clone()).context("cannot install signal handlers")?;
+    let proxy = match baton_proxy::Proxy::bind(baton.clone(), cfg).await {
+        Ok(p) => p,
+        Err(e) => {
+            // After an upgrade, the previous generation rolls back and
+            // reports this.
+            baton.fail(&e.to_string());
+            return Err(e.into());
+        }
+    };
+    baton.ready().await.context("cannot become ready")?;
+    proxy.start();
+    let listeners: serde_json::Map<String, serde_json::Value> = proxy
+        .listeners()
+        .into_iter()
+        .map(|(name, addr)| (name, addr.to_string().into()))
+        .collect();
+    // One JSON line on stdout when active, like the examples: scripts and
+    // tests learn the bound addresses (port 0) from it.
+    let line = serde_json::json!({
+        "event": "ready",
+        "pid": std::process::id(),
+        "generation": baton.generation(),
+        "listeners": listeners,
+        "control_socket": control_socket.display().to_string(),
+    });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    drop(out);
+    baton.wait().await;
+    Ok(())
+}
+
+/// Validates the file; prints every problem as `FILE:LINE:COL: message` on
+/// stderr. Returns whether it is valid.
+pub fn check(config: &Path) -> bool {
+    match baton_proxy::config::load(config) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} listeners, {} upstreams, {} routes)",
+                config.display(),
+                c.listeners.len(),
+                c.upstreams.len(),
+                c.routes.len()
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            false
+        }
+    }
+}

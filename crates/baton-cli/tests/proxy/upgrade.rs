@@ -1,0 +1,117 @@
+//! Binary upgrades of the proxy under load: not one failed request.
+
+use std::time::Duration;
+
+use baton_testkit::{assert_eventually, our_zombies, Load, Target};
+
+use crate::{get, upstream_toml, Proxy, Upstream};
+
+#[test]
+fn twenty_upgrades_under_load_lose_no_request() {
+    let a = Upstream::http("a");
+    let body = format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+{}
+[[routes]]
+listener = "web"
+upstream = "a"
+"#,
+        upstream_toml("a", &[a.addr], "")
+    );
+    let mut p = Proxy::start("upgrade-load", "drain_timeout = \"10s\"", &body);
+    let web = p.addr("web");
+    let load = Load::start(Target::Tcp(web), 2, 2, Duration::from_secs(180));
+    load.wait_for_progress(200, Duration::from_secs(20));
+    let mut pids = vec![p.pid()];
+    for i in 0..20u64 {
+        let answer = p.upgrade();
+        assert_eq!(
+            answer["ok"],
+            true,
+            "upgrade {i}: {answer}\n{}",
+            p.server.stderr()
+        );
+        assert_eq!(answer["generation"], i + 2);
+        let pid = answer["pid"].as_u64().unwrap() as u32;
+        pids.push(pid);
+        load.wait_for_progress(50, Duration::from_secs(20));
+    }
+    let report = load.stop();
+    assert_eq!(
+        report.failed, 0,
+        "failed requests: {:?} (ok: {})",
+        report.failures, report.ok
+    );
+    assert!(report.keepalive_connects > 2, "{report:?}");
+    let last = *pids.last().unwrap();
+    let status = p.status();
+    assert_eq!(status["pid"], last);
+    assert_eq!(status["generation"], 21);
+    // The same listening socket throughout, and the config still applies.
+    assert_eq!(status["proxy"]["listeners"][0]["address"], web.to_string());
+    assert_eq!(get(web, "x", "/"), (200, "upstream a\n".into()));
+    for &pid in &pids[..pids.len() - 1] {
+        assert_eventually!(
+            Duration::from_secs(20),
+            p.server.is_gone(pid),
+            "generation pid {pid} still running"
+        );
+    }
+    assert_eq!(our_zombies(), Vec::<u32>::new());
+}
+
+#[test]
+fn an_upgrade_to_a_bad_config_rolls_back_and_keeps_serving() {
+    let a = Upstream::http("a");
+    let body = format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+{}
+[[routes]]
+listener = "web"
+upstream = "a"
+"#,
+        upstream_toml("a", &[a.addr], "")
+    );
+    let p = Proxy::start("upgrade-bad", "", &body);
+    let web = p.addr("web");
+    p.write_config(&body.replace("upstream = \"a\"\n", "upstream = \"gone\"\n"));
+    let answer = p.upgrade();
+    assert_eq!(answer["ok"], false, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("unknown upstream \"gone\""), "{error}");
+    assert!(
+        error.contains(&format!("{}:", p.config.display())),
+        "{error}"
+    );
+    assert_eq!(p.status()["pid"], p.pid());
+    assert_eq!(get(web, "x", "/"), (200, "upstream a\n".into()));
+}
+
+#[test]
+fn stop_drains_and_exits_zero_removing_the_control_socket() {
+    let a = Upstream::http("a");
+    let body = format!(
+        "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\n{}\n[[routes]]\nlistener = \"web\"\nupstream = \"a\"\n",
+        upstream_toml("a", &[a.addr], "")
+    );
+    let mut p = Proxy::start("stop", "drain_timeout = \"5s\"", &body);
+    assert_eq!(get(p.addr("web"), "x", "/"), (200, "upstream a\n".into()));
+    let out = p.ctl(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", crate::text(&out));
+    assert_eventually!(
+        Duration::from_secs(15),
+        p.server.first_exit().is_some(),
+        "proxy did not exit"
+    );
+    assert!(p.server.first_exit().unwrap().success());
+    assert!(!p.control.exists(), "control socket left behind");
+    assert!(!p.pid_file.exists(), "pid file left behind");
+}

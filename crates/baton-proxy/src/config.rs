@@ -1,0 +1,844 @@
+//! The proxy's configuration: a raw TOML model (serde, unknown keys are
+//! errors), validated into [`Config`], the type the rest of the crate uses.
+//!
+//! Every problem is reported as `FILE:LINE:COL: message`: syntax errors with
+//! the position `toml` gives, semantic errors (unknown upstream, duplicate
+//! listener, empty pool, bad duration…) at the span of the offending value,
+//! kept with [`toml::Spanned`]. Validation collects every problem rather
+//! than stopping at the first.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The built-in configuration `baton proxy` uses without `--config`: listen
+/// on 127.0.0.1:8080 and answer every request with a short welcome page.
+pub const BUILTIN: &str = r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:8080"
+protocol = "http"
+
+[[routes]]
+listener = "web"
+path_prefix = "/"
+respond = { status = 200, body = "Welcome to baton proxy.\n\nThis is the built-in configuration; run `baton proxy --config FILE` to proxy to your services.\n" }
+"#;
+
+/// The name shown for the built-in configuration in messages.
+pub const BUILTIN_NAME: &str = "<built-in>";
+
+// ---------------------------------------------------------------------------
+// Raw model: what the file says.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    listeners: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    #[serde(default)]
+    routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    control_socket: Option<Spanned<PathBuf>>,
+    pid_file: Option<Spanned<PathBuf>>,
+    drain_timeout: Option<Spanned<String>>,
+    upgrade_timeout: Option<Spanned<String>>,
+    idle_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    #[serde(default)]
+    protocol: Protocol,
+    upstream: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    servers: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    balance: Balance,
+    health_check: Option<Spanned<RawHealth>>,
+    fail_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    listener: Spanned<String>,
+    host: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    upstream: Option<Spanned<String>>,
+    #[serde(default)]
+    strip_prefix: bool,
+    respond: Option<Spanned<RawRespond>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRespond {
+    status: Spanned<u16>,
+    #[serde(default)]
+    body: String,
+    content_type: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated model: what the rest of the crate uses.
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1 reverse proxying by route.
+    #[default]
+    Http,
+    /// Raw TCP: every connection is spliced to one upstream.
+    Tcp,
+}
+
+impl Protocol {
+    /// `"http"` or `"tcp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// How a pool picks a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each server in turn.
+    #[default]
+    RoundRobin,
+    /// The server with the fewest requests or connections in flight.
+    LeastConn,
+    /// A server picked at random.
+    Random,
+}
+
+impl Balance {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConn => "least_conn",
+            Balance::Random => "random",
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it was read from (`None`: the built-in configuration).
+    pub source: Option<PathBuf>,
+    /// Process-wide settings (applied at start; a reload that changes them
+    /// takes effect at the next upgrade).
+    pub server: ServerSettings,
+    /// Listeners, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Upstream pools by name.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Routes, in file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    /// The control socket (default: `$XDG_RUNTIME_DIR/baton/proxy.sock`,
+    /// else `/tmp/baton-UID/proxy.sock`).
+    pub control_socket: PathBuf,
+    /// Optional pid file.
+    pub pid_file: Option<PathBuf>,
+    /// How long draining may take (default 30 s).
+    pub drain_timeout: Duration,
+    /// How long an upgrade waits for the new generation (default 30 s).
+    pub upgrade_timeout: Duration,
+    /// How long idle keep-alive connections stay open once draining (default 1 s).
+    pub idle_grace: Duration,
+}
+
+/// `[[listeners]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// The name (what the listening socket is handed over as).
+    pub name: String,
+    /// `IP:PORT` (port 0 picks one, kept across upgrades).
+    pub address: SocketAddr,
+    /// What it speaks.
+    pub protocol: Protocol,
+    /// For TCP listeners: the upstream every connection goes to.
+    pub upstream: Option<String>,
+}
+
+/// `[upstreams.NAME]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Its name.
+    pub name: String,
+    /// The servers, `IP:PORT`.
+    pub servers: Vec<SocketAddr>,
+    /// How a server is picked.
+    pub balance: Balance,
+    /// Active health checks, if any.
+    pub health_check: Option<HealthCheck>,
+    /// How long a server that failed a request is left out (default 10 s).
+    pub fail_timeout: Duration,
+}
+
+/// Active health checks of an upstream's servers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// `GET` this path and expect 2xx or 3xx; `None`: a TCP connect check.
+    pub path: Option<String>,
+    /// Time between checks (default 2 s).
+    pub interval: Duration,
+    /// Bound on one check (default 1 s).
+    pub timeout: Duration,
+}
+
+/// What a route does with a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Proxy to an upstream pool.
+    Upstream {
+        /// The upstream's name.
+        name: String,
+        /// Remove the route's prefix from the path before forwarding.
+        strip_prefix: bool,
+    },
+    /// Answer with a fixed response.
+    Respond {
+        /// Status code.
+        status: u16,
+        /// Body.
+        body: String,
+        /// Content type (default `text/plain; charset=utf-8`).
+        content_type: String,
+    },
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// The HTTP listener it belongs to.
+    pub listener: String,
+    /// Host to match (lowercase, without port); `None` matches any host.
+    pub host: Option<String>,
+    /// Path prefix (longest wins).
+    pub path_prefix: String,
+    /// What to do.
+    pub action: Action,
+    /// Bound on the upstream's response headers (default 60 s).
+    pub timeout: Duration,
+}
+
+// ---------------------------------------------------------------------------
+// Errors.
+
+/// One problem in a configuration file, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file (or `<built-in>`).
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// What is wrong (lowercase, no trailing period).
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+/// Why a configuration was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax or semantic problems, each `FILE:LINE:COL: message`, one per line.
+    #[error("{}", display_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// The problems found (empty for a read error).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(p) => p,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+fn display_problems(p: &[Problem]) -> String {
+    p.iter()
+        .map(Problem::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Maps byte offsets to line and column.
+struct Source<'a> {
+    name: String,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn problem(&self, span: Range<usize>, message: impl Into<String>) -> Problem {
+        let at = span.start.min(self.text.len());
+        let before = self.text.get(..at).unwrap_or("");
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let column = before.get(line_start..).unwrap_or("").chars().count() + 1;
+        Problem {
+            file: self.name.clone(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading.
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, Some(path))
+}
+
+/// The built-in configuration, validated.
+pub fn builtin() -> Result<Config, ConfigError> {
+    parse(BUILTIN, None)
+}
+
+/// Parses and validates `text`; `path` names it in messages (`None`: the
+/// built-in configuration).
+pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+    let src = Source {
+        name: path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| BUILTIN_NAME.to_owned()),
+        text,
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        // `toml`'s message is multi-line (it quotes the source); the first
+        // line is the reason, the position is ours.
+        let message = e.message().lines().next().unwrap_or("invalid toml").trim();
+        ConfigError::Invalid(vec![src.problem(span, message.to_owned())])
+    })?;
+    let mut v = Validator {
+        src: &src,
+        problems: Vec::new(),
+    };
+    let config = v.config(raw, path);
+    if v.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid(v.problems))
+    }
+}
+
+/// The default control socket: `$XDG_RUNTIME_DIR/baton/proxy.sock`, else
+/// `/tmp/baton-UID/proxy.sock` (the same default as `baton ctl`).
+pub fn default_control_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => Path::new(&dir).join("baton").join("proxy.sock"),
+        None => PathBuf::from(format!("/tmp/baton-{}", rustix::process::getuid().as_raw()))
+            .join("proxy.sock"),
+    }
+}
+
+struct Validator<'a> {
+    src: &'a Source<'a>,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.problems.push(self.src.problem(span, message));
+    }
+
+    fn duration(&mut self, v: &Option<Spanned<String>>, default: Duration, what: &str) -> Duration {
+        let Some(s) = v else { return default };
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.err(s.span(), format!("{what} must be greater than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    s.span(),
+                    format!("{what}: invalid duration {:?}: {e}", s.get_ref()),
+                );
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, s: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+        match s.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    s.span(),
+                    format!(
+                        "{what} {:?} is not an IP:PORT address (like \"127.0.0.1:8080\")",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig, path: Option<&Path>) -> Config {
+        let server = ServerSettings {
+            control_socket: raw
+                .server
+                .control_socket
+                .map(Spanned::into_inner)
+                .unwrap_or_else(default_control_socket),
+            pid_file: raw.server.pid_file.map(Spanned::into_inner),
+            drain_timeout: self.duration(
+                &raw.server.drain_timeout,
+                Duration::from_secs(30),
+                "drain_timeout",
+            ),
+            upgrade_timeout: self.duration(
+                &raw.server.upgrade_timeout,
+                Duration::from_secs(30),
+                "upgrade_timeout",
+            ),
+            idle_grace: match &raw.server.idle_grace {
+                // Zero is allowed here: it is what the peers do (and loses requests).
+                Some(s) => match humantime::parse_duration(s.get_ref()) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.err(
+                            s.span(),
+                            format!("idle_grace: invalid duration {:?}: {e}", s.get_ref()),
+                        );
+                        Duration::from_secs(1)
+                    }
+                },
+                None => Duration::from_secs(1),
+            },
+        };
+
+        // Upstreams first: listeners and routes refer to them.
+        let mut upstreams = BTreeMap::new();
+        for (name, up) in raw.upstreams {
+            let span = up.span();
+            let up = up.into_inner();
+            if up.servers.get_ref().is_empty() {
+                self.err(
+                    up.servers.span(),
+                    format!("upstream {name:?} has no servers (an empty pool)"),
+                );
+            }
+            let mut servers = Vec::new();
+            let mut seen = HashSet::new();
+            for s in up.servers.get_ref() {
+                if let Some(a) = self.addr(s, "server") {
+                    if !seen.insert(a) {
+                        self.err(
+                            s.span(),
+                            format!("server {a} is listed twice in upstream {name:?}"),
+                        );
+                    }
+                    servers.push(a);
+                }
+            }
+            let health_check = up.health_check.map(|h| {
+                let h = h.into_inner();
+                let path = h.path.map(|p| {
+                    if !p.get_ref().starts_with('/') {
+                        self.err(p.span(), "health_check path must start with '/'");
+                    }
+                    p.into_inner()
+                });
+                HealthCheck {
+                    path,
+                    interval: self.duration(
+                        &h.interval,
+                        Duration::from_secs(2),
+                        "health_check interval",
+                    ),
+                    timeout: self.duration(
+                        &h.timeout,
+                        Duration::from_secs(1),
+                        "health_check timeout",
+                    ),
+                }
+            });
+            let _ = span;
+            upstreams.insert(
+                name.clone(),
+                UpstreamConfig {
+                    name,
+                    servers,
+                    balance: up.balance,
+                    health_check,
+                    fail_timeout: self.duration(
+                        &up.fail_timeout,
+                        Duration::from_secs(10),
+                        "fail_timeout",
+                    ),
+                },
+            );
+        }
+
+        let mut listeners = Vec::new();
+        let mut names: HashMap<String, ()> = HashMap::new();
+        let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+        if raw.listeners.is_empty() {
+            self.err(0..0, "no listeners: add at least one [[listeners]]");
+        }
+        for l in raw.listeners {
+            let span = l.span();
+            let l = l.into_inner();
+            let name = l.name.get_ref().clone();
+            if name.is_empty() || name.contains(':') || name.len() > 255 {
+                self.err(
+                    l.name.span(),
+                    format!("listener name {name:?} must be 1 to 255 characters without ':'"),
+                );
+            } else if name == baton::env::CONTROL_FD_NAME {
+                self.err(
+                    l.name.span(),
+                    format!("listener name {name:?} is reserved for the control socket"),
+                );
+            }
+            if names.insert(name.clone(), ()).is_some() {
+                self.err(l.name.span(), format!("duplicate listener name {name:?}"));
+            }
+            let address = self.addr(&l.address, "listener address");
+            if let Some(a) = address {
+                // Port 0 asks for a fresh ephemeral port each time: no clash.
+                if a.port() != 0 {
+                    if let Some(other) = addrs.insert(a, name.clone()) {
+                        self.err(
+                            l.address.span(),
+                            format!("listener {name:?}: address {a} is already used by listener {other:?}"),
+                        );
+                    }
+                }
+            }
+            let upstream = match (l.protocol, &l.upstream) {
+                (Protocol::Tcp, None) => {
+                    self.err(
+                        span.clone(),
+                        format!("tcp listener {name:?} needs an upstream"),
+                    );
+                    None
+                }
+                (Protocol::Tcp, Some(u)) => {
+                    if !upstreams.contains_key(u.get_ref()) {
+                        self.err(u.span(), format!("unknown upstream {:?}", u.get_ref()));
+                    }
+                    Some(u.get_ref().clone())
+                }
+                (Protocol::Http, Some(u)) => {
+                    self.err(
+                        u.span(),
+                        format!("http listener {name:?} takes no upstream; add [[routes]] for it"),
+                    );
+                    None
+                }
+                (Protocol::Http, None) => None,
+            };
+            if let Some(address) = address {
+                listeners.push(ListenerConfig {
+                    name,
+                    address,
+                    protocol: l.protocol,
+                    upstream,
+                });
+            }
+        }
+
+        let mut routes = Vec::new();
+        let mut seen_routes = HashSet::new();
+        for r in raw.routes {
+            let span = r.span();
+            let r = r.into_inner();
+            let listener = r.listener.get_ref().clone();
+            match listeners.iter().find(|l| l.name == listener) {
+                None if !names.contains_key(&listener) => {
+                    self.err(r.listener.span(), format!("unknown listener {listener:?}"));
+                }
+                Some(l) if l.protocol != Protocol::Http => {
+                    self.err(
+                        r.listener.span(),
+                        format!("listener {listener:?} is a tcp listener; routes are for http listeners"),
+                    );
+                }
+                _ => {}
+            }
+            let host = r.host.map(|h| {
+                let host = h.get_ref().trim().to_ascii_lowercase();
+                if host.is_empty() || host.contains('/') {
+                    self.err(h.span(), format!("invalid host {:?}", h.get_ref()));
+                }
+                host
+            });
+            let path_prefix = match r.path_prefix {
+                Some(p) => {
+                    if !p.get_ref().starts_with('/') {
+                        self.err(p.span(), "path_prefix must start with '/'");
+                    }
+                    p.into_inner()
+                }
+                None => "/".to_owned(),
+            };
+            if !seen_routes.insert((listener.clone(), host.clone(), path_prefix.clone())) {
+                self.err(
+                    span.clone(),
+                    format!(
+                        "duplicate route: listener {listener:?}, host {}, path_prefix {path_prefix:?} is already routed",
+                        host.as_deref().map(|h| format!("{h:?}")).unwrap_or_else(|| "(any)".into())
+                    ),
+                );
+            }
+            let action = match (r.upstream, r.respond) {
+                (Some(u), None) => {
+                    if !upstreams.contains_key(u.get_ref()) {
+                        self.err(u.span(), format!("unknown upstream {:?}", u.get_ref()));
+                    }
+                    Action::Upstream {
+                        name: u.into_inner(),
+                        strip_prefix: r.strip_prefix,
+                    }
+                }
+                (None, Some(resp)) => {
+                    let resp = resp.into_inner();
+                    let status = *resp.status.get_ref();
+                    if !(100..=999).contains(&status) || http::StatusCode::from_u16(status).is_err()
+                    {
+                        self.err(resp.status.span(), format!("invalid status {status}"));
+                    }
+                    Action::Respond {
+                        status,
+                        body: resp.body,
+                        content_type: resp
+                            .content_type
+                            .unwrap_or_else(|| "text/plain; charset=utf-8".to_owned()),
+                    }
+                }
+                (Some(u), Some(_)) => {
+                    self.err(
+                        u.span(),
+                        "a route has either an upstream or a respond, not both",
+                    );
+                    continue;
+                }
+                (None, None) => {
+                    self.err(span, "a route needs an upstream or a respond");
+                    continue;
+                }
+            };
+            routes.push(RouteConfig {
+                listener,
+                host,
+                path_prefix,
+                action,
+                timeout: self.duration(&r.timeout, Duration::from_secs(60), "timeout"),
+            });
+        }
+
+        Config {
+            source: path.map(Path::to_path_buf),
+            server,
+            listeners,
+            upstreams,
+            routes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+control_socket = "/run/baton/proxy.sock"
+pid_file = "/run/baton/proxy.pid"
+drain_timeout = "30s"
+upgrade_timeout = "30s"
+
+[[listeners]]
+name = "web"
+address = "127.0.0.1:8080"
+protocol = "http"
+
+[[listeners]]
+name = "db"
+address = "127.0.0.1:6543"
+protocol = "tcp"
+upstream = "pg"
+
+[upstreams.app]
+servers = ["127.0.0.1:9001", "127.0.0.1:9002"]
+balance = "round_robin"
+health_check = { path = "/healthz", interval = "2s", timeout = "1s" }
+
+[upstreams.pg]
+servers = ["127.0.0.1:5432"]
+
+[[routes]]
+listener = "web"
+host = "api.example.com"
+path_prefix = "/api"
+upstream = "app"
+strip_prefix = false
+
+[[routes]]
+listener = "web"
+path_prefix = "/"
+respond = { status = 200, body = "ok\n" }
+"#;
+
+    #[test]
+    fn the_issue_example_is_valid() {
+        let c = parse(GOOD, Some(Path::new("proxy.toml"))).unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[1].protocol, Protocol::Tcp);
+        assert_eq!(c.upstreams["app"].servers.len(), 2);
+        assert_eq!(
+            c.upstreams["app"].health_check.as_ref().unwrap().interval,
+            Duration::from_secs(2)
+        );
+        assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+        assert_eq!(
+            c.server.pid_file.as_deref(),
+            Some(Path::new("/run/baton/proxy.pid"))
+        );
+    }
+
+    #[test]
+    fn builtin_is_valid() {
+        let c = builtin().unwrap();
+        assert_eq!(c.listeners[0].address.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn syntax_error_has_file_line_col() {
+        let e = parse("[server]\ndrain_timeout = \n", Some(Path::new("p.toml"))).unwrap_err();
+        let p = &e.problems()[0];
+        assert_eq!((p.file.as_str(), p.line), ("p.toml", 2), "{e}");
+        assert!(e.to_string().starts_with("p.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_at_its_line() {
+        let text = "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:1\"\nbogus = 1\n";
+        let e = parse(text, Some(Path::new("p.toml"))).unwrap_err();
+        assert_eq!(e.problems()[0].line, 4, "{e}");
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_position() {
+        let text = r#"[[listeners]]
+name = "web"
+address = "127.0.0.1:8080"
+
+[[listeners]]
+name = "web"
+address = "127.0.0.1:8080"
+
+[upstreams.empty]
+servers = []
+
+[[routes]]
+listener = "web"
+upstream = "nope"
+
+[[routes]]
+listener = "web"
+path_prefix = "/x"
+upstream = "empty"
+timeout = "soon"
+"#;
+        let e = parse(text, Some(Path::new("bad.toml"))).unwrap_err();
+        let lines: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+        let has = |needle: &str, line: usize| {
+            lines
+                .iter()
+                .any(|l| l.contains(needle) && l.starts_with(&format!("bad.toml:{line}:")))
+        };
+        assert!(has("no servers", 10), "{lines:#?}");
+        assert!(has("duplicate listener name", 6), "{lines:#?}");
+        assert!(has("already used by listener", 7), "{lines:#?}");
+        assert!(has("unknown upstream \"nope\"", 14), "{lines:#?}");
+        assert!(has("invalid duration", 20), "{lines:#?}");
+        assert_eq!(e.problems()[0].column, 11, "{lines:#?}");
+    }
+
+    #[test]
+    fn tcp_listener_needs_a_known_upstream() {
+        let text = "[[listeners]]\nname = \"db\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\nupstream = \"pg\"\n";
+        let e = parse(text, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("<built-in>:5:12: unknown upstream \"pg\""),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,498 @@
+//! The running proxy: listeners, pools, reload and status.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::config::{self, Config, ConfigError, ListenerConfig, Protocol};
+use crate::forward::{self, Client, HttpContext};
+use crate::listener::{self, Dispatch, DrainSettings, ListenerStats, Running};
+use crate::lock;
+use crate::router::RouteTable;
+use crate::upstream::{Pool, Registry};
+
+/// Why the proxy could not start or a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The configuration is invalid (every problem, `FILE:LINE:COL: message`).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound or inherited.
+    #[error(transparent)]
+    Listener(#[from] baton::Error),
+    /// A listener's new address is not free.
+    #[error("listener {name:?} at {address}: {source}")]
+    Bind {
+        /// Its name.
+        name: String,
+        /// Its address.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A task failed unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The control socket's directory is unsafe or cannot be created.
+    #[error("control socket directory {path}: {reason}")]
+    ControlDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The configuration in force, with what was built from it.
+#[derive(Debug)]
+struct Loaded {
+    config: Config,
+    pools: HashMap<String, Arc<Pool>>,
+    loaded_at: SystemTime,
+    reloads: u64,
+}
+
+/// A listener bound before the generation is ready.
+type Pending = (ListenerConfig, TcpListener, Arc<ListenerStats>, Dispatch);
+
+struct Inner {
+    baton: baton::Baton,
+    source: Option<PathBuf>,
+    loaded: baton::Reloadable<Loaded>,
+    listeners: Mutex<BTreeMap<String, Running>>,
+    /// Listeners removed by a reload that are still draining.
+    draining: Mutex<Vec<Weak<ListenerStats>>>,
+    /// Bound at start, served once the generation is ready.
+    pending: Mutex<Vec<Pending>>,
+    registry: Registry,
+    client: Client,
+    settings: DrainSettings,
+}
+
+/// A running proxy. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("source", &self.inner.source)
+            .finish()
+    }
+}
+
+/// Creates the control socket's directory with mode 0700 if it is missing;
+/// refuses an existing one owned by another user.
+pub fn prepare_control_dir(socket: &std::path::Path) -> Result<(), ProxyError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let err = |reason: String| ProxyError::ControlDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            let me = rustix::process::getuid().as_raw();
+            if m.uid() != me {
+                return Err(err(format!(
+                    "owned by uid {}, not by us (uid {me})",
+                    m.uid()
+                )));
+            }
+            Ok(())
+        }
+        Err(_) => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| err(e.to_string())),
+    }
+}
+
+impl Proxy {
+    /// Binds (or inherits) every listener of `config` and registers the
+    /// reload and status handlers on `baton`. Call [`start`](Self::start)
+    /// once the generation is ready.
+    pub async fn bind(baton: baton::Baton, config: Config) -> Result<Proxy, ProxyError> {
+        let registry = Registry::default();
+        let pools = build_pools(&config, &registry);
+        let client = forward::client();
+        let settings = DrainSettings {
+            idle_grace: config.server.idle_grace,
+            drain_timeout: config.server.drain_timeout,
+        };
+        let mut pending = Vec::new();
+        for l in &config.listeners {
+            let tcp = baton.tcp(&l.name, &l.address.to_string()).await?;
+            let bound = tcp.local_addr().unwrap_or(l.address);
+            let stats = listener::stats(l, bound);
+            let dispatch = make_dispatch(l, &config, &pools, &stats, &client);
+            pending.push((l.clone(), tcp, stats, dispatch));
+        }
+        let proxy = Proxy {
+            inner: Arc::new(Inner {
+                baton: baton.clone(),
+                source: config.source.clone(),
+                loaded: baton::Reloadable::new(Loaded {
+                    config,
+                    pools,
+                    loaded_at: SystemTime::now(),
+                    reloads: 0,
+                }),
+                listeners: Mutex::new(BTreeMap::new()),
+                draining: Mutex::new(Vec::new()),
+                pending: Mutex::new(pending),
+                registry,
+                client,
+                settings,
+            }),
+        };
+        let weak = Arc::downgrade(&proxy.inner);
+        baton.on_reload(move || {
+            let inner = weak.upgrade();
+            async move {
+                match inner {
+                    Some(inner) => Proxy { inner }
+                        .reload()
+                        .await
+                        .map_err(|e| Box::new(e) as baton::BoxError),
+                    None => Err("the proxy has stopped".into()),
+                }
+            }
+        });
+        let weak = Arc::downgrade(&proxy.inner);
+        baton.on_status(move || match weak.upgrade() {
+            Some(inner) => Proxy { inner }.status(),
+            None => json!({}),
+        });
+        Ok(proxy)
+    }
+
+    /// Starts serving the listeners bound by [`bind`](Self::bind) and the
+    /// health checks.
+    pub fn start(&self) {
+        let pending = std::mem::take(&mut *lock(&self.inner.pending));
+        let mut listeners = lock(&self.inner.listeners);
+        for (config, tcp, stats, dispatch) in pending {
+            let running = listener::spawn(
+                self.inner.baton.shutdown(),
+                tcp,
+                config.clone(),
+                stats,
+                dispatch,
+                self.inner.settings,
+            );
+            listeners.insert(config.name.clone(), running);
+        }
+        drop(listeners);
+        for pool in self.inner.loaded.get().pools.values() {
+            pool.start_health_checks(self.inner.baton.shutdown());
+        }
+    }
+
+    /// The listeners serving now: name and bound address.
+    pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        let mut out: Vec<(String, SocketAddr)> = lock(&self.inner.listeners)
+            .values()
+            .map(|r| (r.config.name.clone(), r.stats.bound))
+            .collect();
+        out.extend(
+            lock(&self.inner.pending)
+                .iter()
+                .map(|(c, _, s, _)| (c.name.clone(), s.bound)),
+        );
+        out
+    }
+
+    /// Re-reads the configuration file, validates it and swaps it in:
+    /// routes and pools atomically per listener, new listeners bound,
+    /// removed ones drained. A rejected file changes nothing.
+    pub async fn reload(&self) -> Result<(), ProxyError> {
+        let Some(path) = self.inner.source.clone() else {
+            // The built-in configuration cannot change.
+            return Ok(());
+        };
+        self.inner
+            .loaded
+            .reload_from(|old| async move {
+                // Reading and parsing a large file takes milliseconds: keep it
+                // off the runtime's workers, which are serving requests.
+                let new = tokio::task::spawn_blocking(move || config::load(&path))
+                    .await
+                    .map_err(|e| ProxyError::Internal(e.to_string()))??;
+                self.apply(&old, new).await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn apply(&self, old: &Loaded, new: Config) -> Result<Loaded, ProxyError> {
+        let baton = &self.inner.baton;
+        if new.server != old.config.server {
+            tracing::warn!("[server] settings changed; they take effect at the next upgrade");
+        }
+        let pools = build_pools(&new, &self.inner.registry);
+        let current: BTreeMap<String, ListenerConfig> = lock(&self.inner.listeners)
+            .iter()
+            .map(|(n, r)| (n.clone(), r.config.clone()))
+            .collect();
+        let mut added = Vec::new();
+        let mut changed = Vec::new();
+        for l in &new.listeners {
+            match current.get(&l.name) {
+                None => added.push(l.clone()),
+                Some(c) if c.address != l.address || c.protocol != l.protocol => {
+                    changed.push(l.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        let removed: Vec<String> = current
+            .keys()
+            .filter(|n| !new.listeners.iter().any(|l| &l.name == *n))
+            .cloned()
+            .collect();
+
+        // Bind new listeners first: if one fails, nothing has changed yet.
+        let mut bound: Vec<(ListenerConfig, TcpListener)> = Vec::new();
+        let undo = |bound: &Vec<(ListenerConfig, TcpListener)>| {
+            for (l, _) in bound {
+                baton.release(&l.name);
+            }
+        };
+        for l in &added {
+            match baton.tcp(&l.name, &l.address.to_string()).await {
+                Ok(t) => bound.push((l.clone(), t)),
+                Err(e) => {
+                    undo(&bound);
+                    return Err(e.into());
+                }
+            }
+        }
+        // A listener whose address changes is removed and added under the
+        // same name; check the new address is free before touching it.
+        for l in &changed {
+            let same_address = lock(&self.inner.listeners)
+                .get(&l.name)
+                .is_some_and(|r| r.stats.bound == l.address);
+            if l.address.port() != 0 && !same_address {
+                if let Err(e) = std::net::TcpListener::bind(l.address) {
+                    undo(&bound);
+                    return Err(ProxyError::Bind {
+                        name: l.name.clone(),
+                        address: l.address,
+                        source: e,
+                    });
+                }
+            }
+        }
+        // From here on the new configuration is applied.
+        let mut failures = Vec::new();
+        for l in &changed {
+            if let Some(closed) = self.retire(&l.name) {
+                // Same address, other protocol: the old socket must be closed
+                // before the address can be bound again.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closed.cancelled())
+                    .await;
+            }
+            match baton.tcp(&l.name, &l.address.to_string()).await {
+                Ok(t) => bound.push((l.clone(), t)),
+                Err(e) => {
+                    tracing::error!(listener = %l.name, address = %l.address, error = %e, "cannot bind the listener's new address");
+                    failures.push(ProxyError::Listener(e));
+                }
+            }
+        }
+        for name in &removed {
+            self.retire(name);
+        }
+        // Swap routes and pools of the listeners that stay.
+        {
+            let listeners = lock(&self.inner.listeners);
+            for r in listeners.values() {
+                match &r.dispatch {
+                    Dispatch::Http(ctx) => ctx.routes.store(Arc::new(RouteTable::build(
+                        &r.config.name,
+                        &new.routes,
+                        &pools,
+                    ))),
+                    Dispatch::Tcp(pool) => {
+                        let upstream = new
+                            .listeners
+                            .iter()
+                            .find(|l| l.name == r.config.name)
+                            .and_then(|l| l.upstream.as_ref())
+                            .and_then(|u| pools.get(u));
+                        if let Some(p) = upstream {
+                            pool.store(p.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for (l, tcp) in bound {
+            let b = tcp.local_addr().unwrap_or(l.address);
+            let stats = listener::stats(&l, b);
+            let dispatch = make_dispatch(&l, &new, &pools, &stats, &self.inner.client);
+            let running = listener::spawn(
+                baton.shutdown(),
+                tcp,
+                l.clone(),
+                stats,
+                dispatch,
+                self.inner.settings,
+            );
+            tracing::info!(listener = %l.name, address = %b, "listener added by reload");
+            lock(&self.inner.listeners).insert(l.name.clone(), running);
+        }
+        for pool in pools.values() {
+            pool.start_health_checks(baton.shutdown());
+        }
+        self.inner.registry.retain(&|u, a| {
+            new.upstreams
+                .get(u)
+                .is_some_and(|up| up.servers.contains(&a))
+        });
+        if let Some(e) = failures.into_iter().next() {
+            // Applied, except for this listener: say so.
+            return Err(e);
+        }
+        Ok(Loaded {
+            config: new,
+            pools,
+            loaded_at: SystemTime::now(),
+            reloads: old.reloads + 1,
+        })
+    }
+
+    /// Stops a listener: no longer handed to later generations, stops
+    /// accepting, drains its connections.
+    /// Returns what fires once its socket is closed.
+    fn retire(&self, name: &str) -> Option<tokio_util::sync::CancellationToken> {
+        let running = lock(&self.inner.listeners).remove(name);
+        self.inner.baton.release(name);
+        let r = running?;
+        r.remove();
+        let mut draining = lock(&self.inner.draining);
+        draining.retain(|w| w.strong_count() > 0);
+        draining.push(Arc::downgrade(&r.stats));
+        Some(r.closed())
+    }
+
+    /// The proxy's part of the `status` answer (under `"proxy"`).
+    pub fn status(&self) -> Value {
+        let loaded = self.inner.loaded.get();
+        let listeners: Vec<Arc<ListenerStats>> = lock(&self.inner.listeners)
+            .values()
+            .map(|r| r.stats.clone())
+            .collect();
+        let draining: Vec<Arc<ListenerStats>> = lock(&self.inner.draining)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let active: usize = listeners.iter().map(|s| s.open()).sum();
+        let draining_conns: usize = draining.iter().map(|s| s.open()).sum();
+        let upstreams: serde_json::Map<String, Value> = loaded
+            .pools
+            .iter()
+            .map(|(n, p)| (n.clone(), p.status()))
+            .collect();
+        json!({
+            "proxy": {
+                "config_file": self.inner.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| config::BUILTIN_NAME.to_owned()),
+                "config_loaded_at_unix_ms": unix_ms(loaded.loaded_at),
+                "reloads": loaded.reloads,
+                "routes": loaded.config.routes.len(),
+                "listeners": listeners.iter().map(|s| s.status()).collect::<Vec<_>>(),
+                "draining_listeners": draining.iter().map(|s| s.status()).collect::<Vec<_>>(),
+                "connections": {"active": active, "draining": draining_conns},
+                "upstreams": upstreams,
+            }
+        })
+    }
+}
+
+fn build_pools(config: &Config, registry: &Registry) -> HashMap<String, Arc<Pool>> {
+    config
+        .upstreams
+        .values()
+        .map(|u| (u.name.clone(), Arc::new(Pool::new(u, registry))))
+        .collect()
+}
+
+fn make_dispatch(
+    l: &ListenerConfig,
+    config: &Config,
+    pools: &HashMap<String, Arc<Pool>>,
+    stats: &Arc<ListenerStats>,
+    client: &Client,
+) -> Dispatch {
+    match l.protocol {
+        Protocol::Http => Dispatch::Http(Arc::new(HttpContext {
+            listener: l.name.clone(),
+            routes: ArcSwap::from_pointee(RouteTable::build(&l.name, &config.routes, pools)),
+            stats: stats.clone(),
+            client: client.clone(),
+        })),
+        Protocol::Tcp => {
+            let pool = l
+                .upstream
+                .as_ref()
+                .and_then(|u| pools.get(u))
+                .cloned()
+                .unwrap_or_else(|| {
+                    // Validation guarantees the upstream exists; an empty
+                    // pool refuses every connection if it somehow does not.
+                    Arc::new(Pool::new(
+                        &config::UpstreamConfig {
+                            name: String::new(),
+                            servers: Vec::new(),
+                            balance: config::Balance::RoundRobin,
+                            health_check: None,
+                            fail_timeout: std::time::Duration::from_secs(10),
+                        },
+                        &Registry::default(),
+                    ))
+                });
+            Dispatch::Tcp(Arc::new(ArcSwap::new(pool)))
+        }
+    }
+}
+
+fn unix_ms(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_directory_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("baton-proxy-dir-{}", std::process::id()));
+        let socket = base.join("a").join("proxy.sock");
+        prepare_control_dir(&socket).unwrap();
+        let mode = std::fs::metadata(base.join("a"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // An existing directory of ours is fine.
+        prepare_control_dir(&socket).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

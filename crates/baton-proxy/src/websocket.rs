@@ -1,0 +1,314 @@
+//! Upgrade pass-through (WebSocket and any other `Upgrade` protocol).
+//!
+//! The handshake goes to the upstream on a dedicated connection; on `101`
+//! both sides are spliced byte for byte in a task the listener's drain
+//! tracks. It runs until either side closes, or until the drain timeout
+//! (`expired`): then a WebSocket client gets a close frame with status 1001
+//! (going away) and the upstream a masked one, each only if its stream is at
+//! a frame boundary (a frame cut in half would corrupt the stream), and
+//! both connections are closed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::forward::{self, Body, CONNECT_TIMEOUT};
+use crate::listener::ListenerStats;
+use crate::upstream::Pool;
+
+/// The requested `Upgrade` protocol, if this is an upgrade request
+/// (`Connection: upgrade` and an `Upgrade` header).
+pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    let wants = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// Forwards an upgrade request and, on `101`, splices the two connections.
+#[allow(clippy::too_many_arguments)]
+pub async fn forward(
+    mut req: Request<Incoming>,
+    protocol: HeaderValue,
+    path_and_query: String,
+    timeout: Duration,
+    pool: &Arc<Pool>,
+    peer: SocketAddr,
+    host: Option<&str>,
+    stats: &Arc<ListenerStats>,
+    shutdown: &baton::Shutdown,
+) -> (Response<Body>, Option<SocketAddr>) {
+    let is_websocket = protocol
+        .to_str()
+        .map(|p| p.eq_ignore_ascii_case("websocket"))
+        .unwrap_or(false);
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    forward::remove_hop_by_hop(&mut headers);
+    forward::add_forwarded(&mut headers, peer.ip(), host);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+
+    // Connect: a failure here sent nothing, so the next server may be tried.
+    let mut tried = Vec::new();
+    let (server, stream) = loop {
+        let Some(server) = pool.pick(&tried) else {
+            return (
+                forward::simple(StatusCode::BAD_GATEWAY, "bad gateway\n"),
+                None,
+            );
+        };
+        tried.push(server.addr);
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(server.addr))
+            .await
+        {
+            Ok(Ok(s)) => break (server, s),
+            Ok(Err(e)) => server.mark_failed(pool.fail_timeout, &format!("connect: {e}")),
+            Err(_) => server.mark_failed(pool.fail_timeout, "connect timed out"),
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let addr = server.addr;
+    let bad_gateway = || {
+        (
+            forward::simple(StatusCode::BAD_GATEWAY, "bad gateway\n"),
+            Some(addr),
+        )
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(x) => x,
+        Err(_) => return bad_gateway(),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream upgrade connection error");
+        }
+    });
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = match path_and_query.parse() {
+        Ok(u) => u,
+        Err(_) => return bad_gateway(),
+    };
+    *up.headers_mut() = headers;
+    let mut resp = match tokio::time::timeout(timeout, sender.send_request(up)).await {
+        Err(_) => {
+            return (
+                forward::simple(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n"),
+                Some(addr),
+            )
+        }
+        Ok(Err(e)) => {
+            server.mark_failed(pool.fail_timeout, &e.to_string());
+            return bad_gateway();
+        }
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The upstream declined: pass its answer on.
+        let (mut parts, body) = resp.into_parts();
+        forward::remove_hop_by_hop(&mut parts.headers);
+        return (
+            Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body)),
+            Some(addr),
+        );
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let (parts, _) = resp.into_parts();
+    let guard = stats.upgraded();
+    let in_flight = server.begin();
+    let task_shutdown = shutdown.clone();
+    shutdown.spawn(async move {
+        let _guards = (guard, in_flight);
+        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                tracing::debug!(
+                    client_ok = c.is_ok(),
+                    upstream_ok = u.is_ok(),
+                    "upgrade did not complete"
+                );
+                return;
+            }
+        };
+        splice(
+            TokioIo::new(client),
+            TokioIo::new(upstream),
+            is_websocket,
+            &task_shutdown,
+        )
+        .await;
+    });
+    (Response::from_parts(parts, forward::empty()), Some(addr))
+}
+
+/// Close frame from server to client: FIN + close opcode, 2-byte payload
+/// 1001 (going away), unmasked.
+const CLOSE_TO_CLIENT: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
+
+/// Close frame from client (us) to server: masked, as RFC 6455 requires.
+fn close_to_server() -> [u8; 8] {
+    let m: [u8; 4] = fastrand::u32(..).to_be_bytes();
+    [0x88, 0x82, m[0], m[1], m[2], m[3], 0x03 ^ m[0], 0xE9 ^ m[1]]
+}
+
+/// Copies both ways until both sides are done, or `expired`.
+pub async fn splice<C, U>(client: C, upstream: U, websocket: bool, shutdown: &baton::Shutdown)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let mut to_upstream = FrameCursor::default();
+    let mut to_client = FrameCursor::default();
+    let expired = {
+        let a = pump(&mut cr, &mut uw, &mut to_upstream);
+        let b = pump(&mut ur, &mut cw, &mut to_client);
+        tokio::select! {
+            _ = async { tokio::join!(a, b) } => false,
+            _ = shutdown.expired() => true,
+        }
+    };
+    if !expired {
+        return;
+    }
+    let polite = async {
+        if websocket && to_client.at_boundary() {
+            let _ = cw.write_all(&CLOSE_TO_CLIENT).await;
+        }
+        if websocket && to_upstream.at_boundary() {
+            let _ = uw.write_all(&close_to_server()).await;
+        }
+        let _ = cw.shutdown().await;
+        let _ = uw.shutdown().await;
+    };
+    // A peer that does not read must not hold the drain up.
+    let _ = tokio::time::timeout(Duration::from_secs(1), polite).await;
+    tracing::debug!(websocket, "upgraded connection closed at the drain timeout");
+}
+
+/// Copies `r` to `w` until EOF (then shuts `w` down), feeding what was
+/// written to `cursor`. Cancel-safe with respect to the cursor: it only
+/// counts bytes actually written.
+async fn pump<R, W>(r: &mut R, w: &mut W, cursor: &mut FrameCursor) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < n {
+            let m = w.write(&buf[off..n]).await?;
+            if m == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            cursor.feed(&buf[off..off + m]);
+            off += m;
+        }
+    }
+}
+
+/// Tracks WebSocket frame boundaries in a byte stream.
+#[derive(Debug, Default)]
+pub struct FrameCursor {
+    header: Vec<u8>,
+    remaining: u64,
+}
+
+impl FrameCursor {
+    /// Whether the bytes fed so far end exactly at the end of a frame.
+    pub fn at_boundary(&self) -> bool {
+        self.header.is_empty() && self.remaining == 0
+    }
+
+    /// Accounts for `data`.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let k = (self.remaining.min(data.len() as u64)) as usize;
+                self.remaining -= k as u64;
+                data = &data[k..];
+                continue;
+            }
+            self.header.push(data[0]);
+            data = &data[1..];
+            if let Some(len) = header_len(&self.header) {
+                self.remaining = len;
+                self.header.clear();
+            }
+        }
+    }
+}
+
+/// The payload length once `h` holds a complete frame header.
+fn header_len(h: &[u8]) -> Option<u64> {
+    if h.len() < 2 {
+        return None;
+    }
+    let masked = h[1] & 0x80 != 0;
+    let len7 = h[1] & 0x7f;
+    let ext = match len7 {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    if h.len() < 2 + ext + if masked { 4 } else { 0 } {
+        return None;
+    }
+    Some(match len7 {
+        126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+        127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+        n => u64::from(n),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_boundaries() {
+        let mut c = FrameCursor::default();
+        assert!(c.at_boundary());
+        // masked text frame, 5 bytes payload
+        let frame = [0x81, 0x85, 1, 2, 3, 4, b'h', b'e', b'l', b'l', b'o'];
+        c.feed(&frame[..3]);
+        assert!(!c.at_boundary());
+        c.feed(&frame[3..8]);
+        assert!(!c.at_boundary());
+        c.feed(&frame[8..]);
+        assert!(c.at_boundary());
+        // 16-bit length, unmasked, 300 bytes
+        let mut big = vec![0x82, 126, 0x01, 0x2c];
+        big.extend([0u8; 300]);
+        c.feed(&big[..100]);
+        assert!(!c.at_boundary());
+        c.feed(&big[100..]);
+        assert!(c.at_boundary());
+        // empty frame
+        c.feed(&[0x89, 0x00]);
+        assert!(c.at_boundary());
+    }
+}
