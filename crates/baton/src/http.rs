@@ -38,30 +38,62 @@ use crate::error::BoxError;
 pub trait Accept: Send + 'static {
     /// The connection type.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// Accepts one connection.
-    fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    /// Accepts one connection, with the client's address when it has one.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, PeerAddr)>> + Send;
 }
 
 impl Accept for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn accept(&self) -> io::Result<Self::Io> {
-        let (s, _) = tokio::net::TcpListener::accept(self).await?;
+    async fn accept(&self) -> io::Result<(Self::Io, PeerAddr)> {
+        let (s, peer) = tokio::net::TcpListener::accept(self).await?;
         let _ = s.set_nodelay(true);
-        Ok(s)
+        Ok((s, PeerAddr(Some(peer))))
     }
 }
 
 impl Accept for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept(&self) -> io::Result<Self::Io> {
+    async fn accept(&self) -> io::Result<(Self::Io, PeerAddr)> {
         let (s, _) = tokio::net::UnixListener::accept(self).await?;
-        Ok(s)
+        Ok((s, PeerAddr(None)))
+    }
+}
+
+/// The client's address, in the extensions of every request [`serve`]
+/// hands to the service (`None` for Unix-socket clients). With axum:
+/// `axum::Extension(peer): axum::Extension<baton::http::PeerAddr>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub Option<std::net::SocketAddr>);
+
+/// Inserts the connection's [`PeerAddr`] into each request.
+#[derive(Debug, Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: PeerAddr,
+}
+
+impl<S, B> tower_service::Service<Request<Incoming>> for WithPeer<S>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.peer);
+        self.inner.call(req)
     }
 }
 
 /// Serves `service` (any tower service, such as an axum `Router`) on
 /// `listener` until draining, then drains as described in the
-/// [module docs](self). Returns once every connection has finished or was
+/// [module docs](self). Each request carries the client's [`PeerAddr`] in
+/// its extensions. Returns once every connection has finished or was
 /// closed at the drain timeout.
 ///
 /// ```no_run
@@ -85,11 +117,11 @@ where
     B::Error: Into<BoxError>,
 {
     loop {
-        let io = tokio::select! {
+        let (io, peer) = tokio::select! {
             biased;
             _ = shutdown.draining() => break,
             accepted = listener.accept() => match accepted {
-                Ok(io) => io,
+                Ok(accepted) => accepted,
                 Err(e) if is_transient(&e) => {
                     // Out of fds or memory: back off instead of spinning;
                     // connections wait in the kernel's queue meanwhile.
@@ -103,7 +135,10 @@ where
                 }
             },
         };
-        let svc = service.clone();
+        let svc = WithPeer {
+            inner: service.clone(),
+            peer,
+        };
         let handle = shutdown.clone();
         shutdown.spawn(serve_connection(io, svc, handle));
     }
@@ -284,5 +319,66 @@ where
             }
             Ok(resp)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn get(c: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn requests_carry_the_peer_address_and_drain_closes_keepalive_politely() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app =
+            axum::Router::new().fallback(
+                |axum::Extension(peer): axum::Extension<PeerAddr>| async move {
+                    format!("{:?}", peer.0)
+                },
+            );
+        let drain = crate::Drain::new(Duration::from_secs(5));
+        let server = tokio::spawn(serve(listener, app, drain.handle()));
+
+        use tokio::io::AsyncReadExt;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let me = c.local_addr().unwrap();
+        let first = get(&mut c).await;
+        assert!(first.contains(&format!("Some({me})")), "{first}");
+        assert!(
+            !first.to_ascii_lowercase().contains("connection: close"),
+            "{first}"
+        );
+
+        // Draining: the idle keep-alive connection stays open (idle grace is
+        // 5 s), and its next request is answered with `Connection: close`.
+        drain.start();
+        let second = get(&mut c).await;
+        assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+        assert!(
+            second.to_ascii_lowercase().contains("connection: close"),
+            "{second}"
+        );
+        let mut rest = [0u8; 1];
+        assert_eq!(
+            c.read(&mut rest).await.unwrap(),
+            0,
+            "closed after the response"
+        );
+        assert_eq!(
+            drain.drain(Duration::from_secs(5)).await,
+            crate::DrainOutcome::Complete
+        );
+        server.await.unwrap().unwrap();
     }
 }
