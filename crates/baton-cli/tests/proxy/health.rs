@@ -4,25 +4,13 @@ use std::time::Duration;
 
 use baton_testkit::assert_eventually;
 
-use crate::{get, upstream_toml, Proxy, Upstream};
+use crate::{get, upstream_toml, web_to_a, Proxy, Upstream};
 
 #[test]
 fn an_upstream_that_dies_yields_502_and_is_marked_down() {
     let a = Upstream::http("a");
     let addr = a.addr;
-    let body = format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-
-{}
-[[routes]]
-listener = "web"
-upstream = "a"
-"#,
-        upstream_toml("a", &[addr], "")
-    );
+    let body = web_to_a(&[addr]);
     let p = Proxy::start("health-502", "", &body);
     let web = p.addr("web");
     assert_eq!(get(web, "x", "/"), (200, "upstream a\n".into()));

@@ -247,3 +247,21 @@ pub fn upstream_toml(name: &str, servers: &[SocketAddr], extra: &str) -> String 
         list.join(", ")
     )
 }
+
+/// One HTTP listener "web" on an ephemeral port, every path routed to
+/// upstream "a" with these servers.
+pub fn web_to_a(servers: &[SocketAddr]) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+{}
+[[routes]]
+listener = "web"
+upstream = "a"
+"#,
+        upstream_toml("a", servers, "")
+    )
+}

@@ -4,24 +4,12 @@ use std::time::Duration;
 
 use baton_testkit::{assert_eventually, our_zombies, Load, Target};
 
-use crate::{get, upstream_toml, Proxy, Upstream};
+use crate::{get, upstream_toml, web_to_a, Proxy, Upstream};
 
 #[test]
 fn twenty_upgrades_under_load_lose_no_request() {
     let a = Upstream::http("a");
-    let body = format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-
-{}
-[[routes]]
-listener = "web"
-upstream = "a"
-"#,
-        upstream_toml("a", &[a.addr], "")
-    );
+    let body = web_to_a(&[a.addr]);
     let mut p = Proxy::start("upgrade-load", "drain_timeout = \"10s\"", &body);
     let web = p.addr("web");
     let load = Load::start(Target::Tcp(web), 2, 2, Duration::from_secs(180));
@@ -67,19 +55,7 @@ upstream = "a"
 #[test]
 fn an_upgrade_to_a_bad_config_rolls_back_and_keeps_serving() {
     let a = Upstream::http("a");
-    let body = format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-
-{}
-[[routes]]
-listener = "web"
-upstream = "a"
-"#,
-        upstream_toml("a", &[a.addr], "")
-    );
+    let body = web_to_a(&[a.addr]);
     let p = Proxy::start("upgrade-bad", "", &body);
     let web = p.addr("web");
     p.write_config(&body.replace("upstream = \"a\"\n", "upstream = \"gone\"\n"));
