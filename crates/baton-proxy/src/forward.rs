@@ -1,5 +1,5 @@
-//! HTTP/1.1 proxying: the per-connection service, header handling, the
-//! pooled upstream client, 502/504.
+//! HTTP/1.1 proxying: the per-connection service, header handling, 502/504.
+//! Upstream connections are in [`crate::conn`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,34 +17,20 @@ use http_body::Body as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::conn::{
+    self, Home, IdlePool, Local, RequestBody, SendError, UpstreamBody, UpstreamConn,
+};
 use crate::listener::ListenerStats;
 use crate::router::{self, Route, RouteTable, Target};
 use crate::upstream::Pool;
 use crate::websocket;
 
-/// The body type the proxy sends and answers with.
+/// The body type the proxy answers with.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
-
-/// The pooled keep-alive upstream client.
-pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
 /// Bound on connecting to an upstream server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A new pooled client (keep-alive, `TCP_NODELAY`, idle connections closed
-/// after 60 s).
-pub fn client() -> Client {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
-}
 
 /// What every connection of one HTTP listener shares.
 #[derive(Debug)]
@@ -55,8 +41,9 @@ pub struct HttpContext {
     pub routes: ArcSwap<RouteTable>,
     /// Its counters.
     pub stats: Arc<ListenerStats>,
-    /// The upstream client.
-    pub client: Client,
+    /// Idle upstream connections of client connections that went away
+    /// (shared by every listener).
+    pub idle: Arc<IdlePool>,
 }
 
 /// The service for one client connection (cheap to clone: one per request).
@@ -67,6 +54,57 @@ struct Connection {
     ctx: Arc<HttpContext>,
     peer: SocketAddr,
     shutdown: baton::Shutdown,
+    /// Upstream connections this client connection used, idle.
+    local: Local,
+    /// The client's address as `X-Forwarded-For` has it.
+    xff: Option<HeaderValue>,
+    /// The last `Forwarded` value and the host it was built for (a client
+    /// connection usually names one host).
+    forwarded: std::sync::Mutex<Option<(HeaderValue, HeaderValue)>>,
+}
+
+impl Connection {
+    /// [`add_forwarded`] without building the same values on every request.
+    fn add_forwarded(&self, h: &mut HeaderMap, host: Option<&HeaderValue>, host_str: Option<&str>) {
+        let Some(xff) = self
+            .xff
+            .as_ref()
+            .filter(|_| !h.contains_key("x-forwarded-for"))
+        else {
+            return add_forwarded(h, self.peer.ip(), host_str);
+        };
+        h.insert("x-forwarded-for", xff.clone());
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        let Some(host) = host else {
+            return add_forwarded_only(h, self.peer.ip(), host_str);
+        };
+        let mut cached = crate::lock(&self.forwarded);
+        let value = match &*cached {
+            Some((for_host, v)) if for_host == host => v.clone(),
+            _ => {
+                let Some(v) = forwarded_value(self.peer.ip(), host_str) else {
+                    return;
+                };
+                *cached = Some((host.clone(), v.clone()));
+                v
+            }
+        };
+        drop(cached);
+        h.append(header::FORWARDED, value);
+    }
+}
+
+impl Home for Connection {
+    fn release(&self, conn: UpstreamConn) {
+        conn::keep(&self.local, &self.ctx.idle, conn);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // The client went away: its upstream connections serve others.
+        self.ctx.idle.put(self.local.drain());
+    }
 }
 
 impl std::fmt::Debug for ProxyService {
@@ -120,17 +158,37 @@ impl ProxyService {
             ctx,
             peer,
             shutdown,
+            local: Local::default(),
+            xff: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+            forwarded: std::sync::Mutex::new(None),
         }))
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        // Only what the access log needs is kept for it, and only when it
+        // is on.
+        let log = tracing::enabled!(target: "baton_proxy::access", tracing::Level::INFO);
         let started = Instant::now();
         self.0.ctx.stats.request();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let host = request_host(&req);
+        let path = if log {
+            req.uri().path().to_owned()
+        } else {
+            String::new()
+        };
+        // The `Host` header shares the request's buffer; only an
+        // absolute-form target without one costs a copy.
+        let host_header = req.headers().get(header::HOST).cloned();
+        let authority;
+        let host = match host_header.as_ref().and_then(|h| h.to_str().ok()) {
+            Some(h) => Some(h),
+            None => {
+                authority = req.uri().authority().map(|a| a.to_string());
+                authority.as_deref()
+            }
+        };
         let table = self.0.ctx.routes.load_full();
-        let (resp, upstream) = match table.find(host.as_deref(), &path) {
+        let (resp, upstream) = match table.find(host, req.uri().path()) {
             None => (simple(StatusCode::NOT_FOUND, "no route\n"), None),
             Some(route) => match &route.target {
                 Target::Respond {
@@ -145,7 +203,8 @@ impl ProxyService {
                     (r, None)
                 }
                 Target::Upstream { pool, strip_prefix } => {
-                    self.forward(req, route, pool, *strip_prefix, host.as_deref())
+                    let host_header = host_header.as_ref().filter(|h| h.to_str().is_ok());
+                    self.forward(req, route, pool, *strip_prefix, host, host_header)
                         .await
                 }
             },
@@ -155,7 +214,7 @@ impl ProxyService {
             listener = %self.0.ctx.listener,
             client = %self.0.peer.ip(),
             method = %method,
-            host = host.as_deref().unwrap_or("-"),
+            host = host.unwrap_or("-"),
             path = %path,
             status = resp.status().as_u16(),
             upstream = %upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
@@ -172,20 +231,22 @@ impl ProxyService {
         pool: &Arc<Pool>,
         strip_prefix: bool,
         host: Option<&str>,
+        host_header: Option<&HeaderValue>,
     ) -> (Response<Body>, Option<SocketAddr>) {
-        let path_and_query = {
-            let path = req.uri().path();
+        let path_and_query = |uri: &http::Uri| {
+            let path = uri.path();
             let path = if strip_prefix {
                 router::strip(&route.prefix, path)
             } else {
                 path.to_owned()
             };
-            match req.uri().query() {
+            match uri.query() {
                 Some(q) => format!("{path}?{q}"),
                 None => path,
             }
         };
         if let Some(upgrade) = websocket::upgrade_protocol(&req) {
+            let path_and_query = path_and_query(req.uri());
             return websocket::forward(
                 req,
                 upgrade,
@@ -202,34 +263,39 @@ impl ProxyService {
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         remove_hop_by_hop(&mut headers);
-        add_forwarded(&mut headers, self.0.peer.ip(), host);
+        self.0.add_forwarded(&mut headers, host_header, host);
+        // hyper's client connections need a `Host`; without the client's,
+        // the server's address (as the pooled client used to do).
+        let needs_host = !headers.contains_key(header::HOST);
+        // Origin form: the path (stripped or not) and the query.
+        let uri = if !strip_prefix && parts.uri.authority().is_none() {
+            parts.uri
+        } else {
+            match path_and_query(&parts.uri).parse::<http::Uri>() {
+                Ok(u) => u,
+                Err(_) => return (simple(StatusCode::BAD_REQUEST, "bad request\n"), None),
+            }
+        };
         // A request without a body can be sent again to another server if
         // connecting fails (nothing reached the first one).
         let retryable = body.is_end_stream();
-        let mut body = Some(body.boxed_unsync());
+        let mut up = Request::new(RequestBody::Client(body));
+        *up.method_mut() = parts.method;
+        *up.uri_mut() = uri;
+        *up.headers_mut() = headers;
         let mut tried = Vec::new();
         loop {
             let Some(server) = pool.pick(&tried) else {
                 return (simple(StatusCode::BAD_GATEWAY, "bad gateway\n"), None);
             };
             tried.push(server.addr);
-            let uri = match format!("http://{}{}", server.addr, path_and_query).parse::<http::Uri>()
-            {
-                Ok(u) => u,
-                Err(_) => return (simple(StatusCode::BAD_REQUEST, "bad request\n"), None),
-            };
-            let mut up = Request::new(body.take().unwrap_or_else(empty));
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = uri;
-            // Keep a copy only while another attempt is possible.
-            let may_retry = retryable && tried.len() < pool.servers.len();
-            *up.headers_mut() = if may_retry {
-                headers.clone()
-            } else {
-                std::mem::take(&mut headers)
-            };
+            if needs_host {
+                if let Ok(v) = HeaderValue::from_str(&server.addr.to_string()) {
+                    up.headers_mut().insert(header::HOST, v);
+                }
+            }
             let in_flight = server.begin();
-            let result = tokio::time::timeout(route.timeout, self.0.ctx.client.request(up)).await;
+            let result = tokio::time::timeout(route.timeout, self.attempt(server.addr, up)).await;
             drop(in_flight);
             match result {
                 Err(_) => {
@@ -239,20 +305,29 @@ impl ProxyService {
                         Some(server.addr),
                     );
                 }
-                Ok(Ok(resp)) => {
+                Ok(Ok((resp, conn))) => {
                     let (mut parts, body) = resp.into_parts();
                     remove_hop_by_hop(&mut parts.headers);
+                    let body = UpstreamBody::new(body, conn, self.0.clone());
                     return (
                         Response::from_parts(parts, body.boxed_unsync()),
                         Some(server.addr),
                     );
                 }
-                Ok(Err(e)) => {
-                    let error = error_chain(&e);
+                Ok(Err(Attempt::Connect(req, error))) => {
                     server.mark_failed(pool.fail_timeout, &error);
-                    if e.is_connect() && retryable && tried.len() < pool.servers.len() {
+                    if retryable && tried.len() < pool.servers.len() {
+                        up = *req;
                         continue;
                     }
+                    tracing::warn!(server = %server.addr, error, "upstream request failed");
+                    return (
+                        simple(StatusCode::BAD_GATEWAY, "bad gateway\n"),
+                        Some(server.addr),
+                    );
+                }
+                Ok(Err(Attempt::Failed(error))) => {
+                    server.mark_failed(pool.fail_timeout, &error);
                     tracing::warn!(server = %server.addr, error, "upstream request failed");
                     return (
                         simple(StatusCode::BAD_GATEWAY, "bad gateway\n"),
@@ -262,6 +337,60 @@ impl ProxyService {
             }
         }
     }
+
+    /// One attempt on `addr`: an idle connection of this client connection,
+    /// else one from the shared idle pool, else a new one. A reused
+    /// connection found closed, or that closed before the request left, is
+    /// replaced (nothing reached the upstream).
+    async fn attempt(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, UpstreamConn), Attempt> {
+        loop {
+            let reused = self
+                .0
+                .local
+                .take(addr)
+                .or_else(|| self.0.ctx.idle.take(addr));
+            let (mut conn, reused) = match reused {
+                Some(mut c) => {
+                    if !c.ready().await {
+                        continue;
+                    }
+                    (c, true)
+                }
+                None => match UpstreamConn::connect(addr, CONNECT_TIMEOUT).await {
+                    Ok(mut c) => {
+                        // A new connection is ready at once; this only
+                        // notices one the server closed straight away.
+                        if !c.ready().await {
+                            return Err(Attempt::Failed(
+                                "the upstream closed the new connection".to_owned(),
+                            ));
+                        }
+                        (c, false)
+                    }
+                    Err(e) => return Err(Attempt::Connect(Box::new(req), e)),
+                },
+            };
+            match conn.send(req).await {
+                Ok(resp) => return Ok((resp, conn)),
+                Err(SendError::NotSent(r, _)) if reused => req = *r,
+                Err(SendError::NotSent(_, e)) | Err(SendError::Failed(e)) => {
+                    return Err(Attempt::Failed(error_chain(&e)))
+                }
+            }
+        }
+    }
+}
+
+/// How an attempt failed.
+enum Attempt {
+    /// Connecting failed: the request (handed back) reached nobody.
+    Connect(Box<Request<RequestBody>>, String),
+    /// The request failed on the connection (the error chain).
+    Failed(String),
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -331,17 +460,27 @@ pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, host: Option<&str>) {
         h.insert("x-forwarded-for", v);
     }
     h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    add_forwarded_only(h, client, host);
+}
+
+/// Appends the client to `Forwarded`.
+fn add_forwarded_only(h: &mut HeaderMap, client: IpAddr, host: Option<&str>) {
+    if let Some(v) = forwarded_value(client, host) {
+        h.append(header::FORWARDED, v);
+    }
+}
+
+/// `for=IP;proto=http;host="HOST"`.
+fn forwarded_value(client: IpAddr, host: Option<&str>) -> Option<HeaderValue> {
     let node = match client {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(_) => format!("\"[{ip}]\""),
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("\"[{ip}]\""),
     };
     let mut fwd = format!("for={node};proto=http");
     if let Some(host) = host.filter(|h| !h.contains('"') && !h.contains('\\')) {
         fwd.push_str(&format!(";host=\"{host}\""));
     }
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
-        h.append(header::FORWARDED, v);
-    }
+    HeaderValue::from_str(&fwd).ok()
 }
 
 #[cfg(test)]

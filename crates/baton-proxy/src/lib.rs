@@ -28,6 +28,7 @@
 )]
 
 pub mod config;
+pub mod conn;
 pub mod forward;
 pub mod listener;
 mod proxy;

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config, ConfigError, ListenerConfig, Protocol};
-use crate::forward::{self, Client, HttpContext};
+use crate::conn::IdlePool;
+use crate::forward::HttpContext;
 use crate::listener::{self, Dispatch, DrainSettings, ListenerStats, Running};
 use crate::lock;
 use crate::router::RouteTable;
@@ -72,7 +73,7 @@ struct Inner {
     /// Bound at start, served once the generation is ready.
     pending: Mutex<Vec<Pending>>,
     registry: Registry,
-    client: Client,
+    idle: Arc<IdlePool>,
     settings: DrainSettings,
 }
 
@@ -127,7 +128,7 @@ impl Proxy {
     pub async fn bind(baton: baton::Baton, config: Config) -> Result<Proxy, ProxyError> {
         let registry = Registry::default();
         let pools = build_pools(&config, &registry);
-        let client = forward::client();
+        let idle = Arc::new(IdlePool::default());
         let settings = DrainSettings {
             idle_grace: config.server.idle_grace,
             drain_timeout: config.server.drain_timeout,
@@ -137,7 +138,7 @@ impl Proxy {
             let tcp = baton.tcp(&l.name, &l.address.to_string()).await?;
             let bound = tcp.local_addr().unwrap_or(l.address);
             let stats = listener::stats(l, bound);
-            let dispatch = make_dispatch(l, &config, &pools, &stats, &client);
+            let dispatch = make_dispatch(l, &config, &pools, &stats, &idle);
             pending.push((l.clone(), tcp, stats, dispatch));
         }
         let proxy = Proxy {
@@ -154,7 +155,7 @@ impl Proxy {
                 draining: Mutex::new(Vec::new()),
                 pending: Mutex::new(pending),
                 registry,
-                client,
+                idle,
                 settings,
             }),
         };
@@ -344,7 +345,7 @@ impl Proxy {
         for (l, tcp) in bound {
             let b = tcp.local_addr().unwrap_or(l.address);
             let stats = listener::stats(&l, b);
-            let dispatch = make_dispatch(&l, &new, &pools, &stats, &self.inner.client);
+            let dispatch = make_dispatch(&l, &new, &pools, &stats, &self.inner.idle);
             let running = listener::spawn(
                 baton.shutdown(),
                 tcp,
@@ -436,14 +437,14 @@ fn make_dispatch(
     config: &Config,
     pools: &HashMap<String, Arc<Pool>>,
     stats: &Arc<ListenerStats>,
-    client: &Client,
+    idle: &Arc<IdlePool>,
 ) -> Dispatch {
     match l.protocol {
         Protocol::Http => Dispatch::Http(Arc::new(HttpContext {
             listener: l.name.clone(),
             routes: ArcSwap::from_pointee(RouteTable::build(&l.name, &config.routes, pools)),
             stats: stats.clone(),
-            client: client.clone(),
+            idle: idle.clone(),
         })),
         Protocol::Tcp => {
             let pool = l
