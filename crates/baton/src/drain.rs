@@ -53,6 +53,12 @@ impl Shutdown {
         self.draining.is_cancelled()
     }
 
+    /// The draining signal alone (cheaper to hold per request than a whole
+    /// handle, which also counts as a worker).
+    pub(crate) fn draining_token(&self) -> &CancellationToken {
+        &self.draining
+    }
+
     /// Resolves once the drain timeout has passed: close what remains.
     pub fn expired(&self) -> WaitForCancellationFuture<'_> {
         self.expired.cancelled()

@@ -299,26 +299,49 @@ struct CloseWhenDraining<S> {
 impl<S, B> hyper::service::Service<Request<Incoming>> for CloseWhenDraining<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Send + 'static,
 {
     type Response = Response<B>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+    type Future = CloseWhenDrainingFuture<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let fut = self.inner.call(req);
-        let shutdown = self.shutdown.clone();
-        Box::pin(async move {
-            let mut resp = fut.await?;
-            // Checked when the response is ready, not when the request came
-            // in: a request that was in flight when draining began also
-            // closes its connection.
-            if shutdown.is_draining() && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                resp.headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok(resp)
-        })
+        CloseWhenDrainingFuture {
+            inner: self.inner.call(req),
+            draining: self.shutdown.draining_token().clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`CloseWhenDraining`] (no allocation per
+    /// request).
+    struct CloseWhenDrainingFuture<F> {
+        #[pin]
+        inner: F,
+        draining: tokio_util::sync::CancellationToken,
+    }
+}
+
+impl<F, B, E> Future for CloseWhenDrainingFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = match this.inner.poll(cx) {
+            Poll::Ready(Ok(resp)) => resp,
+            other => return other,
+        };
+        // Checked when the response is ready, not when the request came in:
+        // a request that was in flight when draining began also closes its
+        // connection.
+        if this.draining.is_cancelled() && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(resp))
     }
 }
 
