@@ -269,11 +269,7 @@ fn a_killed_child_is_replaced_within_a_second_without_refusing_connections() {
     let load = Load::start(Target::Tcp(run.addr()), 4, 4, Duration::from_secs(60));
     load.wait_for_progress(200, Duration::from_secs(10));
 
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(victim as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
+    baton_testkit::send_signal(victim, rustix::process::Signal::KILL);
     let killed_at = Instant::now();
     // The replacement answers (its pid in the body) within a second.
     let replacement = std::cell::Cell::new(0u32);
@@ -353,11 +349,7 @@ fn without_restart_on_crash_the_supervisor_exits_with_the_child_status() {
         ],
     );
     let child = run.status()["pid"].as_u64().unwrap() as u32;
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
+    baton_testkit::send_signal(child, rustix::process::Signal::TERM);
     let mut server = run.server;
     assert_eventually!(
         Duration::from_secs(10),
@@ -389,11 +381,7 @@ fn unix_socket_listener_and_signals() {
     load.wait_for_progress(100, Duration::from_secs(10));
     // SIGHUP reloads.
     let before = run.status()["pid"].as_u64().unwrap();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(supervisor as i32).unwrap(),
-        rustix::process::Signal::HUP,
-    )
-    .unwrap();
+    baton_testkit::send_signal(supervisor, rustix::process::Signal::HUP);
     assert_eventually!(
         Duration::from_secs(10),
         run.status()["last_reload"]["ok"] == true,
@@ -406,11 +394,7 @@ fn unix_socket_listener_and_signals() {
     assert_no_loss(&load.stop());
 
     // SIGTERM stops the child gracefully and the supervisor exits 0.
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(supervisor as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
+    baton_testkit::send_signal(supervisor, rustix::process::Signal::TERM);
     let mut server = run.server;
     assert_eventually!(
         Duration::from_secs(10),

@@ -715,44 +715,8 @@ impl Validator<'_> {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
-[server]
-control_socket = "/run/baton/proxy.sock"
-pid_file = "/run/baton/proxy.pid"
-drain_timeout = "30s"
-upgrade_timeout = "30s"
-
-[[listeners]]
-name = "web"
-address = "127.0.0.1:8080"
-protocol = "http"
-
-[[listeners]]
-name = "db"
-address = "127.0.0.1:6543"
-protocol = "tcp"
-upstream = "pg"
-
-[upstreams.app]
-servers = ["127.0.0.1:9001", "127.0.0.1:9002"]
-balance = "round_robin"
-health_check = { path = "/healthz", interval = "2s", timeout = "1s" }
-
-[upstreams.pg]
-servers = ["127.0.0.1:5432"]
-
-[[routes]]
-listener = "web"
-host = "api.example.com"
-path_prefix = "/api"
-upstream = "app"
-strip_prefix = false
-
-[[routes]]
-listener = "web"
-path_prefix = "/"
-respond = { status = 200, body = "ok\n" }
-"#;
+    /// The example configuration shipped with the crate.
+    const GOOD: &str = include_str!("../proxy.example.toml");
 
     #[test]
     fn the_issue_example_is_valid() {

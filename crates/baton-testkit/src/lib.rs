@@ -625,3 +625,9 @@ fn exchange(
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
+
+/// Sends `signal` to `pid`.
+pub fn send_signal(pid: u32, signal: rustix::process::Signal) {
+    let p = Pid::from_raw(pid as i32).expect("a real pid");
+    rustix::process::kill_process(p, signal).expect("kill");
+}

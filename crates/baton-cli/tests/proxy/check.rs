@@ -6,43 +6,7 @@ use baton_testkit::TempDir;
 
 use crate::{baton, text};
 
-const ISSUE_EXAMPLE: &str = r#"[server]
-control_socket = "/run/baton/proxy.sock"
-pid_file = "/run/baton/proxy.pid"
-drain_timeout = "30s"
-upgrade_timeout = "30s"
-
-[[listeners]]
-name = "web"
-address = "127.0.0.1:8080"
-protocol = "http"
-
-[[listeners]]
-name = "db"
-address = "127.0.0.1:6543"
-protocol = "tcp"
-upstream = "pg"
-
-[upstreams.app]
-servers = ["127.0.0.1:9001", "127.0.0.1:9002"]
-balance = "round_robin"
-health_check = { path = "/healthz", interval = "2s", timeout = "1s" }
-
-[upstreams.pg]
-servers = ["127.0.0.1:5432"]
-
-[[routes]]
-listener = "web"
-host = "api.example.com"
-path_prefix = "/api"
-upstream = "app"
-strip_prefix = false
-
-[[routes]]
-listener = "web"
-path_prefix = "/"
-respond = { status = 200, body = "ok\n" }
-"#;
+const ISSUE_EXAMPLE: &str = include_str!("../../../baton-proxy/proxy.example.toml");
 
 fn check(text_: &str) -> (std::process::Output, String) {
     let dir = TempDir::new("check");

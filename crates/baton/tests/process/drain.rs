@@ -5,13 +5,10 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use baton_testkit::assert_eventually;
-use rustix::process::{kill_process, Pid, Signal};
+use baton_testkit::send_signal as signal;
+use rustix::process::Signal;
 
 use crate::Running;
-
-fn signal(pid: u32, sig: Signal) {
-    kill_process(Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
-}
 
 /// Sends a keep-alive GET and returns the raw response (read to the end of
 /// its Content-Length body).

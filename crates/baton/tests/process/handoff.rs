@@ -82,11 +82,7 @@ fn sigusr2_upgrades_and_sigterm_stops_cleanly() {
     let load = Load::start(Target::Tcp(r.addr()), 2, 2, Duration::from_secs(60));
     load.wait_for_progress(50, Duration::from_secs(10));
 
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(first as i32).unwrap(),
-        rustix::process::Signal::USR2,
-    )
-    .unwrap();
+    baton_testkit::send_signal(first, rustix::process::Signal::USR2);
     let ready = r
         .server
         .wait_event(Duration::from_secs(30), |e| e["event"] == "ready");
@@ -100,11 +96,7 @@ fn sigusr2_upgrades_and_sigterm_stops_cleanly() {
     load.wait_for_progress(50, Duration::from_secs(10));
 
     // SIGHUP reloads in-process (hello's reload handler accepts).
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(second as i32).unwrap(),
-        rustix::process::Signal::HUP,
-    )
-    .unwrap();
+    baton_testkit::send_signal(second, rustix::process::Signal::HUP);
     assert_eventually!(
         Duration::from_secs(10),
         r.control(r#"{"command":"status"}"#)["last_reload"]["ok"] == true,
@@ -124,11 +116,7 @@ fn sigusr2_upgrades_and_sigterm_stops_cleanly() {
         "old generation exits 0"
     );
 
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(second as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
+    baton_testkit::send_signal(second, rustix::process::Signal::TERM);
     assert_eventually!(
         Duration::from_secs(10),
         r.server.is_gone(second),
