@@ -1,36 +1,51 @@
-//! HTTP/1.1 proxying: the per-connection service, header handling, 502/504.
-//! Upstream connections are in [`crate::conn`].
+//! HTTP/1.x proxying: one task per client connection reads request heads,
+//! routes them, forwards them to an upstream connection it owns, and copies
+//! the response back.
+//!
+//! Heads are forwarded as bytes ([`crate::h1`]): parsed in place with
+//! `httparse`, checked, and written out again without the hop-by-hop
+//! fields, with `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`
+//! added; bodies are copied as they come (`Content-Length`, chunked, or
+//! until the upstream closes). A request's head and the part of its body
+//! already read go out in one write, and so do a response's head and body
+//! when the body has arrived with it.
+//!
+//! Keep-alive and draining follow `baton::http::serve_connection`: once the
+//! process or the listener drains, each response carries
+//! `Connection: close`, and a connection waiting for its next request is
+//! closed only once the client has been silent for the idle grace, so a
+//! client never has a request cut off by a close it could not see coming.
 
-use std::convert::Infallible;
-use std::future::Future;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
-use http_body::Body as _;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
-use crate::conn::{
-    self, Home, IdlePool, Local, RequestBody, SendError, UpstreamBody, UpstreamConn,
-};
-use crate::listener::ListenerStats;
+use crate::conn::{IdlePool, UpstreamConn, MAX_LOCAL_IDLE, READ_BUF};
+use crate::h1::{self, ChunkedScanner, Fields, Framing, Malformed};
+use crate::listener::{ConnGuard, ListenerStats};
 use crate::router::{self, Route, RouteTable, Target};
-use crate::upstream::Pool;
+use crate::upstream::{InFlight, Pool};
 use crate::websocket;
-
-/// The body type the proxy answers with.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// Bound on connecting to an upstream server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client connection may stay idle between requests this long, and a
+/// request head must arrive within it (nginx's `keepalive_timeout` is 75 s,
+/// `client_header_timeout` 60 s).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Size of the buffer bodies are copied through.
+const COPY_BUF: usize = 16 * 1024;
 
 /// What every connection of one HTTP listener shares.
 #[derive(Debug)]
@@ -46,475 +61,1061 @@ pub struct HttpContext {
     pub idle: Arc<IdlePool>,
 }
 
-/// The service for one client connection (cheap to clone: one per request).
-#[derive(Clone)]
-pub struct ProxyService(Arc<Connection>);
+/// Serves one client connection until it closes, the drain winds it down,
+/// or the drain expires. An upgraded connection (WebSocket) is spliced to
+/// its upstream here, counted as upgraded rather than as a connection.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<HttpContext>,
+    shutdown: baton::Shutdown,
+    guard: ConnGuard,
+) {
+    let mut client = Client::new(stream, peer, ctx, shutdown.clone());
+    let upgraded = tokio::select! {
+        u = client.run() => u,
+        _ = shutdown.expired() => None,
+    };
+    // The client's upstream connections serve others from now on.
+    let local = std::mem::take(&mut client.local);
+    client.ctx.idle.put(local);
+    let Some(up) = upgraded else {
+        return;
+    };
+    drop(guard);
+    let _upgraded = client.ctx.stats.upgraded();
+    let _in_flight = up.in_flight;
+    let Client { stream, rbuf, .. } = client;
+    let mut conn = up.conn;
+    let to_client = conn.buf.split();
+    websocket::splice(
+        stream,
+        conn.stream,
+        up.websocket,
+        &shutdown,
+        &rbuf,
+        &to_client,
+    )
+    .await;
+}
 
-struct Connection {
+/// A connection switched to another protocol.
+struct Upgraded {
+    conn: UpstreamConn,
+    in_flight: InFlight,
+    websocket: bool,
+}
+
+/// One client connection.
+struct Client {
     ctx: Arc<HttpContext>,
     peer: SocketAddr,
+    /// The client's address as text (`X-Forwarded-For`), and as a
+    /// `Forwarded` node.
+    peer_text: String,
+    forwarded_node: String,
     shutdown: baton::Shutdown,
-    /// Upstream connections this client connection used, idle.
-    local: Local,
-    /// The client's address as `X-Forwarded-For` has it.
-    xff: Option<HeaderValue>,
-    /// The last `Forwarded` value and the host it was built for (a client
-    /// connection usually names one host).
-    forwarded: std::sync::Mutex<Option<(HeaderValue, HeaderValue)>>,
+    stream: TcpStream,
+    /// Bytes read from the client and not used yet.
+    rbuf: BytesMut,
+    /// What is written next (a head, and the body bytes that fit).
+    wbuf: Vec<u8>,
+    /// Bodies are copied through this.
+    copy: Vec<u8>,
+    /// Idle upstream connections of this client connection.
+    local: Vec<UpstreamConn>,
+    timer: Timer,
+    /// When the client last sent bytes (for the idle grace while draining).
+    last_read: Instant,
 }
 
-impl Connection {
-    /// [`add_forwarded`] without building the same values on every request.
-    fn add_forwarded(&self, h: &mut HeaderMap, host: Option<&HeaderValue>, host_str: Option<&str>) {
-        let Some(xff) = self
-            .xff
-            .as_ref()
-            .filter(|_| !h.contains_key("x-forwarded-for"))
-        else {
-            return add_forwarded(h, self.peer.ip(), host_str);
+/// How a request ended, for the connection.
+enum Outcome {
+    /// The connection can carry the next request.
+    KeepAlive,
+    /// Close the connection.
+    Close,
+    /// The connection now speaks another protocol.
+    Upgraded(Upgraded),
+    /// The head is not complete yet.
+    NeedMore,
+}
+
+impl Client {
+    fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        ctx: Arc<HttpContext>,
+        shutdown: baton::Shutdown,
+    ) -> Self {
+        let forwarded_node = match peer.ip() {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("\"[{ip}]\""),
         };
-        h.insert("x-forwarded-for", xff.clone());
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        let Some(host) = host else {
-            return add_forwarded_only(h, self.peer.ip(), host_str);
-        };
-        let mut cached = crate::lock(&self.forwarded);
-        let value = match &*cached {
-            Some((for_host, v)) if for_host == host => v.clone(),
-            _ => {
-                let Some(v) = forwarded_value(self.peer.ip(), host_str) else {
-                    return;
-                };
-                *cached = Some((host.clone(), v.clone()));
-                v
-            }
-        };
-        drop(cached);
-        h.append(header::FORWARDED, value);
-    }
-}
-
-impl Home for Connection {
-    fn release(&self, conn: UpstreamConn) {
-        conn::keep(&self.local, &self.ctx.idle, conn);
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        // The client went away: its upstream connections serve others.
-        self.ctx.idle.put(self.local.drain());
-    }
-}
-
-impl std::fmt::Debug for ProxyService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxyService")
-            .field("listener", &self.0.ctx.listener)
-            .field("peer", &self.0.peer)
-            .finish()
-    }
-}
-
-impl tower_service::Service<Request<Incoming>> for ProxyService {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.handle(req).await) })
-    }
-}
-
-/// A short plain-text response.
-pub fn simple(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-fn full(b: Bytes) -> Body {
-    Full::new(b).map_err(|never| match never {}).boxed_unsync()
-}
-
-/// An empty body.
-pub fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
-
-impl ProxyService {
-    /// The service for a connection from `peer` on the listener of `ctx`.
-    pub fn new(ctx: Arc<HttpContext>, peer: SocketAddr, shutdown: baton::Shutdown) -> Self {
-        ProxyService(Arc::new(Connection {
+        let now = Instant::now();
+        Client {
             ctx,
             peer,
+            peer_text: peer.ip().to_string(),
+            forwarded_node,
             shutdown,
-            local: Local::default(),
-            xff: HeaderValue::from_str(&peer.ip().to_string()).ok(),
-            forwarded: std::sync::Mutex::new(None),
-        }))
+            stream,
+            rbuf: BytesMut::with_capacity(READ_BUF),
+            wbuf: Vec::with_capacity(1024),
+            copy: Vec::new(),
+            local: Vec::new(),
+            timer: Timer::new(now + KEEPALIVE_TIMEOUT),
+            last_read: now,
+        }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        // Only what the access log needs is kept for it, and only when it
-        // is on.
-        let log = tracing::enabled!(target: "baton_proxy::access", tracing::Level::INFO);
-        let started = Instant::now();
-        self.0.ctx.stats.request();
-        let method = req.method().clone();
-        let path = if log {
-            req.uri().path().to_owned()
-        } else {
-            String::new()
-        };
-        // The `Host` header shares the request's buffer; only an
-        // absolute-form target without one costs a copy.
-        let host_header = req.headers().get(header::HOST).cloned();
-        let authority;
-        let host = match host_header.as_ref().and_then(|h| h.to_str().ok()) {
-            Some(h) => Some(h),
-            None => {
-                authority = req.uri().authority().map(|a| a.to_string());
-                authority.as_deref()
+    /// Serves requests until the connection is done; returns it if it was
+    /// upgraded.
+    async fn run(&mut self) -> Option<Upgraded> {
+        loop {
+            if self.rbuf.is_empty() && !self.read_more().await {
+                return None;
             }
+            // The head is parsed from a buffer of its own so that `self`
+            // stays free to use while the request is forwarded.
+            let buf = std::mem::take(&mut self.rbuf);
+            let mut headers =
+                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut []);
+            let (outcome, used) = match req.parse_with_uninit_headers(&buf, &mut headers) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    self.request(&req, &buf, head_len).await
+                }
+                Ok(httparse::Status::Partial) if buf.len() <= h1::MAX_HEAD => {
+                    (Outcome::NeedMore, 0)
+                }
+                Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => (
+                    self.refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+                        .await,
+                    0,
+                ),
+                Err(_) => (self.refuse(StatusCode::BAD_REQUEST).await, 0),
+            };
+            // What the request did not use starts the next one (pipelining),
+            // ahead of anything read while its body was copied.
+            let mut buf = buf;
+            buf.advance(used.min(buf.len()));
+            if !self.rbuf.is_empty() {
+                buf.extend_from_slice(&self.rbuf);
+            }
+            self.rbuf = buf;
+            match outcome {
+                Outcome::KeepAlive => {}
+                Outcome::NeedMore => {
+                    if !self.read_more().await {
+                        return None;
+                    }
+                }
+                Outcome::Close => return None,
+                Outcome::Upgraded(u) => return Some(u),
+            }
+        }
+    }
+
+    /// Reads more of the client's next request into `rbuf`; false if the
+    /// connection is to close: the client closed, it stayed silent past
+    /// [`KEEPALIVE_TIMEOUT`] (between two reads, as nginx's
+    /// `client_header_timeout`), or the drain's idle grace passed with
+    /// nothing from it.
+    async fn read_more(&mut self) -> bool {
+        loop {
+            self.timer.set(self.last_read + KEEPALIVE_TIMEOUT);
+            let draining = self.shutdown.is_draining();
+            if draining && self.rbuf.is_empty() {
+                let grace = self.last_read + self.shutdown.idle_grace();
+                if Instant::now() >= grace {
+                    return false;
+                }
+                self.timer.set(grace);
+            }
+            self.rbuf.reserve(READ_BUF);
+            tokio::select! {
+                biased;
+                r = self.stream.read_buf(&mut self.rbuf) => return match r {
+                    Ok(0) | Err(_) => false,
+                    Ok(_) => {
+                        self.last_read = Instant::now();
+                        true
+                    }
+                },
+                // Draining began: the idle grace applies from now on.
+                _ = self.shutdown.draining(), if !draining => {}
+                _ = self.timer.fired() => return false,
+            }
+        }
+    }
+
+    /// Answers a request that could not be read, and closes.
+    async fn refuse(&mut self, status: StatusCode) -> Outcome {
+        self.wbuf.clear();
+        h1::put_response(
+            &mut self.wbuf,
+            status,
+            b"text/plain; charset=utf-8",
+            status.canonical_reason().unwrap_or("error").as_bytes(),
+            true,
+        );
+        let _ = self.stream.write_all(&self.wbuf).await;
+        Outcome::Close
+    }
+
+    /// Handles one request whose head is `buf[..head_len]`; returns what
+    /// the connection does next and how much of `buf` the request used.
+    async fn request(
+        &mut self,
+        req: &httparse::Request<'_, '_>,
+        buf: &[u8],
+        head_len: usize,
+    ) -> (Outcome, usize) {
+        let started = std::time::Instant::now();
+        self.ctx.stats.request();
+        let method = req.method.unwrap_or("GET");
+        let target = req.path.unwrap_or("/");
+        let http10 = req.version == Some(0);
+        let fields = match Fields::of(req.headers) {
+            Ok(f) => f,
+            Err(_) => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
         };
-        let table = self.0.ctx.routes.load_full();
-        let (resp, upstream) = match table.find(host, req.uri().path()) {
-            None => (simple(StatusCode::NOT_FOUND, "no route\n"), None),
-            Some(route) => match &route.target {
+        let framing = match fields.request_framing() {
+            Ok(f) => f,
+            Err(_) => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
+        };
+        if method == "CONNECT" {
+            return (self.refuse(StatusCode::METHOD_NOT_ALLOWED).await, head_len);
+        }
+        let host_field = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .and_then(|h| std::str::from_utf8(h.value).ok());
+        // Origin form (`/path?query`) or absolute form (`http://host/path`).
+        let absolute;
+        let (path, query, authority) = if target.starts_with('/') || target == "*" {
+            match target.split_once('?') {
+                Some((p, q)) => (p, Some(q), None),
+                None => (target, None, None),
+            }
+        } else {
+            absolute = match target.parse::<http::Uri>() {
+                Ok(u) if u.authority().is_some() => u,
+                _ => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
+            };
+            (
+                absolute.path(),
+                absolute.query(),
+                absolute.authority().map(|a| a.as_str()),
+            )
+        };
+        let host = host_field.or(authority);
+        // A client that asked to close, or an HTTP/1.0 one that did not ask
+        // to keep the connection, gets its connection closed.
+        let client_keep = !fields.close && (!http10 || fields.keep_alive);
+
+        let table = self.ctx.routes.load_full();
+        let route = table.find(host, path);
+        let (outcome, used, status, upstream) = match route.map(|r| (r, &r.target)) {
+            None => {
+                let (o, u) = self
+                    .respond(
+                        method,
+                        StatusCode::NOT_FOUND,
+                        b"text/plain; charset=utf-8",
+                        b"no route\n",
+                        client_keep && framing == Framing::None,
+                        http10,
+                        head_len,
+                    )
+                    .await;
+                (o, u, 404, None)
+            }
+            Some((
+                _,
                 Target::Respond {
                     status,
                     body,
                     content_type,
-                } => {
-                    let mut r = Response::new(full(body.clone()));
-                    *r.status_mut() = *status;
-                    r.headers_mut()
-                        .insert(header::CONTENT_TYPE, content_type.clone());
-                    (r, None)
-                }
-                Target::Upstream { pool, strip_prefix } => {
-                    let host_header = host_header.as_ref().filter(|h| h.to_str().is_ok());
-                    self.forward(req, route, pool, *strip_prefix, host, host_header)
-                        .await
-                }
-            },
+                },
+            )) => {
+                let (o, u) = self
+                    .respond(
+                        method,
+                        *status,
+                        content_type.as_bytes(),
+                        body,
+                        client_keep && framing == Framing::None,
+                        http10,
+                        head_len,
+                    )
+                    .await;
+                (o, u, status.as_u16(), None)
+            }
+            Some((route, Target::Upstream { pool, strip_prefix })) => {
+                let forwarded = Forwarded {
+                    method,
+                    target,
+                    path,
+                    query,
+                    absolute: authority.is_some(),
+                    host,
+                    host_field: host_field.is_some(),
+                    http10,
+                    client_keep,
+                    framing,
+                    fields: &fields,
+                };
+                let strip = strip_prefix.then_some(route.prefix.as_str());
+                let r = self
+                    .forward(req, buf, head_len, &forwarded, route, pool, strip)
+                    .await;
+                (r.outcome, r.used, r.status, r.server)
+            }
         };
-        tracing::info!(
-            target: "baton_proxy::access",
-            listener = %self.0.ctx.listener,
-            client = %self.0.peer.ip(),
-            method = %method,
-            host = host.unwrap_or("-"),
-            path = %path,
-            status = resp.status().as_u16(),
-            upstream = %upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        );
-        resp
+        if tracing::enabled!(target: "baton_proxy::access", tracing::Level::INFO) {
+            tracing::info!(
+                target: "baton_proxy::access",
+                listener = %self.ctx.listener,
+                client = %self.peer.ip(),
+                method = %method,
+                host = host.unwrap_or("-"),
+                path = %path,
+                status,
+                upstream = %upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+        (outcome, used)
     }
 
+    /// A response of the proxy's own. A request body is not read: the
+    /// connection closes after the response if there is one.
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        &mut self,
+        method: &str,
+        status: StatusCode,
+        content_type: &[u8],
+        body: &[u8],
+        keep: bool,
+        http10: bool,
+        head_len: usize,
+    ) -> (Outcome, usize) {
+        let keep = keep && !self.shutdown.is_draining();
+        self.wbuf.clear();
+        h1::put_status_line(
+            &mut self.wbuf,
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+        );
+        h1::put_header(&mut self.wbuf, b"content-type", content_type);
+        h1::put_header(
+            &mut self.wbuf,
+            b"content-length",
+            h1::itoa(body.len() as u64).as_bytes(),
+        );
+        put_connection(&mut self.wbuf, keep, http10);
+        self.wbuf.extend_from_slice(b"\r\n");
+        if method != "HEAD" {
+            self.wbuf.extend_from_slice(body);
+        }
+        if self.stream.write_all(&self.wbuf).await.is_err() || !keep {
+            return (Outcome::Close, head_len);
+        }
+        (Outcome::KeepAlive, head_len)
+    }
+
+    /// Forwards a request to a server of `pool` and its response back.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
-        &self,
-        req: Request<Incoming>,
+        &mut self,
+        req: &httparse::Request<'_, '_>,
+        buf: &[u8],
+        head_len: usize,
+        f: &Forwarded<'_>,
         route: &Route,
         pool: &Arc<Pool>,
-        strip_prefix: bool,
-        host: Option<&str>,
-        host_header: Option<&HeaderValue>,
-    ) -> (Response<Body>, Option<SocketAddr>) {
-        let path_and_query = |uri: &http::Uri| {
-            let path = uri.path();
-            let path = if strip_prefix {
-                router::strip(&route.prefix, path)
-            } else {
-                path.to_owned()
-            };
-            match uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
-            }
-        };
-        if let Some(upgrade) = websocket::upgrade_protocol(&req) {
-            let path_and_query = path_and_query(req.uri());
-            return websocket::forward(
-                req,
-                upgrade,
-                path_and_query,
-                route.timeout,
-                pool,
-                self.0.peer,
-                host,
-                &self.0.ctx.stats,
-                &self.0.shutdown,
-            )
-            .await;
-        }
-        let (parts, body) = req.into_parts();
-        let mut headers = parts.headers;
-        remove_hop_by_hop(&mut headers);
-        self.0.add_forwarded(&mut headers, host_header, host);
-        // hyper's client connections need a `Host`; without the client's,
-        // the server's address (as the pooled client used to do).
-        let needs_host = !headers.contains_key(header::HOST);
-        // Origin form: the path (stripped or not) and the query.
-        let uri = if !strip_prefix && parts.uri.authority().is_none() {
-            parts.uri
+        strip: Option<&str>,
+    ) -> Forwarding {
+        let upgrade = if f.fields.upgrade {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("upgrade"))
+                .map(|h| h.value)
         } else {
-            match path_and_query(&parts.uri).parse::<http::Uri>() {
-                Ok(u) => u,
-                Err(_) => return (simple(StatusCode::BAD_REQUEST, "bad request\n"), None),
-            }
+            None
         };
-        // A request without a body can be sent again to another server if
-        // connecting fails (nothing reached the first one).
-        let retryable = body.is_end_stream();
-        let mut up = Request::new(RequestBody::Client(body));
-        *up.method_mut() = parts.method;
-        *up.uri_mut() = uri;
-        *up.headers_mut() = headers;
-        let mut tried = Vec::new();
-        loop {
+        let mut done = Forwarding {
+            outcome: Outcome::Close,
+            used: head_len,
+            status: 502,
+            server: None,
+        };
+        // A request whose body has not been read yet cannot be sent twice;
+        // one without a body can go to another server if connecting fails,
+        // and again on a new connection if a reused one turns out closed
+        // before any response (for methods that are safe to repeat).
+        let retryable = f.framing == Framing::None;
+        let idempotent = matches!(
+            f.method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        );
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let (mut conn, server, in_flight, resp_head) = loop {
             let Some(server) = pool.pick(&tried) else {
-                return (simple(StatusCode::BAD_GATEWAY, "bad gateway\n"), None);
+                return self.fail(done, StatusCode::BAD_GATEWAY).await;
             };
             tried.push(server.addr);
-            if needs_host {
-                if let Ok(v) = HeaderValue::from_str(&server.addr.to_string()) {
-                    up.headers_mut().insert(header::HOST, v);
-                }
-            }
+            done.server = Some(server.addr);
             let in_flight = server.begin();
-            let result = tokio::time::timeout(route.timeout, self.attempt(server.addr, up)).await;
-            drop(in_flight);
-            match result {
-                Err(_) => {
-                    tracing::warn!(server = %server.addr, timeout = ?route.timeout, "upstream timed out");
-                    return (
-                        simple(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n"),
-                        Some(server.addr),
-                    );
-                }
-                Ok(Ok((resp, conn))) => {
-                    let (mut parts, body) = resp.into_parts();
-                    remove_hop_by_hop(&mut parts.headers);
-                    let body = UpstreamBody::new(body, conn, self.0.clone());
-                    return (
-                        Response::from_parts(parts, body.boxed_unsync()),
-                        Some(server.addr),
-                    );
-                }
-                Ok(Err(Attempt::Connect(req, error))) => {
+            let deadline = Instant::now() + route.timeout;
+            let mut conn = match self.checkout(server.addr).await {
+                Ok(c) => c,
+                Err(error) => {
                     server.mark_failed(pool.fail_timeout, &error);
                     if retryable && tried.len() < pool.servers.len() {
-                        up = *req;
                         continue;
                     }
                     tracing::warn!(server = %server.addr, error, "upstream request failed");
-                    return (
-                        simple(StatusCode::BAD_GATEWAY, "bad gateway\n"),
-                        Some(server.addr),
-                    );
+                    return self.fail(done, StatusCode::BAD_GATEWAY).await;
                 }
-                Ok(Err(Attempt::Failed(error))) => {
+            };
+            // A reused connection the upstream closed just now fails
+            // without a byte of response; repeat once on a new one.
+            let mut fresh_retry = retryable && idempotent;
+            let result = loop {
+                self.upstream_head(req, f, strip, upgrade, conn.addr);
+                let sent = self
+                    .send_request(&mut conn, buf, head_len, f, deadline)
+                    .await;
+                let r = match sent {
+                    Ok(used) => {
+                        done.used = used;
+                        self.response_head(&mut conn, deadline, f).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Err(Upstream::Closed) if conn.reused && fresh_retry => {
+                        fresh_retry = false;
+                        match UpstreamConn::connect(conn.addr, CONNECT_TIMEOUT).await {
+                            Ok(c) => conn = c,
+                            Err(e) => break Err(Upstream::Failed(e)),
+                        }
+                    }
+                    r => break r,
+                }
+            };
+            match result {
+                Ok(head) => break (conn, server, in_flight, head),
+                Err(Upstream::Client) => return self.fail(done, StatusCode::BAD_REQUEST).await,
+                Err(Upstream::TimedOut) => {
+                    tracing::warn!(server = %server.addr, timeout = ?route.timeout, "upstream timed out");
+                    return self.fail(done, StatusCode::GATEWAY_TIMEOUT).await;
+                }
+                Err(Upstream::Closed) => {
+                    let error = "the upstream closed the connection before responding";
+                    server.mark_failed(pool.fail_timeout, error);
+                    tracing::warn!(server = %server.addr, error, "upstream request failed");
+                    return self.fail(done, StatusCode::BAD_GATEWAY).await;
+                }
+                Err(Upstream::Failed(error)) => {
                     server.mark_failed(pool.fail_timeout, &error);
                     tracing::warn!(server = %server.addr, error, "upstream request failed");
-                    return (
-                        simple(StatusCode::BAD_GATEWAY, "bad gateway\n"),
-                        Some(server.addr),
-                    );
+                    return self.fail(done, StatusCode::BAD_GATEWAY).await;
                 }
+            }
+        };
+        drop(server);
+        done.status = resp_head.status;
+        conn.buf.advance(resp_head.len);
+        if resp_head.status == 101 {
+            if upgrade.is_none() {
+                tracing::warn!(server = %conn.addr, "upstream switched protocols unasked");
+                return self.fail(done, StatusCode::BAD_GATEWAY).await;
+            }
+            if self.stream.write_all(&self.wbuf).await.is_err() {
+                done.outcome = Outcome::Close;
+                return done;
+            }
+            let websocket = upgrade.is_some_and(|p| p.eq_ignore_ascii_case(b"websocket"));
+            done.outcome = Outcome::Upgraded(Upgraded {
+                conn,
+                in_flight,
+                websocket,
+            });
+            return done;
+        }
+        done.outcome = self.relay_response(conn, resp_head, f).await;
+        drop(in_flight);
+        done
+    }
+
+    /// Answers `status` when nothing of a response has been sent, and
+    /// closes (the request's body may be half read).
+    async fn fail(&mut self, mut done: Forwarding, status: StatusCode) -> Forwarding {
+        done.status = status.as_u16();
+        let body: &[u8] = match status {
+            StatusCode::BAD_GATEWAY => b"bad gateway\n",
+            StatusCode::GATEWAY_TIMEOUT => b"gateway timeout\n",
+            _ => b"bad request\n",
+        };
+        self.wbuf.clear();
+        h1::put_response(
+            &mut self.wbuf,
+            status,
+            b"text/plain; charset=utf-8",
+            body,
+            true,
+        );
+        let _ = self.stream.write_all(&self.wbuf).await;
+        done.outcome = Outcome::Close;
+        done
+    }
+
+    /// An idle connection of this client connection, else one from the
+    /// shared pool, else a new one.
+    async fn checkout(&mut self, addr: SocketAddr) -> Result<UpstreamConn, String> {
+        let now = std::time::Instant::now();
+        while let Some(i) = self.local.iter().position(|c| c.addr == addr) {
+            let c = self.local.swap_remove(i);
+            if c.usable(now) {
+                return Ok(c);
+            }
+        }
+        if let Some(c) = self.ctx.idle.take(addr) {
+            return Ok(c);
+        }
+        UpstreamConn::connect(addr, CONNECT_TIMEOUT).await
+    }
+
+    /// Writes the upstream request head into `wbuf`.
+    fn upstream_head(
+        &mut self,
+        req: &httparse::Request<'_, '_>,
+        f: &Forwarded<'_>,
+        strip: Option<&str>,
+        upgrade: Option<&[u8]>,
+        server: SocketAddr,
+    ) {
+        let out = &mut self.wbuf;
+        out.clear();
+        out.extend_from_slice(f.method.as_bytes());
+        out.push(b' ');
+        if strip.is_some() || f.absolute {
+            let path = match strip {
+                Some(prefix) => std::borrow::Cow::Owned(router::strip(prefix, f.path)),
+                None => std::borrow::Cow::Borrowed(f.path),
+            };
+            out.extend_from_slice(if path.is_empty() {
+                b"/"
+            } else {
+                path.as_bytes()
+            });
+            if let Some(q) = f.query {
+                out.push(b'?');
+                out.extend_from_slice(q.as_bytes());
+            }
+        } else {
+            out.extend_from_slice(f.target.as_bytes());
+        }
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        // Allocates only when `Connection` names other fields.
+        let listed = h1::connection_listed(req.headers);
+        let mut xff: Option<Vec<u8>> = None;
+        for h in req.headers.iter() {
+            let name = h.name;
+            if h1::is_hop_by_hop(name)
+                || name.eq_ignore_ascii_case("x-forwarded-proto")
+                || name.eq_ignore_ascii_case("expect")
+                || listed
+                    .iter()
+                    .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
+            {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("x-forwarded-for") {
+                let v = xff.get_or_insert_with(Vec::new);
+                if !v.is_empty() {
+                    v.extend_from_slice(b", ");
+                }
+                v.extend_from_slice(h.value);
+                continue;
+            }
+            h1::put_header(out, name.as_bytes(), h.value);
+        }
+        if !f.host_field {
+            match f.host {
+                Some(h) => h1::put_header(out, b"host", h.as_bytes()),
+                None => {
+                    out.extend_from_slice(b"host: ");
+                    out.extend_from_slice(server.to_string().as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prev) = xff {
+            out.extend_from_slice(&prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(self.peer_text.as_bytes());
+        out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nforwarded: for=");
+        out.extend_from_slice(self.forwarded_node.as_bytes());
+        out.extend_from_slice(b";proto=http");
+        if let Some(host) = f.host.filter(|h| !h.contains('"') && !h.contains('\\')) {
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(host.as_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(b"\r\n");
+        if f.framing == Framing::Chunked {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if let Some(p) = upgrade {
+            out.extend_from_slice(b"connection: upgrade\r\n");
+            h1::put_header(out, b"upgrade", p);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends `wbuf` (the head) and the request body; returns how much of
+    /// `buf` the request used (head and body).
+    async fn send_request(
+        &mut self,
+        conn: &mut UpstreamConn,
+        buf: &[u8],
+        head_len: usize,
+        f: &Forwarded<'_>,
+        deadline: Instant,
+    ) -> Result<usize, Upstream> {
+        let rest = &buf[head_len..];
+        self.timer.set(deadline);
+        match f.framing {
+            Framing::None | Framing::Close => {
+                self.write_upstream(conn).await?;
+                Ok(head_len)
+            }
+            Framing::Length(n) => {
+                let have = usize::try_from(n).unwrap_or(usize::MAX).min(rest.len());
+                self.wbuf.extend_from_slice(&rest[..have]);
+                let mut left = n - have as u64;
+                if left > 0 && f.fields.expect_continue && !f.http10 {
+                    self.continue_client().await?;
+                }
+                self.write_upstream(conn).await?;
+                while left > 0 {
+                    let want = usize::try_from(left).unwrap_or(usize::MAX).min(COPY_BUF);
+                    let got = self.read_client_body(want).await?;
+                    left -= got as u64;
+                    self.wbuf.clear();
+                    self.wbuf.extend_from_slice(&self.copy[..got]);
+                    self.write_upstream(conn).await?;
+                }
+                Ok(head_len + have)
+            }
+            Framing::Chunked => {
+                let mut scanner = ChunkedScanner::default();
+                let have = scanner.feed(rest, |_| {}).map_err(|_| Upstream::Client)?;
+                self.wbuf.extend_from_slice(&rest[..have]);
+                if !scanner.is_done() && f.fields.expect_continue && !f.http10 {
+                    self.continue_client().await?;
+                }
+                self.write_upstream(conn).await?;
+                while !scanner.is_done() {
+                    let got = self.read_client_body(COPY_BUF).await?;
+                    let body = scanner
+                        .feed(&self.copy[..got], |_| {})
+                        .map_err(|_| Upstream::Client)?;
+                    self.wbuf.clear();
+                    self.wbuf.extend_from_slice(&self.copy[..body]);
+                    // Bytes after the body start the next request.
+                    self.rbuf.extend_from_slice(&self.copy[body..got]);
+                    self.write_upstream(conn).await?;
+                }
+                Ok(head_len + have)
             }
         }
     }
 
-    /// One attempt on `addr`: an idle connection of this client connection,
-    /// else one from the shared idle pool, else a new one. A reused
-    /// connection found closed, or that closed before the request left, is
-    /// replaced (nothing reached the upstream).
-    async fn attempt(
-        &self,
-        addr: SocketAddr,
-        mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, UpstreamConn), Attempt> {
-        loop {
-            let reused = self
-                .0
-                .local
-                .take(addr)
-                .or_else(|| self.0.ctx.idle.take(addr));
-            let (mut conn, reused) = match reused {
-                Some(mut c) => {
-                    if !c.ready().await {
-                        continue;
-                    }
-                    (c, true)
+    /// `100 Continue` to a client that waits for it before its body.
+    async fn continue_client(&mut self) -> Result<(), Upstream> {
+        self.stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|_| Upstream::Client)
+    }
+
+    /// Reads up to `max` bytes of request body into `copy`.
+    async fn read_client_body(&mut self, max: usize) -> Result<usize, Upstream> {
+        self.copy.resize(max.max(1), 0);
+        let n = tokio::select! {
+            r = self.stream.read(&mut self.copy[..max]) => r.map_err(|_| Upstream::Client)?,
+            _ = self.timer.fired() => return Err(Upstream::TimedOut),
+        };
+        if n == 0 {
+            return Err(Upstream::Client);
+        }
+        self.last_read = Instant::now();
+        Ok(n)
+    }
+
+    async fn write_upstream(&mut self, conn: &mut UpstreamConn) -> Result<(), Upstream> {
+        tokio::select! {
+            r = conn.stream.write_all(&self.wbuf) => r.map_err(|e| {
+                if conn.reused && is_closed(&e) {
+                    Upstream::Closed
+                } else {
+                    Upstream::Failed(format!("write: {e}"))
                 }
-                None => match UpstreamConn::connect(addr, CONNECT_TIMEOUT).await {
-                    Ok(mut c) => {
-                        // A new connection is ready at once; this only
-                        // notices one the server closed straight away.
-                        if !c.ready().await {
-                            return Err(Attempt::Failed(
-                                "the upstream closed the new connection".to_owned(),
-                            ));
+            }),
+            _ = self.timer.fired() => Err(Upstream::TimedOut),
+        }
+    }
+
+    /// Reads the response head (skipping `100 Continue` and other interim
+    /// responses) into `conn.buf`, and writes the client's response head
+    /// into `wbuf`.
+    async fn response_head(
+        &mut self,
+        conn: &mut UpstreamConn,
+        deadline: Instant,
+        f: &Forwarded<'_>,
+    ) -> Result<ResponseHead, Upstream> {
+        self.timer.set(deadline);
+        let mut got_any = false;
+        loop {
+            if !conn.buf.is_empty() {
+                let mut headers =
+                    [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut []);
+                let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                    &mut resp,
+                    &conn.buf,
+                    &mut headers,
+                );
+                match parsed {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let status = resp.code.unwrap_or(0);
+                        if (100..200).contains(&status) && status != 101 {
+                            conn.buf.advance(n);
+                            continue;
                         }
-                        (c, false)
+                        let fields = Fields::of(resp.headers)
+                            .map_err(|e| Upstream::Failed(format!("response: {e}")))?;
+                        let draining = self.shutdown.is_draining();
+                        let persist = client_head(&mut self.wbuf, &resp, &fields, f, draining);
+                        return Ok(ResponseHead {
+                            len: n,
+                            status,
+                            http10: resp.version == Some(0),
+                            fields,
+                            persist,
+                        });
                     }
-                    Err(e) => return Err(Attempt::Connect(Box::new(req), e)),
-                },
-            };
-            match conn.send(req).await {
-                Ok(resp) => return Ok((resp, conn)),
-                Err(SendError::NotSent(r, _)) if reused => req = *r,
-                Err(SendError::NotSent(_, e)) | Err(SendError::Failed(e)) => {
-                    return Err(Attempt::Failed(error_chain(&e)))
+                    Ok(httparse::Status::Partial) if conn.buf.len() <= h1::MAX_HEAD => {}
+                    Ok(httparse::Status::Partial) => {
+                        return Err(Upstream::Failed(format!(
+                            "response: {}",
+                            Malformed::TooLarge
+                        )))
+                    }
+                    Err(e) => return Err(Upstream::Failed(format!("response: {e}"))),
                 }
             }
+            conn.buf.reserve(READ_BUF);
+            let r = tokio::select! {
+                r = conn.stream.read_buf(&mut conn.buf) => r,
+                _ = self.timer.fired() => return Err(Upstream::TimedOut),
+            };
+            match r {
+                Ok(0) if !got_any => return Err(Upstream::Closed),
+                Ok(0) => return Err(Upstream::Failed("response cut short".to_owned())),
+                Err(e) if !got_any && is_closed(&e) => return Err(Upstream::Closed),
+                Err(e) => return Err(Upstream::Failed(format!("read: {e}"))),
+                Ok(_) => got_any = true,
+            }
+        }
+    }
+
+    /// Copies the response to the client; the upstream connection goes
+    /// back to this client connection if it can carry another request.
+    async fn relay_response(
+        &mut self,
+        mut conn: UpstreamConn,
+        head: ResponseHead,
+        f: &Forwarded<'_>,
+    ) -> Outcome {
+        let persist = head.persist;
+        let framing = head.fields.response_framing(f.method, head.status);
+        let upstream_keep = if head.http10 {
+            head.fields.keep_alive
+        } else {
+            !head.fields.close
+        };
+        // The body: what came with the head goes out in the same write.
+        let complete = match framing {
+            Framing::None => {
+                if self.stream.write_all(&self.wbuf).await.is_err() {
+                    return Outcome::Close;
+                }
+                true
+            }
+            Framing::Length(n) => {
+                let have = usize::try_from(n).unwrap_or(usize::MAX).min(conn.buf.len());
+                self.wbuf.extend_from_slice(&conn.buf[..have]);
+                conn.buf.advance(have);
+                let mut left = n - have as u64;
+                if self.stream.write_all(&self.wbuf).await.is_err() {
+                    return Outcome::Close;
+                }
+                while left > 0 {
+                    conn.buf.reserve(COPY_BUF);
+                    let got = match conn.stream.read_buf(&mut conn.buf).await {
+                        Ok(0) | Err(_) => return Outcome::Close,
+                        Ok(g) => g,
+                    };
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(got);
+                    if self.stream.write_all(&conn.buf[..take]).await.is_err() {
+                        return Outcome::Close;
+                    }
+                    conn.buf.advance(take);
+                    left -= take as u64;
+                }
+                true
+            }
+            Framing::Chunked => {
+                let decode = f.http10;
+                let mut scanner = ChunkedScanner::default();
+                loop {
+                    let avail = conn.buf.len();
+                    let used = if decode {
+                        let out = &mut self.wbuf;
+                        scanner.feed(&conn.buf[..avail], |d| out.extend_from_slice(d))
+                    } else {
+                        let used = scanner.feed(&conn.buf[..avail], |_| {});
+                        if let Ok(u) = used {
+                            self.wbuf.extend_from_slice(&conn.buf[..u]);
+                        }
+                        used
+                    };
+                    let Ok(used) = used else {
+                        return Outcome::Close;
+                    };
+                    conn.buf.advance(used);
+                    if self.stream.write_all(&self.wbuf).await.is_err() {
+                        return Outcome::Close;
+                    }
+                    self.wbuf.clear();
+                    if scanner.is_done() {
+                        break;
+                    }
+                    conn.buf.reserve(COPY_BUF);
+                    match conn.stream.read_buf(&mut conn.buf).await {
+                        Ok(0) | Err(_) => return Outcome::Close,
+                        Ok(_) => {}
+                    }
+                }
+                true
+            }
+            Framing::Close => {
+                self.wbuf.extend_from_slice(&conn.buf);
+                conn.buf.clear();
+                if self.stream.write_all(&self.wbuf).await.is_err() {
+                    return Outcome::Close;
+                }
+                loop {
+                    conn.buf.reserve(COPY_BUF);
+                    match conn.stream.read_buf(&mut conn.buf).await {
+                        Ok(0) => break,
+                        Err(_) => return Outcome::Close,
+                        Ok(_) => {}
+                    }
+                    if self.stream.write_all(&conn.buf).await.is_err() {
+                        return Outcome::Close;
+                    }
+                    conn.buf.clear();
+                }
+                false
+            }
+        };
+        // Bytes past the response mean the upstream is out of step.
+        if complete && upstream_keep && conn.buf.is_empty() {
+            conn.idle();
+            if self.local.len() < MAX_LOCAL_IDLE {
+                self.local.push(conn);
+            } else {
+                self.ctx.idle.put([conn]);
+            }
+        }
+        if persist {
+            Outcome::KeepAlive
+        } else {
+            Outcome::Close
         }
     }
 }
 
-/// How an attempt failed.
-enum Attempt {
-    /// Connecting failed: the request (handed back) reached nobody.
-    Connect(Box<Request<RequestBody>>, String),
-    /// The request failed on the connection (the error chain).
+/// Writes the client's response head into `out`; returns whether the
+/// client connection persists after the response (`101`: the head keeps
+/// `Upgrade` and says `Connection: upgrade`).
+fn client_head(
+    out: &mut Vec<u8>,
+    resp: &httparse::Response<'_, '_>,
+    fields: &Fields,
+    f: &Forwarded<'_>,
+    draining: bool,
+) -> bool {
+    let status = resp.code.unwrap_or(0);
+    let framing = fields.response_framing(f.method, status);
+    out.clear();
+    h1::put_status_line(out, status, resp.reason.unwrap_or(""));
+    let switching = status == 101;
+    // Allocates only when `Connection` names other fields.
+    let listed = h1::connection_listed(resp.headers);
+    for h in resp.headers.iter() {
+        let name = h.name;
+        if switching && name.eq_ignore_ascii_case("upgrade") {
+            h1::put_header(out, name.as_bytes(), h.value);
+            continue;
+        }
+        if h1::is_hop_by_hop(name)
+            || (fields.transfer_encoding && name.eq_ignore_ascii_case("content-length"))
+            || listed
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
+        {
+            continue;
+        }
+        h1::put_header(out, name.as_bytes(), h.value);
+    }
+    if switching {
+        out.extend_from_slice(b"connection: upgrade\r\n\r\n");
+        return false;
+    }
+    let persist = f.client_keep
+        && !draining
+        && match framing {
+            Framing::Close => false,
+            Framing::Chunked => !f.http10,
+            _ => true,
+        };
+    if framing == Framing::Chunked && !f.http10 {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    put_connection(out, persist, f.http10);
+    out.extend_from_slice(b"\r\n");
+    persist
+}
+
+/// `Connection` for the client: `close` if the connection ends after the
+/// response, `keep-alive` for an HTTP/1.0 client it persists for.
+fn put_connection(out: &mut Vec<u8>, keep: bool, http10: bool) {
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+}
+
+fn is_closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// A request being forwarded, as read from the client.
+struct Forwarded<'a> {
+    method: &'a str,
+    /// The request target as sent.
+    target: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    /// The target was in absolute form.
+    absolute: bool,
+    host: Option<&'a str>,
+    /// The client sent a `Host` field.
+    host_field: bool,
+    http10: bool,
+    /// The client wants the connection kept.
+    client_keep: bool,
+    framing: Framing,
+    fields: &'a Fields,
+}
+
+/// How forwarding went.
+struct Forwarding {
+    outcome: Outcome,
+    /// Bytes of the client's buffer the request used.
+    used: usize,
+    status: u16,
+    server: Option<SocketAddr>,
+}
+
+/// An upstream response head, parsed (its bytes lead `conn.buf`).
+struct ResponseHead {
+    len: usize,
+    status: u16,
+    http10: bool,
+    fields: Fields,
+    /// The client connection persists after the response.
+    persist: bool,
+}
+
+/// Why an exchange with the upstream failed.
+enum Upstream {
+    /// The client went away or sent a malformed body.
+    Client,
+    /// No response head within the route's timeout.
+    TimedOut,
+    /// A reused connection turned out closed before any response.
+    Closed,
+    /// Anything else (the upstream may have seen the request).
     Failed(String),
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+/// One timer per client connection, moved lazily: setting a later
+/// deadline does not touch the timer wheel (the timer fires early, sees
+/// the deadline has moved, and sleeps again), so a request costs no timer
+/// operation in the common case.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    want: Instant,
 }
 
-/// The `Host` header, else the authority of an absolute-form target.
-pub fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-}
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
-/// `Connection`.
-pub fn remove_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        h.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
-}
-
-/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets
-/// `X-Forwarded-Proto: http`.
-pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, host: Option<&str>) {
-    let ip = client.to_string();
-    let previous: Vec<String> = h
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    let xff = if previous.is_empty() {
-        ip.clone()
-    } else {
-        format!("{}, {ip}", previous.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
-    }
-    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    add_forwarded_only(h, client, host);
-}
-
-/// Appends the client to `Forwarded`.
-fn add_forwarded_only(h: &mut HeaderMap, client: IpAddr, host: Option<&str>) {
-    if let Some(v) = forwarded_value(client, host) {
-        h.append(header::FORWARDED, v);
-    }
-}
-
-/// `for=IP;proto=http;host="HOST"`.
-fn forwarded_value(client: IpAddr, host: Option<&str>) -> Option<HeaderValue> {
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    let mut fwd = format!("for={node};proto=http");
-    if let Some(host) = host.filter(|h| !h.contains('"') && !h.contains('\\')) {
-        fwd.push_str(&format!(";host=\"{host}\""));
-    }
-    HeaderValue::from_str(&fwd).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarded_headers_append() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), Some("a.example"));
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(
-            h["forwarded"],
-            "for=127.0.0.1;proto=http;host=\"a.example\""
-        );
-        let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "::1".parse().unwrap(), None);
-        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+impl Timer {
+    fn new(deadline: Instant) -> Self {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            want: deadline,
+        }
     }
 
-    #[test]
-    fn hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("x-kept"));
+    /// Fires at `deadline` from now on.
+    fn set(&mut self, deadline: Instant) {
+        self.want = deadline;
+        if deadline < self.sleep.deadline() {
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+
+    /// Resolves once the deadline has passed.
+    async fn fired(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            if Instant::now() >= self.want {
+                return;
+            }
+            let want = self.want;
+            self.sleep.as_mut().reset(want);
+        }
     }
 }

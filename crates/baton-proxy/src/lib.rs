@@ -30,6 +30,7 @@
 pub mod config;
 pub mod conn;
 pub mod forward;
+pub mod h1;
 pub mod listener;
 mod proxy;
 pub mod router;

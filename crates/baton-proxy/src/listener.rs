@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ListenerConfig, Protocol};
-use crate::forward::{HttpContext, ProxyService, CONNECT_TIMEOUT};
+use crate::forward::{HttpContext, CONNECT_TIMEOUT};
 use crate::upstream::Pool;
 
 /// Counters of one listener, shown in `status`.
@@ -250,12 +250,9 @@ async fn accept(
 async fn accept_http(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: baton::Shutdown) {
     while let Some((io, peer)) = accept(&listener, &shutdown).await {
         let guard = ctx.stats.connection();
-        let svc = ProxyService::new(ctx.clone(), peer, shutdown.clone());
+        let ctx = ctx.clone();
         let handle = shutdown.clone();
-        shutdown.spawn(async move {
-            let _guard = guard;
-            baton::http::serve_connection(io, svc, handle).await;
-        });
+        shutdown.spawn(crate::forward::serve(io, peer, ctx, handle, guard));
     }
     // The listening socket closes here.
     drop(listener);

@@ -1,161 +1,17 @@
 //! Upgrade pass-through (WebSocket and any other `Upgrade` protocol).
 //!
-//! The handshake goes to the upstream on a dedicated connection; on `101`
-//! both sides are spliced byte for byte in a task the listener's drain
-//! tracks. It runs until either side closes, or until the drain timeout
+//! The handshake is forwarded like any request ([`crate::forward`]); on
+//! `101` both sides are spliced byte for byte in the client connection's
+//! task, which the listener's drain tracks. It runs until either side
+//! closes, or until the drain timeout
 //! (`expired`): then a WebSocket client gets a close frame with status 1001
 //! (going away) and the upstream a masked one, each only if its stream is at
 //! a frame boundary (a frame cut in half would corrupt the stream), and
 //! both connections are closed.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-use crate::forward::{self, Body, CONNECT_TIMEOUT};
-use crate::listener::ListenerStats;
-use crate::upstream::Pool;
-
-/// The requested `Upgrade` protocol, if this is an upgrade request
-/// (`Connection: upgrade` and an `Upgrade` header).
-pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
-    let wants = req
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !wants {
-        return None;
-    }
-    req.headers().get(header::UPGRADE).cloned()
-}
-
-/// Forwards an upgrade request and, on `101`, splices the two connections.
-#[allow(clippy::too_many_arguments)]
-pub async fn forward(
-    mut req: Request<Incoming>,
-    protocol: HeaderValue,
-    path_and_query: String,
-    timeout: Duration,
-    pool: &Arc<Pool>,
-    peer: SocketAddr,
-    host: Option<&str>,
-    stats: &Arc<ListenerStats>,
-    shutdown: &baton::Shutdown,
-) -> (Response<Body>, Option<SocketAddr>) {
-    let is_websocket = protocol
-        .to_str()
-        .map(|p| p.eq_ignore_ascii_case("websocket"))
-        .unwrap_or(false);
-    let client_upgrade = hyper::upgrade::on(&mut req);
-    let (parts, body) = req.into_parts();
-    let mut headers = parts.headers;
-    forward::remove_hop_by_hop(&mut headers);
-    forward::add_forwarded(&mut headers, peer.ip(), host);
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, protocol);
-
-    // Connect: a failure here sent nothing, so the next server may be tried.
-    let mut tried = Vec::new();
-    let (server, stream) = loop {
-        let Some(server) = pool.pick(&tried) else {
-            return (
-                forward::simple(StatusCode::BAD_GATEWAY, "bad gateway\n"),
-                None,
-            );
-        };
-        tried.push(server.addr);
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(server.addr))
-            .await
-        {
-            Ok(Ok(s)) => break (server, s),
-            Ok(Err(e)) => server.mark_failed(pool.fail_timeout, &format!("connect: {e}")),
-            Err(_) => server.mark_failed(pool.fail_timeout, "connect timed out"),
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    let addr = server.addr;
-    let bad_gateway = || {
-        (
-            forward::simple(StatusCode::BAD_GATEWAY, "bad gateway\n"),
-            Some(addr),
-        )
-    };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(x) => x,
-        Err(_) => return bad_gateway(),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream upgrade connection error");
-        }
-    });
-    let mut up = Request::new(body);
-    *up.method_mut() = parts.method;
-    *up.uri_mut() = match path_and_query.parse() {
-        Ok(u) => u,
-        Err(_) => return bad_gateway(),
-    };
-    *up.headers_mut() = headers;
-    let mut resp = match tokio::time::timeout(timeout, sender.send_request(up)).await {
-        Err(_) => {
-            return (
-                forward::simple(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n"),
-                Some(addr),
-            )
-        }
-        Ok(Err(e)) => {
-            server.mark_failed(pool.fail_timeout, &e.to_string());
-            return bad_gateway();
-        }
-        Ok(Ok(r)) => r,
-    };
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The upstream declined: pass its answer on.
-        let (mut parts, body) = resp.into_parts();
-        forward::remove_hop_by_hop(&mut parts.headers);
-        return (
-            Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body)),
-            Some(addr),
-        );
-    }
-    let upstream_upgrade = hyper::upgrade::on(&mut resp);
-    let (parts, _) = resp.into_parts();
-    let guard = stats.upgraded();
-    let in_flight = server.begin();
-    let task_shutdown = shutdown.clone();
-    shutdown.spawn(async move {
-        let _guards = (guard, in_flight);
-        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
-            (Ok(c), Ok(u)) => (c, u),
-            (c, u) => {
-                tracing::debug!(
-                    client_ok = c.is_ok(),
-                    upstream_ok = u.is_ok(),
-                    "upgrade did not complete"
-                );
-                return;
-            }
-        };
-        splice(
-            TokioIo::new(client),
-            TokioIo::new(upstream),
-            is_websocket,
-            &task_shutdown,
-        )
-        .await;
-    });
-    (Response::from_parts(parts, forward::empty()), Some(addr))
-}
 
 /// Close frame from server to client: FIN + close opcode, 2-byte payload
 /// 1001 (going away), unmasked.
@@ -167,9 +23,17 @@ fn close_to_server() -> [u8; 8] {
     [0x88, 0x82, m[0], m[1], m[2], m[3], 0x03 ^ m[0], 0xE9 ^ m[1]]
 }
 
-/// Copies both ways until both sides are done, or `expired`.
-pub async fn splice<C, U>(client: C, upstream: U, websocket: bool, shutdown: &baton::Shutdown)
-where
+/// Copies both ways until both sides are done, or `expired`. `to_upstream`
+/// and `to_client` are bytes already read from the other side (sent after
+/// the handshake), written first.
+pub async fn splice<C, U>(
+    client: C,
+    upstream: U,
+    websocket: bool,
+    shutdown: &baton::Shutdown,
+    first_to_upstream: &[u8],
+    first_to_client: &[u8],
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -177,6 +41,20 @@ where
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let mut to_upstream = FrameCursor::default();
     let mut to_client = FrameCursor::default();
+    let first = async {
+        uw.write_all(first_to_upstream).await?;
+        to_upstream.feed(first_to_upstream);
+        cw.write_all(first_to_client).await?;
+        to_client.feed(first_to_client);
+        std::io::Result::Ok(())
+    };
+    let first = tokio::select! {
+        r = first => r.is_ok(),
+        _ = shutdown.expired() => false,
+    };
+    if !first {
+        return;
+    }
     let expired = {
         let a = pump(&mut cr, &mut uw, &mut to_upstream);
         let b = pump(&mut ur, &mut cw, &mut to_client);
