@@ -4,6 +4,7 @@
 
 mod check;
 mod health;
+mod http1;
 mod reload;
 mod routing;
 mod tcp;

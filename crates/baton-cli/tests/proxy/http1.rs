@@ -1,0 +1,469 @@
+//! HTTP/1.x message handling: request and response bodies in every
+//! framing, `100 Continue`, HTTP/1.0 clients, pipelining, hop-by-hop fields,
+//! malformed requests, and an upstream that closes idle connections.
+//!
+//! The upstream here is a scripted server on a real socket (a thread in the
+//! test), so the tests see exactly what the proxy sent it and can answer
+//! with exactly the bytes a case needs.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::{web_to_a, Proxy};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request as the upstream received it.
+#[derive(Debug, Clone)]
+struct Seen {
+    line: String,
+    headers: Vec<(String, String)>,
+    /// The body bytes as they came on the wire (chunked coding kept).
+    raw_body: Vec<u8>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the scripted upstream does with the `n`th request on a connection
+/// (from 0): the bytes to answer and whether to close the connection
+/// afterwards, or `None` to close it without answering.
+type Script = fn(&Seen, usize) -> Option<(Vec<u8>, bool)>;
+
+/// Reads one request (head and body, chunked or with a length); `None` at
+/// end of file.
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Seen> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (n, v) = h.split_once(':')?;
+        headers.push((n.trim().to_owned(), v.trim().to_owned()));
+    }
+    let mut seen = Seen {
+        line: line.trim_end().to_owned(),
+        headers,
+        raw_body: Vec::new(),
+    };
+    if seen
+        .header("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).ok()?;
+            seen.raw_body.extend_from_slice(size.as_bytes());
+            let n = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+            let mut data = vec![0; n + 2];
+            r.read_exact(&mut data).ok()?;
+            seen.raw_body.extend_from_slice(&data);
+            if n == 0 {
+                break;
+            }
+        }
+    } else if let Some(n) = seen.header("content-length") {
+        let mut data = vec![0; n.parse().ok()?];
+        r.read_exact(&mut data).ok()?;
+        seen.raw_body = data;
+    }
+    Some(seen)
+}
+
+/// Starts the scripted upstream; every request it receives is sent on the
+/// returned channel.
+fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Seen>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let mut n = 0;
+                while let Some(seen) = read_request(&mut r) {
+                    let action = script(&seen, n);
+                    n += 1;
+                    if tx.send(seen).is_err() {
+                        return;
+                    }
+                    let Some((answer, close)) = action else {
+                        return;
+                    };
+                    if w.write_all(&answer).is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The scripted upstream's answers, by path.
+fn answers(seen: &Seen, _: usize) -> Option<(Vec<u8>, bool)> {
+    Some(answer(seen))
+}
+
+fn answer(seen: &Seen) -> (Vec<u8>, bool) {
+    let path = seen.line.split(' ').nth(1).unwrap_or("");
+    let r: &[u8] = match path {
+        "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
+        "/close" => return (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(), true),
+        "/204" => b"HTTP/1.1 204 No Content\r\n\r\n",
+        "/hop" => b"HTTP/1.1 200 OK\r\nConnection: x-internal\r\nx-internal: secret\r\nkeep-alive: timeout=5\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\nok",
+        "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone",
+        _ => {
+            let body = format!("{} {}", seen.line, seen.raw_body.len());
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            return ([head.as_bytes(), body.as_bytes()].concat(), false);
+        }
+    };
+    (r.to_vec(), false)
+}
+
+fn proxy_to(addr: SocketAddr, tag: &str) -> Proxy {
+    Proxy::start(tag, "", &web_to_a(&[addr]))
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// A response as the client received it.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// The body as on the wire (chunked coding kept).
+    body: Vec<u8>,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response: by `content-length`, chunked, none (`no_body`), or
+/// to end of file.
+fn read_response(r: &mut BufReader<TcpStream>, no_body: bool) -> Got {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (n, v) = h.split_once(':').unwrap();
+        headers.push((n.trim().to_owned(), v.trim().to_owned()));
+    }
+    let mut got = Got {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if no_body || status == 204 || status == 304 || (100..200).contains(&status) {
+        return got;
+    }
+    if got.header("transfer-encoding") == Some("chunked") {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            got.body.extend_from_slice(size.as_bytes());
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
+            if n == 0 {
+                // Trailers, then the empty line.
+                loop {
+                    let mut t = String::new();
+                    r.read_line(&mut t).unwrap();
+                    got.body.extend_from_slice(t.as_bytes());
+                    if t == "\r\n" {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut data = vec![0; n + 2];
+            r.read_exact(&mut data).unwrap();
+            got.body.extend_from_slice(&data);
+        }
+    } else if let Some(n) = got.header("content-length") {
+        let mut data = vec![0; n.parse().unwrap()];
+        r.read_exact(&mut data).unwrap();
+        got.body = data;
+    } else {
+        r.read_to_end(&mut got.body).unwrap();
+    }
+    got
+}
+
+/// Whether the proxy closed the connection (end of file, nothing more).
+fn closed(r: &mut BufReader<TcpStream>) -> bool {
+    let mut rest = Vec::new();
+    matches!(r.read_to_end(&mut rest), Ok(0))
+}
+
+#[test]
+fn request_bodies_by_length_chunked_and_after_100_continue() {
+    let (up, seen) = scripted(answers);
+    let p = proxy_to(up, "h1-bodies");
+    let s = connect(p.addr("web"));
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+
+    // A body larger than any buffer, by length.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    write!(
+        w,
+        "POST /len HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    )
+    .unwrap();
+    w.write_all(&big).unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&got.body),
+        "POST /len HTTP/1.1 300000"
+    );
+    assert_eq!(seen.recv_timeout(TIMEOUT).unwrap().raw_body, big);
+
+    // Chunked: passed on as chunked, byte for byte, on the same connection.
+    let chunked = b"4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\n\r\n";
+    w.write_all(b"POST /chunked-in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    w.write_all(chunked).unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(got.status, 200);
+    let s = seen.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!(s.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(s.raw_body, chunked);
+
+    // Expect: 100-continue: the proxy says continue, then the body flows;
+    // the upstream does not see `Expect`.
+    w.write_all(
+        b"PUT /put HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let interim = read_response(&mut r, true);
+    assert_eq!(interim.status, 100);
+    w.write_all(b"12345").unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(String::from_utf8_lossy(&got.body), "PUT /put HTTP/1.1 5");
+    let s = seen.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!(s.header("expect"), None);
+
+    // An upstream's own interim response is not passed on.
+    w.write_all(b"POST /continue HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!((got.status, &got.body[..]), (201, &b"done"[..]));
+}
+
+#[test]
+fn responses_chunked_close_delimited_bodiless_and_to_http10_clients() {
+    let (up, _seen) = scripted(answers);
+    let p = proxy_to(up, "h1-responses");
+    let web = p.addr("web");
+    let s = connect(web);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+
+    // Chunked stays chunked for an HTTP/1.1 client (its content-length
+    // dropped), trailers included, and the connection stays usable.
+    w.write_all(b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(got.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(got.header("content-length"), None);
+    assert_eq!(
+        got.body,
+        b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n"
+    );
+    // HEAD: headers only; 204: nothing; both keep the connection.
+    w.write_all(b"HEAD /len HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_response(&mut r, true);
+    assert_eq!(got.status, 200);
+    w.write_all(b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r, false).status, 204);
+    // Hop-by-hop fields, and those `Connection` names, are not passed on.
+    w.write_all(b"GET /hop HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(got.header("x-kept"), Some("1"));
+    assert_eq!(got.header("x-internal"), None, "{got:?}");
+    assert_eq!(got.header("keep-alive"), None);
+    assert_eq!(got.body, b"ok");
+    // A body delimited by the upstream's close: passed on, then closed.
+    w.write_all(b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(got.header("connection"), Some("close"));
+    assert_eq!(got.body, b"until the end");
+
+    // HTTP/1.0 client: a chunked response loses its coding (the client
+    // cannot read it) and the connection closes after it.
+    let s = connect(web);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"GET /chunked HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(got.header("transfer-encoding"), None);
+    assert_eq!(got.body, b"hello, world");
+    // HTTP/1.0 with keep-alive and a length: kept, and said so.
+    let s = connect(web);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"GET /a HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(got.header("connection"), Some("keep-alive"));
+    w.write_all(b"GET /b HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(String::from_utf8_lossy(&got.body), "GET /b HTTP/1.1 0");
+    assert!(
+        closed(&mut r),
+        "an HTTP/1.0 request without keep-alive ends the connection"
+    );
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let (up, _seen) = scripted(answers);
+    let p = proxy_to(up, "h1-pipeline");
+    let s = connect(p.addr("web"));
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    for want in [
+        "GET /1 HTTP/1.1 0",
+        "POST /2 HTTP/1.1 3",
+        "GET /3 HTTP/1.1 0",
+    ] {
+        let got = read_response(&mut r, false);
+        assert_eq!(String::from_utf8_lossy(&got.body), want);
+    }
+    assert!(closed(&mut r));
+}
+
+#[test]
+fn malformed_and_ambiguous_requests_are_refused_before_any_upstream() {
+    let (up, seen) = scripted(answers);
+    let p = proxy_to(up, "h1-malformed");
+    let web = p.addr("web");
+    let cases: [(&[u8], u16); 5] = [
+        // Both framings (request smuggling): refused.
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\nabc", 400),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            400,
+        ),
+        (b"GET / HTTP/1.1\r\nHost x\r\n\r\n", 400),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+    ];
+    for (raw, want) in cases {
+        let s = connect(web);
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        w.write_all(raw).unwrap();
+        let got = read_response(&mut r, false);
+        assert_eq!(got.status, want, "{}", String::from_utf8_lossy(raw));
+        assert!(closed(&mut r));
+    }
+    // A head larger than 64 KiB: 431.
+    let s = connect(web);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let _ = write!(
+        w,
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n",
+        "a".repeat(70_000)
+    );
+    let got = read_response(&mut r, false);
+    assert_eq!(got.status, 431);
+    assert!(
+        seen.try_recv().is_err(),
+        "the upstream saw a refused request"
+    );
+}
+
+/// An upstream that closes idle keep-alive connections without saying so:
+/// right after a response (the proxy notices before reusing it), and just
+/// as the next request arrives, unanswered (a keep-alive timeout running
+/// out at that moment: the proxy sends a safe request again on a new
+/// connection). No request fails.
+#[test]
+fn an_upstream_closing_idle_connections_loses_no_request() {
+    fn close_early(seen: &Seen, n: usize) -> Option<(Vec<u8>, bool)> {
+        let path = seen.line.split(' ').nth(1).unwrap_or("");
+        let i: usize = path.trim_start_matches("/n").parse().unwrap_or(0);
+        match n {
+            // A connection's first request is answered; every third one
+            // closes the connection right after.
+            0 => Some((answer(seen).0, i % 3 == 0)),
+            // The next one is left unanswered: the connection closes.
+            _ => None,
+        }
+    }
+    let (up, _seen) = scripted(close_early);
+    let p = proxy_to(up, "h1-idle-close");
+    let s = connect(p.addr("web"));
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    for i in 0..200 {
+        // One write (`write!` would send the pieces one by one).
+        w.write_all(format!("GET /n{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let got = read_response(&mut r, false);
+        assert_eq!(got.status, 200, "request {i}: {got:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&got.body),
+            format!("GET /n{i} HTTP/1.1 0")
+        );
+    }
+    // Nothing was counted as an upstream failure.
+    assert_eq!(
+        p.upstream_server("a", up)["failures"],
+        0,
+        "{}",
+        p.server.stderr()
+    );
+}
