@@ -7,7 +7,9 @@
 //! segments: `/api` matches `/api` and `/api/users` but not `/apix`; a
 //! prefix ending in `/` matches anything below it.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,14 +50,42 @@ pub struct Route {
     pub timeout: Duration,
 }
 
+/// A route in a set keyed by its own prefix: looked up with a `&str`,
+/// without a second copy of the prefix as a map key.
+#[derive(Debug)]
+struct ByPrefix(Route);
+
+impl Borrow<str> for ByPrefix {
+    fn borrow(&self) -> &str {
+        &self.0.prefix
+    }
+}
+
+// Hashes and compares as its prefix does, as `Borrow<str>` requires.
+impl Hash for ByPrefix {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.prefix.as_str().hash(state);
+    }
+}
+
+impl PartialEq for ByPrefix {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.prefix == other.0.prefix
+    }
+}
+
+impl Eq for ByPrefix {}
+
+type Routes = HashSet<ByPrefix>;
+
 /// The routes of one HTTP listener.
 ///
 /// Lookup costs one hash probe per path segment (never a scan of the
 /// routes), so a table of 10,000 routes answers as fast as one of ten.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    hosts: HashMap<String, HashMap<String, Route>>,
-    any: HashMap<String, Route>,
+    hosts: HashMap<String, Routes>,
+    any: Routes,
     len: usize,
 }
 
@@ -68,16 +98,62 @@ impl RouteTable {
         routes: &[RouteConfig],
         pools: &HashMap<String, Arc<Pool>>,
     ) -> RouteTable {
-        let mut table = RouteTable::default();
-        for r in routes.iter().filter(|r| r.listener == listener) {
+        let mine: Vec<&RouteConfig> = routes.iter().filter(|r| r.listener == listener).collect();
+        RouteTable::compile(&mine, pools)
+    }
+
+    /// Compiles the tables of every listener named in `routes` in one pass
+    /// over them (what a reload does: [`build`](Self::build) per listener
+    /// would go over all the routes once per listener).
+    pub fn build_all(
+        routes: &[RouteConfig],
+        pools: &HashMap<String, Arc<Pool>>,
+    ) -> HashMap<String, RouteTable> {
+        let mut by_listener: Vec<(&str, Vec<&RouteConfig>)> = Vec::new();
+        for r in routes {
+            // Routes come grouped by listener, or all on one: the last
+            // group is nearly always the one.
+            match by_listener.iter_mut().rev().find(|(l, _)| *l == r.listener) {
+                Some((_, group)) => group.push(r),
+                None => by_listener.push((&r.listener, vec![r])),
+            }
+        }
+        by_listener
+            .into_iter()
+            .map(|(l, group)| (l.to_owned(), RouteTable::compile(&group, pools)))
+            .collect()
+    }
+
+    // A `ByPrefix` hashes its prefix only, which never changes; the
+    // interior mutability clippy sees is the pool's counters.
+    #[allow(clippy::mutable_key_type)]
+    fn compile(routes: &[&RouteConfig], pools: &HashMap<String, Arc<Pool>>) -> RouteTable {
+        let mut table = RouteTable {
+            hosts: HashMap::new(),
+            // Sized once: growing a set of 10,000 rehashes every prefix again.
+            any: HashSet::with_capacity(routes.iter().filter(|r| r.host.is_none()).count()),
+            len: 0,
+        };
+        // Consecutive routes mostly name the same upstream: look it up once.
+        let mut last_pool: Option<(&str, &Arc<Pool>)> = None;
+        for r in routes {
             let target = match &r.action {
-                Action::Upstream { name, strip_prefix } => match pools.get(name) {
-                    Some(pool) => Target::Upstream {
+                Action::Upstream { name, strip_prefix } => {
+                    let pool = match last_pool {
+                        Some((n, p)) if n == name.as_str() => p,
+                        _ => match pools.get(name) {
+                            Some(p) => {
+                                last_pool = Some((name, p));
+                                p
+                            }
+                            None => continue,
+                        },
+                    };
+                    Target::Upstream {
                         pool: pool.clone(),
                         strip_prefix: *strip_prefix,
-                    },
-                    None => continue,
-                },
+                    }
+                }
                 Action::Respond {
                     status,
                     body,
@@ -89,18 +165,25 @@ impl RouteTable {
                         .unwrap_or(http::HeaderValue::from_static("text/plain")),
                 },
             };
-            let route = Route {
+            let route = ByPrefix(Route {
                 prefix: r.path_prefix.clone(),
                 target,
                 timeout: r.timeout,
-            };
+            });
             let set = match &r.host {
-                Some(h) => table.hosts.entry(h.clone()).or_default(),
+                Some(h) => {
+                    if !table.hosts.contains_key(h.as_str()) {
+                        table.hosts.insert(h.clone(), HashSet::new());
+                    }
+                    match table.hosts.get_mut(h.as_str()) {
+                        Some(set) => set,
+                        None => continue,
+                    }
+                }
                 None => &mut table.any,
             };
             // Validation refuses duplicates; the first one wins otherwise.
-            if !set.contains_key(&r.path_prefix) {
-                set.insert(r.path_prefix.clone(), route);
+            if set.insert(route) {
                 table.len += 1;
             }
         }
@@ -135,12 +218,13 @@ impl RouteTable {
 /// The route with the longest prefix of `path` (on a segment boundary):
 /// tries the whole path, then for each `/` from the last one back, the path
 /// up to and including it (`/api/`), then up to it (`/api`).
-fn longest<'a>(routes: &'a HashMap<String, Route>, path: &str) -> Option<&'a Route> {
+#[allow(clippy::mutable_key_type)] // see `RouteTable::compile`
+fn longest<'a>(routes: &'a Routes, path: &str) -> Option<&'a Route> {
     if routes.is_empty() {
         return None;
     }
     if let Some(r) = routes.get(path) {
-        return Some(r);
+        return Some(&r.0);
     }
     let bytes = path.as_bytes();
     for i in (0..bytes.len()).rev() {
@@ -148,11 +232,11 @@ fn longest<'a>(routes: &'a HashMap<String, Route>, path: &str) -> Option<&'a Rou
             continue;
         }
         if let Some(r) = path.get(..=i).and_then(|p| routes.get(p)) {
-            return Some(r);
+            return Some(&r.0);
         }
         if i > 0 {
             if let Some(r) = path.get(..i).and_then(|p| routes.get(p)) {
-                return Some(r);
+                return Some(&r.0);
             }
         }
     }
@@ -263,6 +347,31 @@ mod tests {
                 .map(|p| p.to_string());
             assert_eq!(body(&t, None, path), brute, "{path}");
         }
+    }
+
+    #[test]
+    fn build_all_gives_each_listener_its_own_routes() {
+        let mut routes = vec![
+            route(None, "/", "web-root"),
+            route(Some("a.example"), "/", "web-a"),
+        ];
+        let mut other = route(None, "/", "admin-root");
+        other.listener = "admin".into();
+        routes.insert(1, other);
+        routes.push(route(None, "/", "duplicate: the first one wins"));
+        let mut all = RouteTable::build_all(&routes, &HashMap::new());
+        assert_eq!(all.len(), 2);
+        let web = all.remove("web").unwrap();
+        let admin = all.remove("admin").unwrap();
+        assert_eq!((web.len(), admin.len()), (2, 1));
+        assert_eq!(body(&web, None, "/x").as_deref(), Some("web-root"));
+        assert_eq!(
+            body(&web, Some("A.example"), "/x").as_deref(),
+            Some("web-a")
+        );
+        assert_eq!(body(&admin, None, "/x").as_deref(), Some("admin-root"));
+        let single = RouteTable::build("web", &routes, &HashMap::new());
+        assert_eq!(single.len(), web.len());
     }
 
     #[test]
