@@ -68,6 +68,38 @@ struct Built {
     tables: HashMap<String, RouteTable>,
 }
 
+/// How far a reload's thread lowers its CPU priority (`nice`).
+const RELOAD_NICE: i32 = 10;
+
+/// Runs `f` on a thread of its own at a low CPU priority
+/// ([`RELOAD_NICE`]): the kernel gives the request-serving threads the CPU
+/// first whenever they have work, so a reload's parse uses the CPU they
+/// leave idle rather than delaying requests (on a machine with no idle CPU
+/// at all, the reload takes longer instead). The result comes back through
+/// the returned future; dropping it does not stop `f`.
+fn in_background<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, ProxyError>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("baton-reload".to_owned())
+        .spawn(move || {
+            // On Linux a thread id names just this thread.
+            let me = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(me), RELOAD_NICE) {
+                tracing::debug!(error = %e, "cannot lower the reload thread's priority");
+            }
+            let _ = tx.send(f());
+        });
+    async move {
+        spawned
+            .map_err(|e| ProxyError::Internal(format!("cannot start the reload thread: {e}")))?;
+        rx.await.map_err(|_| {
+            ProxyError::Internal("the reload thread ended without an answer".to_owned())
+        })
+    }
+}
+
 /// Takes out of `v` the `Arc`s nobody else holds any more.
 fn take_unique<T>(v: &mut Vec<Arc<T>>) -> Vec<Arc<T>> {
     let (unique, shared) = std::mem::take(v)
@@ -254,8 +286,9 @@ impl Proxy {
                 async move {
                     // Reading, parsing and compiling a large file takes
                     // milliseconds of CPU: keep all of it off the runtime's
-                    // workers, which are serving requests.
-                    let built = tokio::task::spawn_blocking(move || {
+                    // workers, which are serving requests, and let it
+                    // yield the CPU to them.
+                    let built = in_background(move || {
                         let config = config::load(&path)?;
                         let pools = build_pools(&config, &inner.registry);
                         let tables = RouteTable::build_all(&config.routes, &pools);
@@ -265,8 +298,7 @@ impl Proxy {
                             tables,
                         })
                     })
-                    .await
-                    .map_err(|e| ProxyError::Internal(e.to_string()))??;
+                    .await??;
                     let loaded = self.apply(&old, built, old_tables).await?;
                     *replaced = Some(old);
                     Ok(loaded)
@@ -297,8 +329,8 @@ impl Proxy {
                 let unique_tables = take_unique(&mut tables);
                 let unique_loaded = take_unique(&mut loaded);
                 if !unique_tables.is_empty() || !unique_loaded.is_empty() {
-                    // Detached: the runtime finishes or drops it.
-                    drop(tokio::task::spawn_blocking(move || {
+                    // Detached: it finishes on its own.
+                    drop(in_background(move || {
                         drop(unique_tables);
                         drop(unique_loaded);
                     }));
