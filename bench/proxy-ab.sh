@@ -122,7 +122,7 @@ def ms(v):
     m = re.match(r"([\d.]+)(us|ms|s)", v); x = float(m.group(1))
     return x / 1000 if m.group(2) == "us" else x * 1000 if m.group(2) == "s" else x
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", t).group(1)); p99 = ms(re.search(r"99%\s+(\S+)", t).group(1))
+p50 = ms(re.search(r"^\s*50%\s+(\S+)", t, re.M).group(1)); p99 = ms(re.search(r"^\s*99%\s+(\S+)", t, re.M).group(1))
 n = int(re.search(r"(\d+) requests in", t).group(1))
 bad = re.search(r"(Non-2xx|Socket errors)", t)
 print(f"{label} {rps:.0f} {p50:.2f} {p99:.2f} {(c1-c0)/tck*1e6/max(n,1):.1f}{' ERRORS' if bad else ''}")
