@@ -15,37 +15,58 @@ use crate::{web_to_a, Proxy};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A request as the upstream received it.
+/// A request or response as read off the wire.
 #[derive(Debug, Clone)]
-struct Seen {
+struct Message {
+    /// The request or status line.
     line: String,
     headers: Vec<(String, String)>,
-    /// The body bytes as they came on the wire (chunked coding kept).
-    raw_body: Vec<u8>,
+    /// The body as on the wire (chunked coding kept, trailers included).
+    body: Vec<u8>,
 }
 
-impl Seen {
+impl Message {
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// The status of a response.
+    fn status(&self) -> u16 {
+        self.line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
 }
 
-/// What the scripted upstream does with the `n`th request on a connection
-/// (from 0): the bytes to answer and whether to close the connection
-/// afterwards, or `None` to close it without answering.
-type Script = fn(&Seen, usize) -> Option<(Vec<u8>, bool)>;
+/// Where a message's body is.
+#[derive(Clone, Copy, PartialEq)]
+enum Body {
+    /// Nowhere (`HEAD`, 204, 304 and interim responses).
+    None,
+    /// As `Transfer-Encoding: chunked` or `Content-Length` say; without
+    /// them, none (requests).
+    Framed,
+    /// As they say; without them, up to end of file (responses).
+    FramedElseEof,
+}
 
-/// Reads one request (head and body, chunked or with a length); `None` at
-/// end of file.
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<Seen> {
+/// Reads one message: head, then the body as `body(head)` says. `None` at
+/// end of file or on anything that does not parse.
+fn read_message(r: &mut BufReader<TcpStream>, body: fn(&Message) -> Body) -> Option<Message> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
         return None;
     }
-    let mut headers = Vec::new();
+    let mut m = Message {
+        line: line.trim_end().to_owned(),
+        headers: Vec::new(),
+        body: Vec::new(),
+    };
     loop {
         let mut h = String::new();
         r.read_line(&mut h).ok()?;
@@ -54,40 +75,53 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Seen> {
             break;
         }
         let (n, v) = h.split_once(':')?;
-        headers.push((n.trim().to_owned(), v.trim().to_owned()));
+        m.headers.push((n.trim().to_owned(), v.trim().to_owned()));
     }
-    let mut seen = Seen {
-        line: line.trim_end().to_owned(),
-        headers,
-        raw_body: Vec::new(),
-    };
-    if seen
-        .header("transfer-encoding")
+    let body = body(&m);
+    if body == Body::None {
+        return Some(m);
+    }
+    if m.header("transfer-encoding")
         .is_some_and(|v| v.contains("chunked"))
     {
         loop {
             let mut size = String::new();
             r.read_line(&mut size).ok()?;
-            seen.raw_body.extend_from_slice(size.as_bytes());
+            m.body.extend_from_slice(size.as_bytes());
             let n = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+            if n == 0 {
+                // Trailers, then the empty line.
+                loop {
+                    let mut t = String::new();
+                    r.read_line(&mut t).ok()?;
+                    m.body.extend_from_slice(t.as_bytes());
+                    if t == "\r\n" {
+                        return Some(m);
+                    }
+                }
+            }
             let mut data = vec![0; n + 2];
             r.read_exact(&mut data).ok()?;
-            seen.raw_body.extend_from_slice(&data);
-            if n == 0 {
-                break;
-            }
+            m.body.extend_from_slice(&data);
         }
-    } else if let Some(n) = seen.header("content-length") {
+    } else if let Some(n) = m.header("content-length") {
         let mut data = vec![0; n.parse().ok()?];
         r.read_exact(&mut data).ok()?;
-        seen.raw_body = data;
+        m.body = data;
+    } else if body == Body::FramedElseEof {
+        r.read_to_end(&mut m.body).ok()?;
     }
-    Some(seen)
+    Some(m)
 }
+
+/// What the scripted upstream does with the `n`th request on a connection
+/// (from 0): the bytes to answer and whether to close the connection
+/// afterwards, or `None` to close it without answering.
+type Script = fn(&Message, usize) -> Option<(Vec<u8>, bool)>;
 
 /// Starts the scripted upstream; every request it receives is sent on the
 /// returned channel.
-fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Seen>) {
+fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Message>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -99,7 +133,7 @@ fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Seen>) {
                 let mut w = s.try_clone().unwrap();
                 let mut r = BufReader::new(s);
                 let mut n = 0;
-                while let Some(seen) = read_request(&mut r) {
+                while let Some(seen) = read_message(&mut r, |_| Body::Framed) {
                     let action = script(&seen, n);
                     n += 1;
                     if tx.send(seen).is_err() {
@@ -119,11 +153,11 @@ fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Seen>) {
 }
 
 /// The scripted upstream's answers, by path.
-fn answers(seen: &Seen, _: usize) -> Option<(Vec<u8>, bool)> {
+fn answers(seen: &Message, _: usize) -> Option<(Vec<u8>, bool)> {
     Some(answer(seen))
 }
 
-fn answer(seen: &Seen) -> (Vec<u8>, bool) {
+fn answer(seen: &Message) -> (Vec<u8>, bool) {
     let path = seen.line.split(' ').nth(1).unwrap_or("");
     let r: &[u8] = match path {
         "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
@@ -132,7 +166,7 @@ fn answer(seen: &Seen) -> (Vec<u8>, bool) {
         "/hop" => b"HTTP/1.1 200 OK\r\nConnection: x-internal\r\nx-internal: secret\r\nkeep-alive: timeout=5\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\nok",
         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone",
         _ => {
-            let body = format!("{} {}", seen.line, seen.raw_body.len());
+            let body = format!("{} {}", seen.line, seen.body.len());
             let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
             return ([head.as_bytes(), body.as_bytes()].concat(), false);
         }
@@ -150,79 +184,17 @@ fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// A response as the client received it.
-#[derive(Debug)]
-struct Got {
-    status: u16,
-    headers: Vec<(String, String)>,
-    /// The body as on the wire (chunked coding kept).
-    body: Vec<u8>,
-}
-
-impl Got {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Reads one response: by `content-length`, chunked, none (`no_body`), or
-/// to end of file.
-fn read_response(r: &mut BufReader<TcpStream>, no_body: bool) -> Got {
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status = line.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).unwrap();
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (n, v) = h.split_once(':').unwrap();
-        headers.push((n.trim().to_owned(), v.trim().to_owned()));
-    }
-    let mut got = Got {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    if no_body || status == 204 || status == 304 || (100..200).contains(&status) {
-        return got;
-    }
-    if got.header("transfer-encoding") == Some("chunked") {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size).unwrap();
-            got.body.extend_from_slice(size.as_bytes());
-            let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
-            if n == 0 {
-                // Trailers, then the empty line.
-                loop {
-                    let mut t = String::new();
-                    r.read_line(&mut t).unwrap();
-                    got.body.extend_from_slice(t.as_bytes());
-                    if t == "\r\n" {
-                        break;
-                    }
-                }
-                break;
-            }
-            let mut data = vec![0; n + 2];
-            r.read_exact(&mut data).unwrap();
-            got.body.extend_from_slice(&data);
-        }
-    } else if let Some(n) = got.header("content-length") {
-        let mut data = vec![0; n.parse().unwrap()];
-        r.read_exact(&mut data).unwrap();
-        got.body = data;
+/// Reads one response; `head`: the answer to `HEAD`.
+fn read_response(r: &mut BufReader<TcpStream>, head: bool) -> Message {
+    let body = if head {
+        |_: &Message| Body::None
     } else {
-        r.read_to_end(&mut got.body).unwrap();
-    }
-    got
+        |m: &Message| match m.status() {
+            204 | 304 | 100..=199 => Body::None,
+            _ => Body::FramedElseEof,
+        }
+    };
+    read_message(r, body).expect("a response")
 }
 
 /// Whether the proxy closed the connection (end of file, nothing more).
@@ -249,12 +221,12 @@ fn request_bodies_by_length_chunked_and_after_100_continue() {
     .unwrap();
     w.write_all(&big).unwrap();
     let got = read_response(&mut r, false);
-    assert_eq!(got.status, 200);
+    assert_eq!(got.status(), 200);
     assert_eq!(
         String::from_utf8_lossy(&got.body),
         "POST /len HTTP/1.1 300000"
     );
-    assert_eq!(seen.recv_timeout(TIMEOUT).unwrap().raw_body, big);
+    assert_eq!(seen.recv_timeout(TIMEOUT).unwrap().body, big);
 
     // Chunked: passed on as chunked, byte for byte, on the same connection.
     let chunked = b"4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\n\r\n";
@@ -262,10 +234,10 @@ fn request_bodies_by_length_chunked_and_after_100_continue() {
         .unwrap();
     w.write_all(chunked).unwrap();
     let got = read_response(&mut r, false);
-    assert_eq!(got.status, 200);
+    assert_eq!(got.status(), 200);
     let s = seen.recv_timeout(TIMEOUT).unwrap();
     assert_eq!(s.header("transfer-encoding"), Some("chunked"));
-    assert_eq!(s.raw_body, chunked);
+    assert_eq!(s.body, chunked);
 
     // Expect: 100-continue: the proxy says continue, then the body flows;
     // the upstream does not see `Expect`.
@@ -274,7 +246,7 @@ fn request_bodies_by_length_chunked_and_after_100_continue() {
     )
     .unwrap();
     let interim = read_response(&mut r, true);
-    assert_eq!(interim.status, 100);
+    assert_eq!(interim.status(), 100);
     w.write_all(b"12345").unwrap();
     let got = read_response(&mut r, false);
     assert_eq!(String::from_utf8_lossy(&got.body), "PUT /put HTTP/1.1 5");
@@ -285,7 +257,7 @@ fn request_bodies_by_length_chunked_and_after_100_continue() {
     w.write_all(b"POST /continue HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
         .unwrap();
     let got = read_response(&mut r, false);
-    assert_eq!((got.status, &got.body[..]), (201, &b"done"[..]));
+    assert_eq!((got.status(), &got.body[..]), (201, &b"done"[..]));
 }
 
 #[test]
@@ -312,10 +284,10 @@ fn responses_chunked_close_delimited_bodiless_and_to_http10_clients() {
     w.write_all(b"HEAD /len HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let got = read_response(&mut r, true);
-    assert_eq!(got.status, 200);
+    assert_eq!(got.status(), 200);
     w.write_all(b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    assert_eq!(read_response(&mut r, false).status, 204);
+    assert_eq!(read_response(&mut r, false).status(), 204);
     // Hop-by-hop fields, and those `Connection` names, are not passed on.
     w.write_all(b"GET /hop HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
@@ -405,7 +377,7 @@ fn malformed_and_ambiguous_requests_are_refused_before_any_upstream() {
         let mut r = BufReader::new(s);
         w.write_all(raw).unwrap();
         let got = read_response(&mut r, false);
-        assert_eq!(got.status, want, "{}", String::from_utf8_lossy(raw));
+        assert_eq!(got.status(), want, "{}", String::from_utf8_lossy(raw));
         assert!(closed(&mut r));
     }
     // A head larger than 64 KiB: 431.
@@ -418,7 +390,7 @@ fn malformed_and_ambiguous_requests_are_refused_before_any_upstream() {
         "a".repeat(70_000)
     );
     let got = read_response(&mut r, false);
-    assert_eq!(got.status, 431);
+    assert_eq!(got.status(), 431);
     assert!(
         seen.try_recv().is_err(),
         "the upstream saw a refused request"
@@ -432,7 +404,7 @@ fn malformed_and_ambiguous_requests_are_refused_before_any_upstream() {
 /// connection). No request fails.
 #[test]
 fn an_upstream_closing_idle_connections_loses_no_request() {
-    fn close_early(seen: &Seen, n: usize) -> Option<(Vec<u8>, bool)> {
+    fn close_early(seen: &Message, n: usize) -> Option<(Vec<u8>, bool)> {
         let path = seen.line.split(' ').nth(1).unwrap_or("");
         let i: usize = path.trim_start_matches("/n").parse().unwrap_or(0);
         match n {
@@ -453,7 +425,7 @@ fn an_upstream_closing_idle_connections_loses_no_request() {
         w.write_all(format!("GET /n{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
             .unwrap();
         let got = read_response(&mut r, false);
-        assert_eq!(got.status, 200, "request {i}: {got:?}");
+        assert_eq!(got.status(), 200, "request {i}: {got:?}");
         assert_eq!(
             String::from_utf8_lossy(&got.body),
             format!("GET /n{i} HTTP/1.1 0")
