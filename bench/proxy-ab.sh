@@ -28,57 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
-    echo "installing nginx and wrk" >&2
-    apt-get update -qq >/dev/null && apt-get install -y -qq nginx-light wrk >/dev/null
-fi
-
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 200); do
-        if python3 -c "import socket,sys;socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "port $1 never opened" >&2; return 1
-}
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-TCK=$(getconf CLK_TCK)
-
-UP=$(free_port)
-"$A" hello --listen "127.0.0.1:$UP" >/dev/null 2>&1 &
-PIDS+=($!)
-wait_port "$UP"
-
-NGX=$(free_port)
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    upstream app { server 127.0.0.1:$UP; keepalive 64; }
-    server {
-        listen 127.0.0.1:$NGX;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-        }
-    }
-}
-EOF
-nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-PIDS+=($!)
-wait_port "$NGX"
-NGX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)
+. "$(dirname "$0")/proxy-common.sh"
+start_upstream "$A"
+start_nginx
 
 start_baton() { # name binary -> BPORT BPID
     local name=$1 bin=$2
@@ -114,19 +66,10 @@ measure() { # label pid port -> "label rps p50 p99 cpu_us"
     c0=$(cpu_ticks "$pid")
     out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1)
     c1=$(cpu_ticks "$pid")
-    python3 - "$label" "$c0" "$c1" "$TCK" <<EOF
-import re, sys
-label, c0, c1, tck = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-t = """$out"""
-def ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)", v); x = float(m.group(1))
-    return x / 1000 if m.group(2) == "us" else x * 1000 if m.group(2) == "s" else x
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-p50 = ms(re.search(r"^\s*50%\s+(\S+)", t, re.M).group(1)); p99 = ms(re.search(r"^\s*99%\s+(\S+)", t, re.M).group(1))
-n = int(re.search(r"(\d+) requests in", t).group(1))
-bad = re.search(r"(Non-2xx|Socket errors)", t)
-print(f"{label} {rps:.0f} {p50:.2f} {p99:.2f} {(c1-c0)/tck*1e6/max(n,1):.1f}{' ERRORS' if bad else ''}")
-EOF
+    read -r rps p50 p99 n bad <<<"$(wrk_summary <<<"$out")"
+    local cpu_us
+    cpu_us=$(python3 -c "print(f'{($c1-$c0)/$TCK*1e6/max($n,1):.1f}')")
+    echo "$label $rps $p50 $p99 $cpu_us$([ "$bad" != 0 ] && echo ' ERRORS')"
 }
 
 echo "# $MODE, wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds; columns: req/s p50_ms p99_ms cpu_us_per_req"

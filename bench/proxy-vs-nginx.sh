@@ -43,64 +43,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
-    echo "installing nginx and wrk" >&2
-    apt-get update -qq >/dev/null && apt-get install -y -qq nginx-light wrk >/dev/null
-fi
+. "$ROOT/bench/proxy-common.sh"
 
 cd "$ROOT"
 cargo build --release -q -p baton-cli
 BATON="${CARGO_TARGET_DIR:-$ROOT/target}/release/baton"
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 200); do
-        if python3 -c "import socket,sys;socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "port $1 never opened" >&2; return 1
-}
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-rss_kb() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }
-hwm_kb() { awk '/^VmHWM/{print $2}' "/proc/$1/status"; }
-TCK=$(getconf CLK_TCK)
-
-UP=$(free_port)
-"$BATON" hello --listen "127.0.0.1:$UP" >"$WORK/hello.out" 2>"$WORK/hello.err" &
-PIDS+=($!)
-wait_port "$UP"
-
-# ---- nginx -----------------------------------------------------------------
-NGX=$(free_port)
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    upstream app { server 127.0.0.1:$UP; keepalive 64; }
-    server {
-        listen 127.0.0.1:$NGX;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-        }
-    }
-}
-EOF
-nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-PIDS+=($!)
-wait_port "$NGX"
-NGX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)
+start_upstream "$BATON"
+start_nginx
 
 # ---- baton proxy -----------------------------------------------------------
 start_baton() { # name threads -> sets BPORT BPID BSOCK
@@ -139,23 +89,7 @@ EOF
 run_wrk() { # port mode
     local port=$1 mode=$2 extra=()
     [ "$mode" = close ] && extra=(-H "Connection: close")
-    wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1 | python3 -c '
-import re, sys
-t = sys.stdin.read()
-def ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)", v); x = float(m.group(1))
-    return x / 1000 if m.group(2) == "us" else x * 1000 if m.group(2) == "s" else x
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-# Anchored: the Stdev column of the latency line can end in 50% too.
-p50 = ms(re.search(r"^\s*50%\s+(\S+)", t, re.M).group(1)); p99 = ms(re.search(r"^\s*99%\s+(\S+)", t, re.M).group(1))
-n = int(re.search(r"(\d+) requests in", t).group(1))
-errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
-sock = re.search(r"Socket errors: (.*)", t)
-bad = int(errs.group(1)) if errs else 0
-if sock:
-    bad += sum(int(x) for x in re.findall(r"\d+", sock.group(1)))
-print(f"{rps:.0f} {p50:.2f} {p99:.2f} {n} {bad}")
-'
+    wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1 | wrk_summary
 }
 
 measure() { # label pid port mode
