@@ -125,8 +125,9 @@ struct Client {
     /// Idle upstream connections of this client connection.
     local: Vec<UpstreamConn>,
     timer: Timer,
-    /// When the client last sent bytes (for the idle grace while draining).
-    last_read: Instant,
+    /// When the client last sent bytes or a response ended: the keep-alive
+    /// timeout and the drain's idle grace count from here.
+    last_active: Instant,
 }
 
 /// How a request ended, for the connection.
@@ -165,7 +166,7 @@ impl Client {
             copy: Vec::new(),
             local: Vec::new(),
             timer: Timer::new(now + KEEPALIVE_TIMEOUT),
-            last_read: now,
+            last_active: now,
         }
     }
 
@@ -205,7 +206,13 @@ impl Client {
             }
             self.rbuf = buf;
             match outcome {
-                Outcome::KeepAlive => {}
+                Outcome::KeepAlive => {
+                    // The keep-alive timeout and the drain's idle grace
+                    // count from the end of the response (a long one must
+                    // not leave the client no time to send its next
+                    // request).
+                    self.last_active = Instant::now();
+                }
                 Outcome::NeedMore => {
                     if !self.read_more().await {
                         return None;
@@ -218,16 +225,16 @@ impl Client {
     }
 
     /// Reads more of the client's next request into `rbuf`; false if the
-    /// connection is to close: the client closed, it stayed silent past
-    /// [`KEEPALIVE_TIMEOUT`] (between two reads, as nginx's
-    /// `client_header_timeout`), or the drain's idle grace passed with
-    /// nothing from it.
+    /// connection is to close: the client closed, it stayed silent for
+    /// [`KEEPALIVE_TIMEOUT`] since its last bytes or the end of the last
+    /// response (nginx's `keepalive_timeout` and `client_header_timeout`
+    /// count the same way), or, once draining, for the idle grace.
     async fn read_more(&mut self) -> bool {
         loop {
-            self.timer.set(self.last_read + KEEPALIVE_TIMEOUT);
+            self.timer.set(self.last_active + KEEPALIVE_TIMEOUT);
             let draining = self.shutdown.is_draining();
             if draining && self.rbuf.is_empty() {
-                let grace = self.last_read + self.shutdown.idle_grace();
+                let grace = self.last_active + self.shutdown.idle_grace();
                 if Instant::now() >= grace {
                     return false;
                 }
@@ -239,7 +246,7 @@ impl Client {
                 r = self.stream.read_buf(&mut self.rbuf) => return match r {
                     Ok(0) | Err(_) => false,
                     Ok(_) => {
-                        self.last_read = Instant::now();
+                        self.last_active = Instant::now();
                         true
                     }
                 },
@@ -760,7 +767,7 @@ impl Client {
         if n == 0 {
             return Err(Upstream::Client);
         }
-        self.last_read = Instant::now();
+        self.last_active = Instant::now();
         Ok(n)
     }
 

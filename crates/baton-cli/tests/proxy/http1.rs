@@ -142,7 +142,22 @@ fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Message>) {
                     let Some((answer, close)) = action else {
                         return;
                     };
-                    if w.write_all(&answer).is_err() || close {
+                    // `PAUSE` in an answer: what comes before it is sent,
+                    // then the rest 1.5 s later (a slow body).
+                    let (now, later) = match answer.windows(5).position(|x| x == b"PAUSE") {
+                        Some(i) => (&answer[..i], &answer[i + 5..]),
+                        None => (&answer[..], &[][..]),
+                    };
+                    if w.write_all(now).is_err() {
+                        return;
+                    }
+                    if !later.is_empty() {
+                        std::thread::sleep(Duration::from_millis(1500));
+                        if w.write_all(later).is_err() {
+                            return;
+                        }
+                    }
+                    if close {
                         return;
                     }
                 }
@@ -163,6 +178,7 @@ fn answer(seen: &Message) -> (Vec<u8>, bool) {
         "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
         "/close" => return (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(), true),
         "/204" => b"HTTP/1.1 204 No Content\r\n\r\n",
+        "/slow-body" => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345PAUSE67890",
         "/hop" => b"HTTP/1.1 200 OK\r\nConnection: x-internal\r\nx-internal: secret\r\nkeep-alive: timeout=5\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\nok",
         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone",
         _ => {
@@ -438,4 +454,43 @@ fn an_upstream_closing_idle_connections_loses_no_request() {
         "{}",
         p.server.stderr()
     );
+}
+
+/// A keep-alive client whose response was still streaming when the drain
+/// began (so it carries no `Connection: close`) gets the idle grace from
+/// the end of that response to send its next request, which is answered,
+/// rather than a connection closed under it.
+#[test]
+fn a_response_streaming_when_the_drain_begins_leaves_the_client_its_grace() {
+    let (up, _seen) = scripted(answers);
+    let p = proxy_to(up, "h1-drain-stream");
+    let s = connect(p.addr("web"));
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"GET /slow-body HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // The head and half the body are here; the rest comes in 1.5 s.
+    let mut head = String::new();
+    while head.is_empty() || !head.ends_with("\r\n\r\n") {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0);
+        head.push_str(&line);
+    }
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    // An upgrade: this generation drains while the body is on its way.
+    let answer = p.upgrade();
+    assert_eq!(answer["ok"], true, "{answer}");
+    let mut body = [0u8; 10];
+    r.read_exact(&mut body).unwrap();
+    assert_eq!(&body, b"1234567890");
+    // At once, on the same connection: answered, and told to go.
+    w.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_response(&mut r, false);
+    assert_eq!(String::from_utf8_lossy(&got.body), "GET /after HTTP/1.1 0");
+    assert_eq!(got.header("connection"), Some("close"));
+    assert!(closed(&mut r));
 }
