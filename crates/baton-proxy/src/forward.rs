@@ -44,6 +44,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `client_header_timeout` 60 s).
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Content type of the proxy's own short answers.
+const TEXT: &[u8] = b"text/plain; charset=utf-8";
+
 /// Size of the buffer bodies are copied through.
 const COPY_BUF: usize = 16 * 1024;
 
@@ -77,8 +80,10 @@ pub async fn serve(
         _ = shutdown.expired() => None,
     };
     // The client's upstream connections serve others from now on.
-    let local = std::mem::take(&mut client.local);
-    client.ctx.idle.put(local);
+    if !client.local.is_empty() {
+        let local = std::mem::take(&mut client.local);
+        client.ctx.idle.put(local);
+    }
     let Some(up) = upgraded else {
         return;
     };
@@ -259,16 +264,16 @@ impl Client {
 
     /// Answers a request that could not be read, and closes.
     async fn refuse(&mut self, status: StatusCode) -> Outcome {
-        self.wbuf.clear();
-        h1::put_response(
-            &mut self.wbuf,
-            status,
-            b"text/plain; charset=utf-8",
-            status.canonical_reason().unwrap_or("error").as_bytes(),
-            true,
-        );
-        let _ = self.stream.write_all(&self.wbuf).await;
+        let reason = status.canonical_reason().unwrap_or("error");
+        self.close_with(status, reason.as_bytes()).await;
         Outcome::Close
+    }
+
+    /// Sends a short plain-text response that closes the connection.
+    async fn close_with(&mut self, status: StatusCode, body: &[u8]) {
+        self.wbuf.clear();
+        h1::put_response(&mut self.wbuf, status, TEXT, body, false, false, true);
+        let _ = self.stream.write_all(&self.wbuf).await;
     }
 
     /// Handles one request whose head is `buf[..head_len]`; returns what
@@ -279,7 +284,8 @@ impl Client {
         buf: &[u8],
         head_len: usize,
     ) -> (Outcome, usize) {
-        let started = std::time::Instant::now();
+        let log = tracing::enabled!(target: "baton_proxy::access", tracing::Level::INFO);
+        let started = log.then(std::time::Instant::now);
         self.ctx.stats.request();
         let method = req.method.unwrap_or("GET");
         let target = req.path.unwrap_or("/");
@@ -324,44 +330,32 @@ impl Client {
         let client_keep = !fields.close && (!http10 || fields.keep_alive);
 
         let table = self.ctx.routes.load_full();
-        let route = table.find(host, path);
-        let (outcome, used, status, upstream) = match route.map(|r| (r, &r.target)) {
-            None => {
-                let (o, u) = self
-                    .respond(
-                        method,
-                        StatusCode::NOT_FOUND,
-                        b"text/plain; charset=utf-8",
-                        b"no route\n",
-                        client_keep && framing == Framing::None,
-                        http10,
-                        head_len,
-                    )
-                    .await;
-                (o, u, 404, None)
-            }
-            Some((
-                _,
-                Target::Respond {
-                    status,
-                    body,
-                    content_type,
-                },
-            )) => {
-                let (o, u) = self
-                    .respond(
-                        method,
-                        *status,
-                        content_type.as_bytes(),
+        let action = match table.find(host, path) {
+            None => Action::Own(StatusCode::NOT_FOUND, TEXT, b"no route\n"),
+            Some(Route {
+                target:
+                    Target::Respond {
+                        status,
                         body,
-                        client_keep && framing == Framing::None,
-                        http10,
-                        head_len,
-                    )
-                    .await;
-                (o, u, status.as_u16(), None)
+                        content_type,
+                    },
+                ..
+            }) => Action::Own(*status, content_type.as_bytes(), body),
+            Some(
+                route @ Route {
+                    target: Target::Upstream { pool, strip_prefix },
+                    ..
+                },
+            ) => Action::Forward(route, pool, *strip_prefix),
+        };
+        let (outcome, used, status, upstream) = match action {
+            Action::Own(status, content_type, body) => {
+                let keep = client_keep && framing == Framing::None;
+                let answer = (status, content_type, body);
+                let outcome = self.respond(answer, method, keep, http10).await;
+                (outcome, head_len, status.as_u16(), None)
             }
-            Some((route, Target::Upstream { pool, strip_prefix })) => {
+            Action::Forward(route, pool, strip_prefix) => {
                 let forwarded = Forwarded {
                     method,
                     target,
@@ -382,7 +376,7 @@ impl Client {
                 (r.outcome, r.used, r.status, r.server)
             }
         };
-        if tracing::enabled!(target: "baton_proxy::access", tracing::Level::INFO) {
+        if let Some(started) = started {
             tracing::info!(
                 target: "baton_proxy::access",
                 listener = %self.ctx.listener,
@@ -401,39 +395,28 @@ impl Client {
 
     /// A response of the proxy's own. A request body is not read: the
     /// connection closes after the response if there is one.
-    #[allow(clippy::too_many_arguments)]
     async fn respond(
         &mut self,
+        (status, content_type, body): (StatusCode, &[u8], &[u8]),
         method: &str,
-        status: StatusCode,
-        content_type: &[u8],
-        body: &[u8],
         keep: bool,
         http10: bool,
-        head_len: usize,
-    ) -> (Outcome, usize) {
+    ) -> Outcome {
         let keep = keep && !self.shutdown.is_draining();
         self.wbuf.clear();
-        h1::put_status_line(
+        h1::put_response(
             &mut self.wbuf,
-            status.as_u16(),
-            status.canonical_reason().unwrap_or(""),
+            status,
+            content_type,
+            body,
+            keep,
+            http10,
+            method != "HEAD",
         );
-        h1::put_header(&mut self.wbuf, b"content-type", content_type);
-        h1::put_header(
-            &mut self.wbuf,
-            b"content-length",
-            h1::itoa(body.len() as u64).as_bytes(),
-        );
-        put_connection(&mut self.wbuf, keep, http10);
-        self.wbuf.extend_from_slice(b"\r\n");
-        if method != "HEAD" {
-            self.wbuf.extend_from_slice(body);
-        }
         if self.stream.write_all(&self.wbuf).await.is_err() || !keep {
-            return (Outcome::Close, head_len);
+            return Outcome::Close;
         }
-        (Outcome::KeepAlive, head_len)
+        Outcome::KeepAlive
     }
 
     /// Forwards a request to a server of `pool` and its response back.
@@ -571,15 +554,7 @@ impl Client {
             StatusCode::GATEWAY_TIMEOUT => b"gateway timeout\n",
             _ => b"bad request\n",
         };
-        self.wbuf.clear();
-        h1::put_response(
-            &mut self.wbuf,
-            status,
-            b"text/plain; charset=utf-8",
-            body,
-            true,
-        );
-        let _ = self.stream.write_all(&self.wbuf).await;
+        self.close_with(status, body).await;
         done.outcome = Outcome::Close;
         done
     }
@@ -815,12 +790,15 @@ impl Client {
                         let fields = Fields::of(resp.headers)
                             .map_err(|e| Upstream::Failed(format!("response: {e}")))?;
                         let draining = self.shutdown.is_draining();
-                        let persist = client_head(&mut self.wbuf, &resp, &fields, f, draining);
+                        let framing = fields.response_framing(f.method, status);
+                        let persist =
+                            client_head(&mut self.wbuf, &resp, &fields, framing, f, draining);
                         return Ok(ResponseHead {
                             len: n,
                             status,
                             http10: resp.version == Some(0),
                             fields,
+                            framing,
                             persist,
                         });
                     }
@@ -858,7 +836,7 @@ impl Client {
         f: &Forwarded<'_>,
     ) -> Outcome {
         let persist = head.persist;
-        let framing = head.fields.response_framing(f.method, head.status);
+        let framing = head.framing;
         let upstream_keep = if head.http10 {
             head.fields.keep_alive
         } else {
@@ -974,11 +952,11 @@ fn client_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     fields: &Fields,
+    framing: Framing,
     f: &Forwarded<'_>,
     draining: bool,
 ) -> bool {
     let status = resp.code.unwrap_or(0);
-    let framing = fields.response_framing(f.method, status);
     out.clear();
     h1::put_status_line(out, status, resp.reason.unwrap_or(""));
     let switching = status == 101;
@@ -1014,19 +992,9 @@ fn client_head(
     if framing == Framing::Chunked && !f.http10 {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    put_connection(out, persist, f.http10);
+    h1::put_connection(out, persist, f.http10);
     out.extend_from_slice(b"\r\n");
     persist
-}
-
-/// `Connection` for the client: `close` if the connection ends after the
-/// response, `keep-alive` for an HTTP/1.0 client it persists for.
-fn put_connection(out: &mut Vec<u8>, keep: bool, http10: bool) {
-    if !keep {
-        out.extend_from_slice(b"connection: close\r\n");
-    } else if http10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
-    }
 }
 
 fn is_closed(e: &std::io::Error) -> bool {
@@ -1073,8 +1041,19 @@ struct ResponseHead {
     status: u16,
     http10: bool,
     fields: Fields,
+    /// How its body is delimited (for the request it answers).
+    framing: Framing,
     /// The client connection persists after the response.
     persist: bool,
+}
+
+/// What a request gets.
+enum Action<'r> {
+    /// A response of the proxy's own: status, content type, body.
+    Own(StatusCode, &'r [u8], &'r [u8]),
+    /// Forwarding along this route to this pool, stripping the prefix or
+    /// not.
+    Forward(&'r Route, &'r Arc<Pool>, bool),
 }
 
 /// Why an exchange with the upstream failed.

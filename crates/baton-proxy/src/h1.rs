@@ -223,13 +223,16 @@ pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Writes a complete short response: status line, `Content-Type`,
-/// `Content-Length`, `Connection: close` if `close`, and `body`.
+/// `Content-Length`, `Connection` as [`put_connection`] says, and `body`
+/// unless `with_body` is false (an answer to `HEAD`).
 pub fn put_response(
     out: &mut Vec<u8>,
     status: http::StatusCode,
     content_type: &[u8],
     body: &[u8],
-    close: bool,
+    keep: bool,
+    http10: bool,
+    with_body: bool,
 ) {
     put_status_line(
         out,
@@ -238,11 +241,22 @@ pub fn put_response(
     );
     put_header(out, b"content-type", content_type);
     put_header(out, b"content-length", itoa(body.len() as u64).as_bytes());
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+    put_connection(out, keep, http10);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
+    if with_body {
+        out.extend_from_slice(body);
+    }
+}
+
+/// `Connection` for a client: `close` if the connection ends after the
+/// response, `keep-alive` for an HTTP/1.0 client it persists for, nothing
+/// otherwise (HTTP/1.1 persists by default).
+pub fn put_connection(out: &mut Vec<u8>, keep: bool, http10: bool) {
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
 }
 
 /// Writes `HTTP/1.1 CODE REASON\r\n`.
@@ -548,6 +562,8 @@ mod tests {
             http::StatusCode::NOT_FOUND,
             b"text/plain",
             b"no\n",
+            false,
+            false,
             true,
         );
         assert_eq!(

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use baton_testkit::assert_eventually;
 
-use crate::{get, upstream_toml, web_to_a, Proxy, Upstream};
+use crate::{get, upstream_toml, web_to, web_to_a, Proxy, Upstream};
 
 #[test]
 fn an_upstream_that_dies_yields_502_and_is_marked_down() {
@@ -28,19 +28,7 @@ fn a_dead_server_is_skipped_without_failing_requests() {
     let a = Upstream::http("a");
     let b = Upstream::http("b");
     let a_addr = a.addr;
-    let body = format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-
-{}
-[[routes]]
-listener = "web"
-upstream = "pool"
-"#,
-        upstream_toml("pool", &[a.addr, b.addr], "")
-    );
+    let body = web_to("pool", &upstream_toml("pool", &[a.addr, b.addr], ""));
     let p = Proxy::start("health-skip", "", &body);
     let web = p.addr("web");
     drop(a);
@@ -55,22 +43,13 @@ upstream = "pool"
 fn active_health_checks_mark_a_server_down_and_up_again() {
     let a = Upstream::http("a");
     let addr = a.addr;
-    let body = format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-
-{}
-[[routes]]
-listener = "web"
-upstream = "a"
-"#,
-        upstream_toml(
+    let body = web_to(
+        "a",
+        &upstream_toml(
             "a",
             &[addr],
-            r#"health_check = { path = "/healthz", interval = "100ms", timeout = "1s" }"#
-        )
+            r#"health_check = { path = "/healthz", interval = "100ms", timeout = "1s" }"#,
+        ),
     );
     let p = Proxy::start("health-active", "", &body);
     assert_eq!(p.upstream_server("a", addr)["healthy"], true);

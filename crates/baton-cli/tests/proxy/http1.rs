@@ -143,7 +143,7 @@ fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Message>) {
                         return;
                     };
                     // `PAUSE` in an answer: what comes before it is sent,
-                    // then the rest 1.5 s later (a slow body).
+                    // the rest once the test calls `release` (a slow body).
                     let (now, later) = match answer.windows(5).position(|x| x == b"PAUSE") {
                         Some(i) => (&answer[..i], &answer[i + 5..]),
                         None => (&answer[..], &[][..]),
@@ -152,7 +152,7 @@ fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Message>) {
                         return;
                     }
                     if !later.is_empty() {
-                        std::thread::sleep(Duration::from_millis(1500));
+                        wait_for_release();
                         if w.write_all(later).is_err() {
                             return;
                         }
@@ -165,6 +165,26 @@ fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Message>) {
         }
     });
     (addr, rx)
+}
+
+/// Set by [`release`]: paused answers go on.
+static RELEASED: (std::sync::Mutex<bool>, std::sync::Condvar) =
+    (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
+/// Lets every paused answer of the scripted upstream finish.
+fn release() {
+    *RELEASED.0.lock().unwrap() = true;
+    RELEASED.1.notify_all();
+}
+
+/// Waits for [`release`] (bounded: a test that never releases fails on its
+/// own read timeout instead of hanging here).
+fn wait_for_release() {
+    let released = RELEASED.0.lock().unwrap();
+    let _ = RELEASED
+        .1
+        .wait_timeout_while(released, TIMEOUT, |r| !*r)
+        .unwrap();
 }
 
 /// The scripted upstream's answers, by path.
@@ -463,13 +483,19 @@ fn an_upstream_closing_idle_connections_loses_no_request() {
 #[test]
 fn a_response_streaming_when_the_drain_begins_leaves_the_client_its_grace() {
     let (up, _seen) = scripted(answers);
-    let p = proxy_to(up, "h1-drain-stream");
+    let grace = Duration::from_millis(300);
+    let p = Proxy::start(
+        "h1-drain-stream",
+        "idle_grace = \"300ms\"",
+        &web_to_a(&[up]),
+    );
     let s = connect(p.addr("web"));
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
     w.write_all(b"GET /slow-body HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    // The head and half the body are here; the rest comes in 1.5 s.
+    let sent = std::time::Instant::now();
+    // The head and half the body are here; the rest waits for `release`.
     let mut head = String::new();
     while head.is_empty() || !head.ends_with("\r\n\r\n") {
         let mut line = String::new();
@@ -483,6 +509,10 @@ fn a_response_streaming_when_the_drain_begins_leaves_the_client_its_grace() {
     // An upgrade: this generation drains while the body is on its way.
     let answer = p.upgrade();
     assert_eq!(answer["ok"], true, "{answer}");
+    // The body takes longer than the idle grace (the case at stake: the
+    // grace, counted from the request, would be over when it ends).
+    std::thread::sleep((grace * 2).saturating_sub(sent.elapsed()));
+    release();
     let mut body = [0u8; 10];
     r.read_exact(&mut body).unwrap();
     assert_eq!(&body, b"1234567890");

@@ -249,20 +249,24 @@ pub fn upstream_toml(name: &str, servers: &[SocketAddr], extra: &str) -> String 
     )
 }
 
-/// One HTTP listener "web" on an ephemeral port, every path routed to
-/// upstream "a" with these servers.
-pub fn web_to_a(servers: &[SocketAddr]) -> String {
+/// One HTTP listener "web" on an ephemeral port with the upstreams
+/// `upstreams` (TOML), every path routed to upstream `to`.
+pub fn web_to(to: &str, upstreams: &str) -> String {
     format!(
         r#"
 [[listeners]]
 name = "web"
 address = "127.0.0.1:0"
 
-{}
+{upstreams}
 [[routes]]
 listener = "web"
-upstream = "a"
-"#,
-        upstream_toml("a", servers, "")
+upstream = "{to}"
+"#
     )
+}
+
+/// [`web_to`] upstream "a" with these servers.
+pub fn web_to_a(servers: &[SocketAddr]) -> String {
+    web_to("a", &upstream_toml("a", servers, ""))
 }

@@ -7,25 +7,11 @@ use std::time::Duration;
 
 use baton_testkit::{assert_eventually, Load, Target};
 
-use crate::{get, text, upstream_toml, Proxy, Upstream};
+use crate::{get, text, upstream_toml, web_to, Proxy, Upstream};
 
 fn routed_to(a: &Upstream, b: &Upstream, to: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-
-{}
-{}
-[[routes]]
-listener = "web"
-path_prefix = "/"
-upstream = "{to}"
-"#,
-        upstream_toml("a", &[a.addr], ""),
-        upstream_toml("b", &[b.addr], "")
-    )
+    let upstreams = upstream_toml("a", &[a.addr], "") + &upstream_toml("b", &[b.addr], "");
+    web_to(to, &upstreams)
 }
 
 #[test]
