@@ -30,6 +30,9 @@
 pub mod config;
 pub mod conn;
 pub mod forward;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod h1;
 pub mod listener;
 mod proxy;

@@ -57,6 +57,9 @@ pub mod control;
 mod drain;
 pub mod env;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handoff;
 pub mod http;
 mod listeners;
