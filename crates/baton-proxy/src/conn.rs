@@ -226,11 +226,22 @@ mod tests {
     #[test]
     fn local_resource_errors_are_told_apart() {
         use rustix::io::Errno;
-        for local in [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL] {
+        for local in [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::NOMEM,
+            Errno::ADDRNOTAVAIL,
+        ] {
             let e = std::io::Error::from_raw_os_error(local.raw_os_error());
             assert!(is_local_error(&e), "{e}");
         }
-        for remote in [Errno::CONNREFUSED, Errno::CONNRESET, Errno::HOSTUNREACH, Errno::TIMEDOUT] {
+        for remote in [
+            Errno::CONNREFUSED,
+            Errno::CONNRESET,
+            Errno::HOSTUNREACH,
+            Errno::TIMEDOUT,
+        ] {
             let e = std::io::Error::from_raw_os_error(remote.raw_os_error());
             assert!(!is_local_error(&e), "{e}");
         }

@@ -567,7 +567,9 @@ impl Client {
             });
             return done;
         }
-        done.outcome = self.relay_response(conn, resp_head, f, &mut done.status).await;
+        done.outcome = self
+            .relay_response(conn, resp_head, f, &mut done.status)
+            .await;
         drop(in_flight);
         done
     }

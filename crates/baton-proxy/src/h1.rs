@@ -592,7 +592,12 @@ mod tests {
         let f = Fields::of(&headers).unwrap();
         assert_eq!(f.request_framing(false), Ok(Framing::Length(5)));
         assert_eq!(f.response_framing("GET", 200), Framing::Length(5));
-        for name in ["content-length", "Transfer-Encoding", "HOST", "x-forwarded-for"] {
+        for name in [
+            "content-length",
+            "Transfer-Encoding",
+            "HOST",
+            "x-forwarded-for",
+        ] {
             assert!(is_protected(name.as_bytes()), "{name}");
         }
         assert!(!is_protected(b"x-secret"));
@@ -700,9 +705,17 @@ mod tests {
             b"0\r\nX: y\nZ: w\r\n\r\n",
         ];
         for body in bad {
-            assert!(scan_all(&[body]).is_err(), "{:?}", String::from_utf8_lossy(body));
+            assert!(
+                scan_all(&[body]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
             let pieces: Vec<&[u8]> = body.chunks(1).collect();
-            assert!(scan_all(&pieces).is_err(), "{:?}", String::from_utf8_lossy(body));
+            assert!(
+                scan_all(&pieces).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -719,7 +732,11 @@ mod tests {
             b"0\r\nX: a\0b\r\n\r\n",
         ];
         for body in bad {
-            assert!(scan_all(&[body]).is_err(), "{:?}", String::from_utf8_lossy(body));
+            assert!(
+                scan_all(&[body]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 

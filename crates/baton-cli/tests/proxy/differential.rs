@@ -114,8 +114,14 @@ fn variants(raw: &str) -> Vec<String> {
     let with_head = |h: String| format!("{h}\r\n\r\n{body}");
     // Field names only: the request line keeps its case.
     let (line, fields) = head.split_once("\r\n").unwrap_or((head, ""));
-    out.push(with_head(format!("{line}\r\n{}", fields.to_ascii_lowercase())));
-    out.push(with_head(format!("{line}\r\n{}", fields.to_ascii_uppercase())));
+    out.push(with_head(format!(
+        "{line}\r\n{}",
+        fields.to_ascii_lowercase()
+    )));
+    out.push(with_head(format!(
+        "{line}\r\n{}",
+        fields.to_ascii_uppercase()
+    )));
     out.push(with_head(head.replace(": ", " : ")));
     out.push(with_head(head.replace(": ", ":\t")));
     out.push(with_head(head.replace(": ", ":   ")));

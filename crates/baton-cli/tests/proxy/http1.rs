@@ -280,8 +280,12 @@ pub fn lenient_requests(mut b: &[u8]) -> usize {
             let Some(colon) = l.iter().position(|c| *c == b':') else {
                 continue;
             };
-            let name = String::from_utf8_lossy(&l[..colon]).trim().to_ascii_lowercase();
-            let value = String::from_utf8_lossy(&l[colon + 1..]).trim().to_ascii_lowercase();
+            let name = String::from_utf8_lossy(&l[..colon])
+                .trim()
+                .to_ascii_lowercase();
+            let value = String::from_utf8_lossy(&l[colon + 1..])
+                .trim()
+                .to_ascii_lowercase();
             if name == "transfer-encoding" && value.contains("chunked") {
                 chunked = true;
             } else if name == "content-length" && length.is_none() {
@@ -338,7 +342,9 @@ fn the_lenient_parser_counts_as_nginx_would() {
         2
     );
     assert_eq!(
-        lenient_requests(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        lenient_requests(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        ),
         1
     );
 }

@@ -254,7 +254,13 @@ fn ambiguous_hosts_and_framings_are_refused_and_the_rest_passed_on_unambiguously
         text.contains("\r\nTransfer-Encoding: gzip, chunked\r\n"),
         "{text}"
     );
-    assert_eq!(text.to_ascii_lowercase().matches("transfer-encoding").count(), 1, "{text}");
+    assert_eq!(
+        text.to_ascii_lowercase()
+            .matches("transfer-encoding")
+            .count(),
+        1,
+        "{text}"
+    );
     assert!(text.ends_with("\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "{text}");
 }
 
@@ -440,8 +446,10 @@ upstream = "a"
         let s = connect(web);
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
-        w.write_all(format!("POST /n{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi").as_bytes())
-            .unwrap();
+        w.write_all(
+            format!("POST /n{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi").as_bytes(),
+        )
+        .unwrap();
         let got = read_response(&mut r, false);
         assert_eq!(got.status(), 200, "request {i}: {got:?}");
     }
