@@ -52,13 +52,58 @@ pub struct UpstreamConn {
     idle_since: Instant,
 }
 
+/// Why connecting to an upstream server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// This process or host ran out of something (see
+    /// [`is_local_error`]): the server is not at fault.
+    #[error("connect: {0} (a local resource ran out; the server is not marked down)")]
+    Local(std::io::Error),
+    /// The connection was refused, reset, unreachable…
+    #[error("connect: {0}")]
+    Io(std::io::Error),
+    /// No answer within the connect timeout.
+    #[error("connect timed out")]
+    TimedOut,
+}
+
+impl ConnectError {
+    /// Whether the failure is local (not a sign the server is down).
+    pub fn is_local(&self) -> bool {
+        matches!(self, ConnectError::Local(_))
+    }
+}
+
+/// Whether `e` says a local resource ran out rather than that the peer
+/// failed: file descriptors (`EMFILE`, `ENFILE`), buffer or kernel memory
+/// (`ENOBUFS`, `ENOMEM`), or ephemeral ports (`EADDRNOTAVAIL`,
+/// `EADDRINUSE`). Such an error says nothing about the upstream server.
+pub fn is_local_error(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    Errno::from_io_error(e).is_some_and(|n| {
+        [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::NOMEM,
+            Errno::ADDRNOTAVAIL,
+            Errno::ADDRINUSE,
+        ]
+        .contains(&n)
+    })
+}
+
 impl UpstreamConn {
     /// Connects to `addr` (`TCP_NODELAY`, bounded by `connect_timeout`).
-    pub async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<Self, String> {
+    pub async fn connect(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<Self, ConnectError> {
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(format!("connect: {e}")),
-            Err(_) => return Err("connect timed out".to_owned()),
+            Ok(Err(e)) if is_local_error(&e) => return Err(ConnectError::Local(e)),
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Err(_) => return Err(ConnectError::TimedOut),
         };
         let _ = stream.set_nodelay(true);
         Ok(UpstreamConn {
@@ -177,6 +222,31 @@ impl IdlePool {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn local_resource_errors_are_told_apart() {
+        use rustix::io::Errno;
+        for local in [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::NOMEM,
+            Errno::ADDRNOTAVAIL,
+        ] {
+            let e = std::io::Error::from_raw_os_error(local.raw_os_error());
+            assert!(is_local_error(&e), "{e}");
+        }
+        for remote in [
+            Errno::CONNREFUSED,
+            Errno::CONNRESET,
+            Errno::HOSTUNREACH,
+            Errno::TIMEDOUT,
+        ] {
+            let e = std::io::Error::from_raw_os_error(remote.raw_os_error());
+            assert!(!is_local_error(&e), "{e}");
+        }
+        assert!(!is_local_error(&std::io::Error::other("not an errno")));
+    }
 
     #[tokio::test]
     async fn the_pool_hands_out_live_connections_only() {

@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::conn::{IdlePool, UpstreamConn, MAX_LOCAL_IDLE, READ_BUF};
+use crate::conn::{ConnectError, IdlePool, UpstreamConn, MAX_LOCAL_IDLE, READ_BUF};
 use crate::h1::{self, ChunkedScanner, Fields, Framing, Malformed};
 use crate::listener::{ConnGuard, ListenerStats};
 use crate::router::{self, Route, RouteTable, Target};
@@ -294,7 +294,7 @@ impl Client {
             Ok(f) => f,
             Err(_) => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
         };
-        let framing = match fields.request_framing() {
+        let framing = match fields.request_framing(http10) {
             Ok(f) => f,
             Err(_) => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
         };
@@ -308,7 +308,7 @@ impl Client {
             .and_then(|h| std::str::from_utf8(h.value).ok());
         // Origin form (`/path?query`) or absolute form (`http://host/path`).
         let absolute;
-        let (path, query, authority) = if target.starts_with('/') || target == "*" {
+        let (raw_path, query, authority) = if target.starts_with('/') || target == "*" {
             match target.split_once('?') {
                 Some((p, q)) => (p, Some(q), None),
                 None => (target, None, None),
@@ -324,7 +324,17 @@ impl Client {
                 absolute.authority().map(|a| a.as_str()),
             )
         };
-        let host = host_field.or(authority);
+        // The authority of an absolute-form target replaces `Host` (RFC 9112
+        // §3.2.2).
+        let host = authority.or(host_field);
+        // Routed as normalised, and forwarded so: what was routed is what
+        // the upstream sees.
+        let path = match router::normalize_path(raw_path) {
+            Ok(p) => p,
+            Err(_) => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
+        };
+        let path_changed = matches!(path, std::borrow::Cow::Owned(_));
+        let path = &*path;
         // A client that asked to close, or an HTTP/1.0 one that did not ask
         // to keep the connection, gets its connection closed.
         let client_keep = !fields.close && (!http10 || fields.keep_alive);
@@ -362,6 +372,7 @@ impl Client {
                     path,
                     query,
                     absolute: authority.is_some(),
+                    path_changed,
                     host,
                     host_field: host_field.is_some(),
                     http10,
@@ -462,10 +473,16 @@ impl Client {
             tried.push(server.addr);
             done.server = Some(server.addr);
             let in_flight = server.begin();
-            let deadline = Instant::now() + route.timeout;
             let mut conn = match self.checkout(server.addr).await {
                 Ok(c) => c,
+                Err(error) if error.is_local() => {
+                    // Out of fds or ports here: the server is not at fault
+                    // (and another one would fail the same way).
+                    tracing::warn!(server = %server.addr, %error, "upstream request failed");
+                    return self.fail(done, StatusCode::SERVICE_UNAVAILABLE).await;
+                }
                 Err(error) => {
+                    let error = error.to_string();
                     server.mark_failed(pool.fail_timeout, &error);
                     if retryable && tried.len() < pool.servers.len() {
                         continue;
@@ -479,12 +496,14 @@ impl Client {
             let mut fresh_retry = retryable && idempotent;
             let result = loop {
                 self.upstream_head(req, f, strip, upgrade, conn.addr);
-                let sent = self
-                    .send_request(&mut conn, buf, head_len, f, deadline)
-                    .await;
+                let sent = self.send_request(&mut conn, buf, head_len, f).await;
                 let r = match sent {
                     Ok(used) => {
                         done.used = used;
+                        // The route's timeout counts from the end of the
+                        // request body: a slow upload is the client's
+                        // timeout's business.
+                        let deadline = Instant::now() + route.timeout;
                         self.response_head(&mut conn, deadline, f).await
                     }
                     Err(e) => Err(e),
@@ -494,7 +513,8 @@ impl Client {
                         fresh_retry = false;
                         match UpstreamConn::connect(conn.addr, CONNECT_TIMEOUT).await {
                             Ok(c) => conn = c,
-                            Err(e) => break Err(Upstream::Failed(e)),
+                            Err(e) if e.is_local() => break Err(Upstream::Local(e.to_string())),
+                            Err(e) => break Err(Upstream::Failed(e.to_string())),
                         }
                     }
                     r => break r,
@@ -503,6 +523,13 @@ impl Client {
             match result {
                 Ok(head) => break (conn, server, in_flight, head),
                 Err(Upstream::Client) => return self.fail(done, StatusCode::BAD_REQUEST).await,
+                Err(Upstream::ClientTimedOut) => {
+                    return self.fail(done, StatusCode::REQUEST_TIMEOUT).await
+                }
+                Err(Upstream::Local(error)) => {
+                    tracing::warn!(server = %server.addr, error, "upstream request failed");
+                    return self.fail(done, StatusCode::SERVICE_UNAVAILABLE).await;
+                }
                 Err(Upstream::TimedOut) => {
                     tracing::warn!(server = %server.addr, timeout = ?route.timeout, "upstream timed out");
                     return self.fail(done, StatusCode::GATEWAY_TIMEOUT).await;
@@ -540,7 +567,9 @@ impl Client {
             });
             return done;
         }
-        done.outcome = self.relay_response(conn, resp_head, f).await;
+        done.outcome = self
+            .relay_response(conn, resp_head, f, &mut done.status)
+            .await;
         drop(in_flight);
         done
     }
@@ -552,6 +581,8 @@ impl Client {
         let body: &[u8] = match status {
             StatusCode::BAD_GATEWAY => b"bad gateway\n",
             StatusCode::GATEWAY_TIMEOUT => b"gateway timeout\n",
+            StatusCode::SERVICE_UNAVAILABLE => b"service unavailable\n",
+            StatusCode::REQUEST_TIMEOUT => b"request timeout\n",
             _ => b"bad request\n",
         };
         self.close_with(status, body).await;
@@ -561,7 +592,7 @@ impl Client {
 
     /// An idle connection of this client connection, else one from the
     /// shared pool, else a new one.
-    async fn checkout(&mut self, addr: SocketAddr) -> Result<UpstreamConn, String> {
+    async fn checkout(&mut self, addr: SocketAddr) -> Result<UpstreamConn, ConnectError> {
         let now = std::time::Instant::now();
         while let Some(i) = self.local.iter().position(|c| c.addr == addr) {
             let c = self.local.swap_remove(i);
@@ -588,7 +619,7 @@ impl Client {
         out.clear();
         out.extend_from_slice(f.method.as_bytes());
         out.push(b' ');
-        if strip.is_some() || f.absolute {
+        if strip.is_some() || f.absolute || f.path_changed {
             let path = match strip {
                 Some(prefix) => std::borrow::Cow::Owned(router::strip(prefix, f.path)),
                 None => std::borrow::Cow::Borrowed(f.path),
@@ -611,8 +642,16 @@ impl Client {
         let mut xff: Option<Vec<u8>> = None;
         for h in req.headers.iter() {
             let name = h.name;
+            // A chunked body stays chunked: its codings go on as they came
+            // (`gzip, chunked` too).
+            if name.eq_ignore_ascii_case("transfer-encoding") && f.framing == Framing::Chunked {
+                h1::put_header(out, name.as_bytes(), h.value);
+                continue;
+            }
             if h1::is_hop_by_hop(name)
                 || name.eq_ignore_ascii_case("x-forwarded-proto")
+                // An absolute-form target's authority replaces `Host`.
+                || (f.absolute && name.eq_ignore_ascii_case("host"))
                 || name.eq_ignore_ascii_case("expect")
                 || listed
                     .iter()
@@ -630,7 +669,7 @@ impl Client {
             }
             h1::put_header(out, name.as_bytes(), h.value);
         }
-        if !f.host_field {
+        if f.absolute || !f.host_field {
             match f.host {
                 Some(h) => h1::put_header(out, b"host", h.as_bytes()),
                 None => {
@@ -655,9 +694,6 @@ impl Client {
             out.push(b'"');
         }
         out.extend_from_slice(b"\r\n");
-        if f.framing == Framing::Chunked {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
         if let Some(p) = upgrade {
             out.extend_from_slice(b"connection: upgrade\r\n");
             h1::put_header(out, b"upgrade", p);
@@ -666,17 +702,18 @@ impl Client {
     }
 
     /// Sends `wbuf` (the head) and the request body; returns how much of
-    /// `buf` the request used (head and body).
+    /// `buf` the request used (head and body). While the body comes, the
+    /// client's timeout applies ([`KEEPALIVE_TIMEOUT`] between reads), and
+    /// bounds the upstream's reading too.
     async fn send_request(
         &mut self,
         conn: &mut UpstreamConn,
         buf: &[u8],
         head_len: usize,
         f: &Forwarded<'_>,
-        deadline: Instant,
     ) -> Result<usize, Upstream> {
         let rest = &buf[head_len..];
-        self.timer.set(deadline);
+        self.timer.set(self.last_active + KEEPALIVE_TIMEOUT);
         match f.framing {
             Framing::None | Framing::Close => {
                 self.write_upstream(conn).await?;
@@ -732,12 +769,14 @@ impl Client {
             .map_err(|_| Upstream::Client)
     }
 
-    /// Reads up to `max` bytes of request body into `copy`.
+    /// Reads up to `max` bytes of request body into `copy`, within
+    /// [`KEEPALIVE_TIMEOUT`] of the client's last bytes.
     async fn read_client_body(&mut self, max: usize) -> Result<usize, Upstream> {
         self.copy.resize(max.max(1), 0);
+        self.timer.set(self.last_active + KEEPALIVE_TIMEOUT);
         let n = tokio::select! {
             r = self.stream.read(&mut self.copy[..max]) => r.map_err(|_| Upstream::Client)?,
-            _ = self.timer.fired() => return Err(Upstream::TimedOut),
+            _ = self.timer.fired() => return Err(Upstream::ClientTimedOut),
         };
         if n == 0 {
             return Err(Upstream::Client);
@@ -828,12 +867,16 @@ impl Client {
     }
 
     /// Copies the response to the client; the upstream connection goes
-    /// back to this client connection if it can carry another request.
+    /// back to this client connection if it can carry another request. A
+    /// chunked body that breaks the coding before anything was sent to the
+    /// client becomes a `502` (`status` says so); once bytes went out, the
+    /// client connection is closed.
     async fn relay_response(
         &mut self,
         mut conn: UpstreamConn,
         head: ResponseHead,
         f: &Forwarded<'_>,
+        status: &mut u16,
     ) -> Outcome {
         let persist = head.persist;
         let framing = head.framing;
@@ -876,6 +919,7 @@ impl Client {
             Framing::Chunked => {
                 let decode = f.http10;
                 let mut scanner = ChunkedScanner::default();
+                let mut sent_any = false;
                 loop {
                     let avail = conn.buf.len();
                     let used = if decode {
@@ -889,12 +933,19 @@ impl Client {
                         used
                     };
                     let Ok(used) = used else {
+                        tracing::warn!(server = %conn.addr, sent_any, "upstream sent a malformed chunked body");
+                        if !sent_any {
+                            *status = 502;
+                            self.close_with(StatusCode::BAD_GATEWAY, b"bad gateway\n")
+                                .await;
+                        }
                         return Outcome::Close;
                     };
                     conn.buf.advance(used);
                     if self.stream.write_all(&self.wbuf).await.is_err() {
                         return Outcome::Close;
                     }
+                    sent_any = true;
                     self.wbuf.clear();
                     if scanner.is_done() {
                         break;
@@ -968,6 +1019,14 @@ fn client_head(
             h1::put_header(out, name.as_bytes(), h.value);
             continue;
         }
+        // Transfer codings go on as they came to an HTTP/1.1 client (an
+        // HTTP/1.0 one gets the chunked coding taken off).
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            if !f.http10 && !switching {
+                h1::put_header(out, name.as_bytes(), h.value);
+            }
+            continue;
+        }
         if h1::is_hop_by_hop(name)
             || (fields.transfer_encoding && name.eq_ignore_ascii_case("content-length"))
             || listed
@@ -989,9 +1048,6 @@ fn client_head(
             Framing::Chunked => !f.http10,
             _ => true,
         };
-    if framing == Framing::Chunked && !f.http10 {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
     h1::put_connection(out, persist, f.http10);
     out.extend_from_slice(b"\r\n");
     persist
@@ -1016,6 +1072,8 @@ struct Forwarded<'a> {
     query: Option<&'a str>,
     /// The target was in absolute form.
     absolute: bool,
+    /// `path` is the target's path normalised, not as sent.
+    path_changed: bool,
     host: Option<&'a str>,
     /// The client sent a `Host` field.
     host_field: bool,
@@ -1060,6 +1118,11 @@ enum Action<'r> {
 enum Upstream {
     /// The client went away or sent a malformed body.
     Client,
+    /// The client stopped sending its body.
+    ClientTimedOut,
+    /// Connecting failed for lack of a local resource (the server is not
+    /// at fault).
+    Local(String),
     /// No response head within the route's timeout.
     TimedOut,
     /// A reused connection turned out closed before any response.

@@ -24,11 +24,14 @@ pub enum Malformed {
     /// The head is larger than [`MAX_HEAD`] or has more than [`MAX_HEADERS`]
     /// fields.
     TooLarge,
-    /// `Content-Length` is invalid, or given twice with different values.
+    /// `Content-Length` is invalid, or given more than once.
     ContentLength,
     /// A `Transfer-Encoding` other than one ending in `chunked` (requests),
-    /// or both `Transfer-Encoding` and `Content-Length` in a request.
+    /// both `Transfer-Encoding` and `Content-Length` in a request, or
+    /// `Transfer-Encoding` in an HTTP/1.0 request.
     TransferEncoding,
+    /// A request with more than one `Host` field.
+    Host,
     /// A chunked body does not follow the coding.
     Chunk,
 }
@@ -40,6 +43,7 @@ impl fmt::Display for Malformed {
             Malformed::TooLarge => "head too large",
             Malformed::ContentLength => "invalid content-length",
             Malformed::TransferEncoding => "unsupported transfer-encoding",
+            Malformed::Host => "more than one host field",
             Malformed::Chunk => "malformed chunked body",
         })
     }
@@ -61,8 +65,10 @@ pub enum Framing {
 /// What the proxy needs to know of a head's fields.
 #[derive(Debug, Default)]
 pub struct Fields {
-    /// `Content-Length`, if given (and consistent).
+    /// `Content-Length`, if given (once).
     pub content_length: Option<u64>,
+    /// How many `Host` fields there are.
+    pub hosts: u8,
     /// `Transfer-Encoding` given.
     pub transfer_encoding: bool,
     /// The last transfer coding is `chunked`.
@@ -79,16 +85,21 @@ pub struct Fields {
 
 impl Fields {
     /// Reads the fields of `headers` that decide framing and persistence.
+    /// `Content-Length` given twice is refused even with the same value
+    /// (senders that repeat it are rare; recipients that merge repeated
+    /// fields into `5, 5` and then read it differently are not).
     pub fn of(headers: &[httparse::Header<'_>]) -> Result<Fields, Malformed> {
         let mut f = Fields::default();
         for h in headers {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
                 let n = parse_length(h.value).ok_or(Malformed::ContentLength)?;
-                if f.content_length.is_some_and(|m| m != n) {
+                if f.content_length.is_some() {
                     return Err(Malformed::ContentLength);
                 }
                 f.content_length = Some(n);
+            } else if name.eq_ignore_ascii_case(b"host") {
+                f.hosts = f.hosts.saturating_add(1);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 f.transfer_encoding = true;
                 // The last coding decides; a later field continues the list.
@@ -113,12 +124,16 @@ impl Fields {
     }
 
     /// The framing of a request body (RFC 9112 §6.3): a request with both
-    /// `Transfer-Encoding` and `Content-Length`, or with a transfer coding
-    /// that does not end in `chunked`, is refused (the classic request
-    /// smuggling vectors).
-    pub fn request_framing(&self) -> Result<Framing, Malformed> {
+    /// `Transfer-Encoding` and `Content-Length`, with a transfer coding
+    /// that does not end in `chunked`, with `Transfer-Encoding` from an
+    /// HTTP/1.0 client (`http10`), or with two `Host` fields is refused
+    /// (the classic request smuggling vectors).
+    pub fn request_framing(&self, http10: bool) -> Result<Framing, Malformed> {
+        if self.hosts > 1 {
+            return Err(Malformed::Host);
+        }
         if self.transfer_encoding {
-            if !self.chunked || self.content_length.is_some() {
+            if !self.chunked || self.content_length.is_some() || http10 {
                 return Err(Malformed::TransferEncoding);
             }
             return Ok(Framing::Chunked);
@@ -195,8 +210,26 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// Fields a `Connection` token can never remove: the ones that frame or
+/// route a message, and the ones the proxy writes itself. Such a token is
+/// ignored (the field is handled as if it were not listed), in requests
+/// and responses alike: `Connection: content-length` would otherwise make
+/// the proxy frame a body by a length the next hop never sees.
+pub fn is_protected(name: &[u8]) -> bool {
+    const PROTECTED: [&[u8]; 6] = [
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"forwarded",
+    ];
+    PROTECTED.iter().any(|p| name.eq_ignore_ascii_case(p))
+}
+
 /// The field names listed in the `Connection` fields of `headers` (other
-/// than the ones with a meaning of their own), which are hop-by-hop too.
+/// than the ones with a meaning of their own and the [protected
+/// ones](is_protected)), which are hop-by-hop too.
 pub fn connection_listed<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
     let mut listed = Vec::new();
     for h in headers {
@@ -205,6 +238,7 @@ pub fn connection_listed<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> 
                 if !t.eq_ignore_ascii_case(b"close")
                     && !t.eq_ignore_ascii_case(b"keep-alive")
                     && !t.eq_ignore_ascii_case(b"upgrade")
+                    && !is_protected(t)
                 {
                     listed.push(t);
                 }
@@ -313,7 +347,9 @@ enum ChunkState {
     /// Reading the hexadecimal size.
     #[default]
     Size,
-    /// After the size: extensions, up to the line's end.
+    /// After the size: blanks before `;` or the line's end.
+    SizeWs,
+    /// Extensions, up to the line's end.
     Ext,
     /// Expecting `\n` after the size line's `\r`.
     SizeLf,
@@ -325,14 +361,26 @@ enum ChunkState {
     DataLf,
     /// At the start of a trailer line (or of the final empty line).
     TrailerStart,
-    /// Inside a trailer line.
-    Trailer,
+    /// Inside a trailer field's name.
+    TrailerName,
+    /// Inside a trailer field's value.
+    TrailerValue,
     /// Expecting `\n` ending a trailer line.
     TrailerLf,
     /// Expecting `\n` ending the body.
     EndLf,
     /// The body has ended.
     Done,
+}
+
+/// A `tchar` of RFC 9110 §5.6.2 (a field name's characters).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A control character other than HTAB (never inside a line).
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
 }
 
 impl ChunkedScanner {
@@ -344,6 +392,13 @@ impl ChunkedScanner {
     /// Scans `buf`: returns how many bytes belong to the body (all of
     /// `buf` unless the body ends inside it) and calls `data` with each run
     /// of chunk data among them.
+    ///
+    /// Strict where other parsers are lenient, so that no next hop can end
+    /// the body elsewhere: every line ends in CRLF (a bare LF anywhere, in
+    /// a size line, an extension, after data or in a trailer, is an
+    /// error), a size line is hex digits, optional blanks, then `;`
+    /// extensions without control characters, and a trailer line is a
+    /// field (`name: value`, no obs-fold, no control characters).
     pub fn feed(&mut self, buf: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, Malformed> {
         let mut i = 0;
         while i < buf.len() {
@@ -357,13 +412,20 @@ impl ChunkedScanner {
                     Some(_) => return Err(Malformed::Chunk),
                     None if self.digits == 0 => return Err(Malformed::Chunk),
                     None if b == b'\r' => self.state = ChunkState::SizeLf,
-                    None if b == b';' || b == b' ' || b == b'\t' => self.state = ChunkState::Ext,
+                    None if b == b';' => self.state = ChunkState::Ext,
+                    None if b == b' ' || b == b'\t' => self.state = ChunkState::SizeWs,
                     None => return Err(Malformed::Chunk),
+                },
+                ChunkState::SizeWs => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = ChunkState::Ext,
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    _ => return Err(Malformed::Chunk),
                 },
                 ChunkState::Ext => {
                     if b == b'\r' {
                         self.state = ChunkState::SizeLf;
-                    } else if b == b'\n' {
+                    } else if is_ctl(b) {
                         return Err(Malformed::Chunk);
                     }
                 }
@@ -403,13 +465,24 @@ impl ChunkedScanner {
                 ChunkState::TrailerStart => {
                     self.state = if b == b'\r' {
                         ChunkState::EndLf
+                    } else if is_tchar(b) {
+                        ChunkState::TrailerName
                     } else {
-                        ChunkState::Trailer
+                        return Err(Malformed::Chunk);
                     };
                 }
-                ChunkState::Trailer => {
+                ChunkState::TrailerName => {
+                    if b == b':' {
+                        self.state = ChunkState::TrailerValue;
+                    } else if !is_tchar(b) {
+                        return Err(Malformed::Chunk);
+                    }
+                }
+                ChunkState::TrailerValue => {
                     if b == b'\r' {
                         self.state = ChunkState::TrailerLf;
+                    } else if is_ctl(b) {
+                        return Err(Malformed::Chunk);
                     }
                 }
                 ChunkState::TrailerLf => {
@@ -453,27 +526,81 @@ mod tests {
     #[test]
     fn request_framing_refuses_smuggling_vectors() {
         let f = fields(&[("Content-Length", b"12")]).unwrap();
-        assert_eq!(f.request_framing(), Ok(Framing::Length(12)));
+        assert_eq!(f.request_framing(false), Ok(Framing::Length(12)));
         let f = fields(&[("content-length", b"0")]).unwrap();
-        assert_eq!(f.request_framing(), Ok(Framing::None));
+        assert_eq!(f.request_framing(false), Ok(Framing::None));
         let f = fields(&[]).unwrap();
-        assert_eq!(f.request_framing(), Ok(Framing::None));
+        assert_eq!(f.request_framing(false), Ok(Framing::None));
         let f = fields(&[("Transfer-Encoding", b"gzip, chunked")]).unwrap();
-        assert_eq!(f.request_framing(), Ok(Framing::Chunked));
+        assert_eq!(f.request_framing(false), Ok(Framing::Chunked));
         // Both: refused.
         let f = fields(&[("Transfer-Encoding", b"chunked"), ("Content-Length", b"5")]).unwrap();
-        assert_eq!(f.request_framing(), Err(Malformed::TransferEncoding));
+        assert_eq!(f.request_framing(false), Err(Malformed::TransferEncoding));
         // Not ending in chunked: refused.
         let f = fields(&[("Transfer-Encoding", b"chunked, gzip")]).unwrap();
-        assert_eq!(f.request_framing(), Err(Malformed::TransferEncoding));
+        assert_eq!(f.request_framing(false), Err(Malformed::TransferEncoding));
         // Two different lengths, a sign, garbage, overflow: refused.
         assert!(fields(&[("Content-Length", b"5"), ("Content-Length", b"6")]).is_err());
         assert!(fields(&[("Content-Length", b"+5")]).is_err());
         assert!(fields(&[("Content-Length", b"5, 5")]).is_err());
         assert!(fields(&[("Content-Length", b"99999999999999999999")]).is_err());
-        // The same length twice is fine.
-        let f = fields(&[("Content-Length", b"5"), ("content-length", b" 5 ")]).unwrap();
-        assert_eq!(f.request_framing(), Ok(Framing::Length(5)));
+        // The same length twice: refused too (a duplicate line is a 400).
+        assert_eq!(
+            fields(&[("Content-Length", b"5"), ("content-length", b" 5 ")]).err(),
+            Some(Malformed::ContentLength)
+        );
+        assert_eq!(
+            fields(&[("Content-Length", b"0"), ("Content-Length", b"0")]).err(),
+            Some(Malformed::ContentLength)
+        );
+    }
+
+    #[test]
+    fn http10_with_transfer_encoding_and_two_hosts_are_refused() {
+        let f = fields(&[("Transfer-Encoding", b"chunked")]).unwrap();
+        assert_eq!(f.request_framing(false), Ok(Framing::Chunked));
+        assert_eq!(f.request_framing(true), Err(Malformed::TransferEncoding));
+        // HTTP/1.0 with a length is fine.
+        let f = fields(&[("Content-Length", b"3")]).unwrap();
+        assert_eq!(f.request_framing(true), Ok(Framing::Length(3)));
+        let f = fields(&[("Host", b"a"), ("host", b"b")]).unwrap();
+        assert_eq!(f.request_framing(false), Err(Malformed::Host));
+        let f = fields(&[("Host", b"a"), ("host", b"a")]).unwrap();
+        assert_eq!(f.request_framing(false), Err(Malformed::Host));
+        let f = fields(&[("Host", b"a")]).unwrap();
+        assert_eq!(f.request_framing(false), Ok(Framing::None));
+    }
+
+    #[test]
+    fn connection_cannot_name_framing_routing_or_proxy_fields() {
+        let headers = [
+            httparse::Header {
+                name: "Connection",
+                value: b"Content-Length, host, x-secret",
+            },
+            httparse::Header {
+                name: "connection",
+                value: b"TRANSFER-ENCODING,X-Forwarded-For, forwarded, x-forwarded-proto",
+            },
+            httparse::Header {
+                name: "Content-Length",
+                value: b"5",
+            },
+        ];
+        assert_eq!(connection_listed(&headers), vec![&b"x-secret"[..]]);
+        // The framing is read as if `Connection` did not name the field.
+        let f = Fields::of(&headers).unwrap();
+        assert_eq!(f.request_framing(false), Ok(Framing::Length(5)));
+        assert_eq!(f.response_framing("GET", 200), Framing::Length(5));
+        for name in [
+            "content-length",
+            "Transfer-Encoding",
+            "HOST",
+            "x-forwarded-for",
+        ] {
+            assert!(is_protected(name.as_bytes()), "{name}");
+        }
+        assert!(!is_protected(b"x-secret"));
     }
 
     #[test]
@@ -549,6 +676,68 @@ mod tests {
         assert!(scan_all(&[b"3\r\nabcX"]).is_err());
         assert!(scan_all(&[b"3\nabc"]).is_err());
         assert!(scan_all(&[b"11111111111111111\r\n"]).is_err());
+        // Blanks after the size: only before `;` or the line's end.
+        assert!(scan_all(&[b"3 \t;e=1\r\nabc\r\n0\r\n\r\n"]).unwrap().2);
+        assert!(scan_all(&[b"3 4\r\nabc\r\n"]).is_err());
+        assert!(scan_all(&[b"3;a\0b\r\nabc\r\n"]).is_err());
+    }
+
+    /// A bare LF anywhere in the chunked framing is an error, whether the
+    /// bytes come at once or one by one (nginx and Node end lines at a bare
+    /// LF: a scanner that does not would end the body elsewhere).
+    #[test]
+    fn chunked_scanner_refuses_a_bare_lf_anywhere() {
+        let bad: [&[u8]; 10] = [
+            // In the size line.
+            b"3\nabc\r\n0\r\n\r\n",
+            b"3 \nabc\r\n0\r\n\r\n",
+            // In an extension.
+            b"3;ext\nabc\r\n0\r\n\r\n",
+            b"3;ext\n\r\nabc\r\n0\r\n\r\n",
+            // At the end of data.
+            b"3\r\nabc\n0\r\n\r\n",
+            // In the last chunk's line.
+            b"0\n\r\n",
+            // In a trailer and at the end.
+            b"0\r\nX: y\n\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"0\r\nX: y\r\n\n",
+            b"0\r\n\n",
+            b"0\r\nX: y\nZ: w\r\n\r\n",
+        ];
+        for body in bad {
+            assert!(
+                scan_all(&[body]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            let pieces: Vec<&[u8]> = body.chunks(1).collect();
+            assert!(
+                scan_all(&pieces).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_trailers_must_be_fields() {
+        let good = b"0\r\nX-A: 1\r\nx-b:\t2 3\r\n\r\n";
+        assert!(scan_all(&[good]).unwrap().2);
+        let bad: [&[u8]; 5] = [
+            // obs-fold, no name, no colon, a space in the name, a NUL.
+            b"0\r\nX-A: 1\r\n  folded\r\n\r\n",
+            b"0\r\n: v\r\n\r\n",
+            b"0\r\nGET / HTTP/1.1\r\n\r\n",
+            b"0\r\nX A: 1\r\n\r\n",
+            b"0\r\nX: a\0b\r\n\r\n",
+        ];
+        for body in bad {
+            assert!(
+                scan_all(&[body]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

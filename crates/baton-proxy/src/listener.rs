@@ -303,6 +303,11 @@ async fn tcp_connection(
         };
         match result {
             Ok(Ok(s)) => break (server, s),
+            Ok(Err(e)) if crate::conn::is_local_error(&e) => {
+                // Out of fds or ports here: not the server's fault.
+                tracing::warn!(listener, client = %peer, server = %server.addr, error = %e, "connect failed for lack of a local resource; closing");
+                return;
+            }
             Ok(Err(e)) => server.mark_failed(pool.fail_timeout, &format!("connect: {e}")),
             Err(_) => server.mark_failed(pool.fail_timeout, "connect timed out"),
         }

@@ -260,6 +260,105 @@ fn normalize_host(h: &str) -> String {
     without_port.to_ascii_lowercase()
 }
 
+/// Why a request path cannot be routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadPath {
+    /// A `%` not followed by two hexadecimal digits.
+    #[error("invalid percent-encoding in the path")]
+    Encoding,
+    /// More `..` segments than there are segments above them.
+    #[error("the path climbs above the root")]
+    AboveRoot,
+}
+
+/// The path routes are matched against, and that is forwarded:
+///
+/// 1. `%XX` of an unreserved character (`A-Z a-z 0-9 - . _ ~`) is decoded
+///    (`/%61dmin` → `/admin`); every other `%XX` stays as it came (so
+///    `%2F` is not a separator); a `%` without two hex digits is an error;
+/// 2. runs of `/` are merged into one (`//admin` → `/admin`);
+/// 3. `.` and `..` segments are removed as RFC 3986 §5.2.4 says
+///    (`/x/../admin` → `/admin`, `/a/.` → `/a/`); a `..` above the root is
+///    an error (nginx answers 400 too).
+///
+/// A path needing none of this is returned as it is, without allocating.
+/// `path` is the part of an origin-form target before `?` (`*` is left
+/// alone).
+pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, BadPath> {
+    use std::borrow::Cow;
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') || is_normal(b) {
+        return Ok(Cow::Borrowed(path));
+    }
+    // 1. Percent-decoding of unreserved characters.
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+            let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                return Err(BadPath::Encoding);
+            };
+            let c = (hi * 16 + lo) as u8;
+            if is_unreserved(c) {
+                decoded.push(c as char);
+            } else {
+                decoded.push_str(&path[i..i + 3]);
+            }
+            i += 3;
+        } else {
+            let start = i;
+            while i < b.len() && b[i] != b'%' {
+                i += 1;
+            }
+            decoded.push_str(&path[start..i]);
+        }
+    }
+    // 2 and 3. Merged slashes, dot segments.
+    let mut out = String::with_capacity(decoded.len());
+    let mut trailing_slash = false;
+    for seg in decoded.split('/').skip(1) {
+        match seg {
+            "" | "." => trailing_slash = true,
+            ".." => {
+                let Some(cut) = out.rfind('/') else {
+                    return Err(BadPath::AboveRoot);
+                };
+                out.truncate(cut);
+                trailing_slash = true;
+            }
+            s => {
+                out.push('/');
+                out.push_str(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+fn is_unreserved(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Whether `path` (starting with `/`) is already normal: no `%`, no `//`,
+/// no `.` or `..` segment. One pass, no allocation.
+fn is_normal(b: &[u8]) -> bool {
+    // Each segment follows a `/` (the path starts with one).
+    let mut segs = b.split(|c| *c == b'/').skip(1).peekable();
+    while let Some(seg) = segs.next() {
+        // An empty segment other than a final one is `//`.
+        let last = segs.peek().is_none();
+        if (seg.is_empty() && !last) || seg == b"." || seg == b".." || seg.contains(&b'%') {
+            return false;
+        }
+    }
+    true
+}
+
 /// Whether `prefix` matches `path` on a segment boundary.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     if !path.starts_with(prefix) {
@@ -378,6 +477,63 @@ mod tests {
     fn no_route_is_none() {
         let t = RouteTable::build("web", &[route(None, "/api", "api")], &HashMap::new());
         assert!(t.find(None, "/").is_none());
+    }
+
+    #[test]
+    fn paths_are_normalised_before_routing() {
+        let cases: &[(&str, Result<&str, BadPath>)] = &[
+            // Already normal: unchanged.
+            ("/", Ok("/")),
+            ("/admin", Ok("/admin")),
+            ("/a/b/", Ok("/a/b/")),
+            ("/.well-known/x", Ok("/.well-known/x")),
+            ("/a..b/c.", Ok("/a..b/c.")),
+            // Dot segments (RFC 3986 §5.2.4).
+            ("/x/../admin", Ok("/admin")),
+            ("/x/./admin", Ok("/x/admin")),
+            ("/a/b/..", Ok("/a/")),
+            ("/a/.", Ok("/a/")),
+            ("/a/b/../../c", Ok("/c")),
+            ("/a/..", Ok("/")),
+            ("/.", Ok("/")),
+            // Merged slashes.
+            ("//admin", Ok("/admin")),
+            ("/a///b//", Ok("/a/b/")),
+            ("//", Ok("/")),
+            // Unreserved characters decoded, any hex case; others kept.
+            ("/%61dmin", Ok("/admin")),
+            ("/%41%7a%2d%2E%5f%7E", Ok("/Az-._~")),
+            ("/a%2Fb", Ok("/a%2Fb")),
+            ("/a%2fb/%20", Ok("/a%2fb/%20")),
+            ("/%2e%2e/admin", Err(BadPath::AboveRoot)),
+            ("/x/%2e%2E/admin", Ok("/admin")),
+            ("/x/.%2e/admin", Ok("/admin")),
+            ("/x/%2e/admin", Ok("/x/admin")),
+            // Above the root, bad encodings.
+            ("/..", Err(BadPath::AboveRoot)),
+            ("/../admin", Err(BadPath::AboveRoot)),
+            ("/a/../../admin", Err(BadPath::AboveRoot)),
+            ("/%", Err(BadPath::Encoding)),
+            ("/%6", Err(BadPath::Encoding)),
+            ("/%zz", Err(BadPath::Encoding)),
+            // Not origin form: left alone.
+            ("*", Ok("*")),
+        ];
+        for (path, want) in cases {
+            let got = normalize_path(path);
+            assert_eq!(got.as_deref().map_err(|e| *e), *want, "{path}");
+        }
+        // Normal paths cost no allocation.
+        assert!(matches!(
+            normalize_path("/api/v1/users/"),
+            Ok(std::borrow::Cow::Borrowed(_))
+        ));
+        // Idempotent.
+        for (path, want) in cases {
+            if let Ok(w) = want {
+                assert_eq!(normalize_path(w).as_deref(), Ok(*w), "{path}");
+            }
+        }
     }
 
     #[test]

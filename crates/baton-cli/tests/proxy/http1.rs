@@ -8,25 +8,25 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::{web_to_a, Proxy};
 
-const TIMEOUT: Duration = Duration::from_secs(10);
+pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request or response as read off the wire.
 #[derive(Debug, Clone)]
-struct Message {
+pub struct Message {
     /// The request or status line.
-    line: String,
-    headers: Vec<(String, String)>,
+    pub line: String,
+    pub headers: Vec<(String, String)>,
     /// The body as on the wire (chunked coding kept, trailers included).
-    body: Vec<u8>,
+    pub body: Vec<u8>,
 }
 
 impl Message {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -34,7 +34,7 @@ impl Message {
     }
 
     /// The status of a response.
-    fn status(&self) -> u16 {
+    pub fn status(&self) -> u16 {
         self.line
             .split(' ')
             .nth(1)
@@ -57,7 +57,7 @@ enum Body {
 
 /// Reads one message: head, then the body as `body(head)` says. `None` at
 /// end of file or on anything that does not parse.
-fn read_message(r: &mut BufReader<TcpStream>, body: fn(&Message) -> Body) -> Option<Message> {
+fn read_message(r: &mut BufReader<impl Read>, body: fn(&Message) -> Body) -> Option<Message> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
         return None;
@@ -117,54 +117,236 @@ fn read_message(r: &mut BufReader<TcpStream>, body: fn(&Message) -> Body) -> Opt
 /// What the scripted upstream does with the `n`th request on a connection
 /// (from 0): the bytes to answer and whether to close the connection
 /// afterwards, or `None` to close it without answering.
-type Script = fn(&Message, usize) -> Option<(Vec<u8>, bool)>;
+pub type Script = fn(&Message, usize) -> Option<(Vec<u8>, bool)>;
+
+/// The bytes one upstream connection received.
+#[derive(Debug, Default, Clone)]
+pub struct Received {
+    pub bytes: Vec<u8>,
+    /// The proxy closed the connection: nothing more will come.
+    pub done: bool,
+}
+
+/// A running scripted upstream.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    /// Every request it parsed, in order.
+    pub seen: mpsc::Receiver<Message>,
+    /// Every connection's bytes, in the order they were accepted.
+    pub conns: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Scripted {
+    /// A copy of what every connection received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.conns.lock().unwrap().clone()
+    }
+}
+
+/// Records what it reads into one connection's [`Received`].
+struct Tee {
+    inner: TcpStream,
+    conns: Arc<Mutex<Vec<Received>>>,
+    index: usize,
+}
+
+impl Read for Tee {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.conns.lock().unwrap()[self.index]
+            .bytes
+            .extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
 
 /// Starts the scripted upstream; every request it receives is sent on the
 /// returned channel.
-fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Message>) {
+pub fn scripted(script: Script) -> (SocketAddr, mpsc::Receiver<Message>) {
+    let s = recording(script);
+    (s.addr, s.seen)
+}
+
+/// The scripted upstream, also recording every byte each connection
+/// receives. When the script closes a connection (or a request does not
+/// parse), the upstream stops sending and reads on until the proxy closes
+/// too, so that nothing the proxy sent goes unrecorded.
+pub fn recording(script: Script) -> Scripted {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
+    let conns: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let all = conns.clone();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { return };
             let tx = tx.clone();
+            let index = {
+                let mut c = all.lock().unwrap();
+                c.push(Received::default());
+                c.len() - 1
+            };
+            let conns = all.clone();
             std::thread::spawn(move || {
                 let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                let mut n = 0;
-                while let Some(seen) = read_message(&mut r, |_| Body::Framed) {
-                    let action = script(&seen, n);
-                    n += 1;
-                    if tx.send(seen).is_err() {
-                        return;
-                    }
-                    let Some((answer, close)) = action else {
-                        return;
-                    };
-                    // `PAUSE` in an answer: what comes before it is sent,
-                    // the rest once the test calls `release` (a slow body).
-                    let (now, later) = match answer.windows(5).position(|x| x == b"PAUSE") {
-                        Some(i) => (&answer[..i], &answer[i + 5..]),
-                        None => (&answer[..], &[][..]),
-                    };
-                    if w.write_all(now).is_err() {
-                        return;
-                    }
-                    if !later.is_empty() {
-                        wait_for_release();
-                        if w.write_all(later).is_err() {
-                            return;
-                        }
-                    }
-                    if close {
-                        return;
-                    }
-                }
+                let mut r = BufReader::new(Tee {
+                    inner: s,
+                    conns: conns.clone(),
+                    index,
+                });
+                serve_script(script, &mut r, &mut w, &tx);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+                let _ = std::io::copy(&mut r, &mut std::io::sink());
+                conns.lock().unwrap()[index].done = true;
             });
         }
     });
-    (addr, rx)
+    Scripted {
+        addr,
+        seen: rx,
+        conns,
+    }
+}
+
+/// Answers requests on one connection as `script` says, until it closes.
+fn serve_script(
+    script: Script,
+    r: &mut BufReader<Tee>,
+    w: &mut TcpStream,
+    tx: &mpsc::Sender<Message>,
+) {
+    let mut n = 0;
+    while let Some(seen) = read_message(r, |_| Body::Framed) {
+        let action = script(&seen, n);
+        n += 1;
+        let _ = tx.send(seen);
+        let Some((answer, close)) = action else {
+            return;
+        };
+        // `PAUSE` in an answer: what comes before it is sent, the rest
+        // once the test calls `release` (a slow body).
+        let (now, later) = match answer.windows(5).position(|x| x == b"PAUSE") {
+            Some(i) => (&answer[..i], &answer[i + 5..]),
+            None => (&answer[..], &[][..]),
+        };
+        if w.write_all(now).is_err() {
+            return;
+        }
+        if !later.is_empty() {
+            wait_for_release();
+            if w.write_all(later).is_err() {
+                return;
+            }
+        }
+        if close {
+            return;
+        }
+    }
+}
+
+/// How many requests `bytes` hold for a lenient parser, as nginx's and
+/// Node's are: a bare LF ends a line, blank lines between requests are
+/// skipped, a `Transfer-Encoding` naming `chunked` anywhere wins over
+/// `Content-Length`, the first `Content-Length` counts. A request cut short
+/// counts as one (its head has begun); a body that does not parse ends the
+/// count (such a parser gives up on the connection).
+pub fn lenient_requests(mut b: &[u8]) -> usize {
+    fn line(b: &[u8]) -> Option<(&[u8], &[u8])> {
+        let i = b.iter().position(|c| *c == b'\n')?;
+        let l = &b[..i];
+        Some((l.strip_suffix(b"\r").unwrap_or(l), &b[i + 1..]))
+    }
+    let mut n = 0;
+    loop {
+        while let Some(rest) = b.strip_prefix(b"\r\n").or_else(|| b.strip_prefix(b"\n")) {
+            b = rest;
+        }
+        if b.is_empty() {
+            return n;
+        }
+        n += 1;
+        let Some((_request_line, rest)) = line(b) else {
+            return n;
+        };
+        b = rest;
+        let mut length: Option<usize> = None;
+        let mut chunked = false;
+        loop {
+            let Some((l, rest)) = line(b) else { return n };
+            b = rest;
+            if l.is_empty() {
+                break;
+            }
+            let Some(colon) = l.iter().position(|c| *c == b':') else {
+                continue;
+            };
+            let name = String::from_utf8_lossy(&l[..colon])
+                .trim()
+                .to_ascii_lowercase();
+            let value = String::from_utf8_lossy(&l[colon + 1..])
+                .trim()
+                .to_ascii_lowercase();
+            if name == "transfer-encoding" && value.contains("chunked") {
+                chunked = true;
+            } else if name == "content-length" && length.is_none() {
+                length = value.parse().ok();
+            }
+        }
+        if chunked {
+            loop {
+                let Some((l, rest)) = line(b) else { return n };
+                b = rest;
+                let size = String::from_utf8_lossy(l);
+                let size = size.split([';', ' ', '\t']).next().unwrap_or("");
+                let Ok(size) = usize::from_str_radix(size, 16) else {
+                    return n;
+                };
+                if size == 0 {
+                    loop {
+                        let Some((l, rest)) = line(b) else { return n };
+                        b = rest;
+                        if l.is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                if b.len() < size {
+                    return n;
+                }
+                let Some((_, rest)) = line(&b[size..]) else {
+                    return n;
+                };
+                b = rest;
+            }
+        } else if let Some(len) = length {
+            if b.len() < len {
+                return n;
+            }
+            b = &b[len..];
+        }
+    }
+}
+
+#[test]
+fn the_lenient_parser_counts_as_nginx_would() {
+    assert_eq!(lenient_requests(b""), 0);
+    assert_eq!(lenient_requests(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 1);
+    assert_eq!(lenient_requests(b"GET / HTTP/1.1\nHost: x\n\nGET /"), 2);
+    assert_eq!(
+        lenient_requests(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n"),
+        2
+    );
+    assert_eq!(
+        lenient_requests(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: y\n\nGET /admin HTTP/1.1\r\n\r\n"),
+        2
+    );
+    assert_eq!(
+        lenient_requests(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        ),
+        1
+    );
 }
 
 /// Set by [`release`]: paused answers go on.
@@ -188,11 +370,11 @@ fn wait_for_release() {
 }
 
 /// The scripted upstream's answers, by path.
-fn answers(seen: &Message, _: usize) -> Option<(Vec<u8>, bool)> {
+pub fn answers(seen: &Message, _: usize) -> Option<(Vec<u8>, bool)> {
     Some(answer(seen))
 }
 
-fn answer(seen: &Message) -> (Vec<u8>, bool) {
+pub fn answer(seen: &Message) -> (Vec<u8>, bool) {
     let path = seen.line.split(' ').nth(1).unwrap_or("");
     let r: &[u8] = match path {
         "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
@@ -201,6 +383,12 @@ fn answer(seen: &Message) -> (Vec<u8>, bool) {
         "/slow-body" => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345PAUSE67890",
         "/hop" => b"HTTP/1.1 200 OK\r\nConnection: x-internal\r\nx-internal: secret\r\nkeep-alive: timeout=5\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\nok",
         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone",
+        // `Connection` naming the framing field: the length still frames it.
+        "/conn-cl" => b"HTTP/1.1 200 OK\r\nConnection: content-length\r\ncontent-length: 5\r\n\r\nhello",
+        // A chunked body breaking the coding at once (a bare LF).
+        "/bad-chunk" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+        // The codings go on as they came.
+        "/gzip-chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
         _ => {
             let body = format!("{} {}", seen.line, seen.body.len());
             let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
@@ -210,18 +398,18 @@ fn answer(seen: &Message) -> (Vec<u8>, bool) {
     (r.to_vec(), false)
 }
 
-fn proxy_to(addr: SocketAddr, tag: &str) -> Proxy {
+pub fn proxy_to(addr: SocketAddr, tag: &str) -> Proxy {
     Proxy::start(tag, "", &web_to_a(&[addr]))
 }
 
-fn connect(addr: SocketAddr) -> TcpStream {
+pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
     s
 }
 
 /// Reads one response; `head`: the answer to `HEAD`.
-fn read_response(r: &mut BufReader<TcpStream>, head: bool) -> Message {
+pub fn read_response(r: &mut BufReader<TcpStream>, head: bool) -> Message {
     let body = if head {
         |_: &Message| Body::None
     } else {
@@ -234,7 +422,7 @@ fn read_response(r: &mut BufReader<TcpStream>, head: bool) -> Message {
 }
 
 /// Whether the proxy closed the connection (end of file, nothing more).
-fn closed(r: &mut BufReader<TcpStream>) -> bool {
+pub fn closed(r: &mut BufReader<TcpStream>) -> bool {
     let mut rest = Vec::new();
     matches!(r.read_to_end(&mut rest), Ok(0))
 }

@@ -3,10 +3,12 @@
 //! reloaded and upgraded under load. One module per scenario.
 
 mod check;
+mod differential;
 mod health;
 mod http1;
 mod reload;
 mod routing;
+mod smuggling;
 mod tcp;
 mod upgrade;
 mod websocket;
@@ -87,6 +89,12 @@ impl Proxy {
     /// Starts the proxy with `[server]` lines `server` (control socket and
     /// pid file are added) and the rest of the file `body`.
     pub fn start(tag: &str, server: &str, body: &str) -> Proxy {
+        Self::start_limited(tag, server, body, None)
+    }
+
+    /// Like [`start`](Self::start), with the proxy's open-file limit set to
+    /// `nofile` (through `sh -c 'ulimit -n N; exec …'`) if given.
+    pub fn start_limited(tag: &str, server: &str, body: &str, nofile: Option<u32>) -> Proxy {
         baton_testkit::become_subreaper();
         let dir = TempDir::new(tag);
         let control = dir.join("control.sock");
@@ -98,12 +106,19 @@ impl Proxy {
             pid_file.to_str().unwrap()
         );
         std::fs::write(&config, format!("{server_section}\n{body}")).unwrap();
-        let (server, ready) = Server::start_with_env(
-            &baton(),
-            &["proxy", "--config", config.to_str().unwrap()],
-            &dir,
-            &[("RUST_LOG", "info,baton_proxy::access=warn")],
-        );
+        let env = [("RUST_LOG", "info,baton_proxy::access=warn")];
+        let baton = baton();
+        let args = ["proxy", "--config", config.to_str().unwrap()];
+        let (server, ready) = match nofile {
+            None => Server::start_with_env(&baton, &args, &dir, &env),
+            Some(n) => {
+                // `exec` keeps the pid: the guard kills the proxy itself.
+                let script = format!("ulimit -n {n} && exec \"$0\" \"$@\"");
+                let mut sh_args = vec!["-c", &script, baton.to_str().unwrap()];
+                sh_args.extend(args);
+                Server::start_with_env(std::path::Path::new("/bin/sh"), &sh_args, &dir, &env)
+            }
+        };
         assert_eq!(ready["event"], "ready", "{ready}");
         Proxy {
             server,
