@@ -28,8 +28,11 @@ pub fn request_head(data: &[u8]) {
     let Ok(fields) = Fields::of(req.headers) else {
         return;
     };
-    if let Ok(Framing::Chunked) = fields.request_framing() {
+    if let Ok(Framing::Chunked) = fields.request_framing(req.version == Some(0)) {
         chunked_body(&data[head_len..]);
+    }
+    if let Some(path) = req.path {
+        path_of(path);
     }
 }
 
@@ -166,6 +169,56 @@ fn lenient_chunked(body: &[u8]) -> Option<(usize, Vec<u8>)> {
     }
 }
 
+/// A request path as routing sees it.
+pub fn path(data: &[u8]) {
+    if let Ok(p) = std::str::from_utf8(data) {
+        path_of(p);
+    }
+}
+
+/// The normalised path is a fixed point, starts with `/`, and has no empty,
+/// `.` or `..` segment and no percent-encoded unreserved character left:
+/// nothing a route could be bypassed with.
+fn path_of(target: &str) {
+    // The proxy splits the query off first.
+    let p = target.split_once('?').map_or(target, |(p, _)| p);
+    let Ok(n) = crate::router::normalize_path(p) else {
+        return;
+    };
+    if !p.starts_with('/') {
+        return;
+    }
+    match crate::router::normalize_path(&n) {
+        Ok(again) if again == n => {}
+        other => panic!("{p:?} -> {n:?} -> {other:?}"),
+    }
+    let path: &str = &n;
+    if !path.starts_with('/') {
+        panic!("{p:?} -> {n:?} does not start with /");
+    }
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        if *seg == "." || *seg == ".." || (seg.is_empty() && i != last) {
+            panic!("{p:?} -> {n:?} keeps segment {seg:?}");
+        }
+    }
+    let bytes = path.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(c) = hex {
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    panic!("{p:?} -> {n:?} keeps %{c:02X}");
+                }
+            }
+        }
+    }
+}
+
 /// A configuration file as bytes: it must load or be refused with
 /// positions inside the text.
 pub fn config(data: &[u8]) {
@@ -219,6 +272,11 @@ mod tests {
     #[test]
     fn corpus_chunked() {
         replay("chunked", chunked);
+    }
+
+    #[test]
+    fn corpus_path() {
+        replay("path", path);
     }
 
     #[test]
