@@ -1102,6 +1102,187 @@ timeout = "soon"
         assert_eq!(e.problems()[0].column, 11, "{lines:#?}");
     }
 
+    /// A scratch directory of this test process, removed on drop.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let p = std::env::temp_dir().join(format!("baton-config-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Scratch(p)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = Scratch::new("kinds");
+        let fifo = dir.0.join("fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RWXU).unwrap();
+        let link = dir.0.join("link.toml");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        for (path, kind) in [
+            (Path::new("/dev/zero"), "a character device"),
+            (link.as_path(), "a character device"),
+            (fifo.as_path(), "a FIFO"),
+            (dir.0.as_path(), "a directory"),
+        ] {
+            let started = std::time::Instant::now();
+            let e = load(path).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::NotAFile { kind: k, .. } if *k == kind),
+                "{path:?}: {e}"
+            );
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{path:?}");
+        }
+        // A symlink to a regular file is fine.
+        let good = dir.0.join("good.toml");
+        std::fs::write(&good, GOOD).unwrap();
+        let to_good = dir.0.join("to-good.toml");
+        std::os::unix::fs::symlink(&good, &to_good).unwrap();
+        load(&to_good).unwrap();
+    }
+
+    #[test]
+    fn files_over_the_cap_are_refused_naming_it() {
+        let dir = Scratch::new("cap");
+        let big = dir.0.join("big.toml");
+        // Sparse: costs no disk.
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_CONFIG_BYTES + 1)
+            .unwrap();
+        let e = load(&big).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLarge { limit, .. } if limit == MAX_CONFIG_BYTES));
+        assert!(e.to_string().contains("64 MiB limit"), "{e}");
+
+        let small = dir.0.join("small.toml");
+        std::fs::write(&small, [b'#'; 17]).unwrap();
+        assert!(matches!(
+            read_regular(&small, 16),
+            Err(ConfigError::TooLarge { .. })
+        ));
+        assert_eq!(read_regular(&small, 17).unwrap().len(), 17);
+        // A file whose size fstat does not tell (0 for /proc files) is
+        // bounded by the bytes read.
+        assert!(matches!(
+            read_regular(Path::new("/proc/self/status"), 16),
+            Err(ConfigError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stuck_read_times_out_without_blocking_later_ones_and_stuck_reads_are_bounded() {
+        static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+        let deadline = Duration::from_millis(200);
+        let mut release = Vec::new();
+        for _ in 0..2 {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            release.push(tx);
+            let started = std::time::Instant::now();
+            let r = with_deadline(&IN_FLIGHT, 2, deadline, move || rx.recv().is_ok());
+            assert!(matches!(r, Err(Abandoned::TimedOut)), "{r:?}");
+            assert!(started.elapsed() < Duration::from_secs(2));
+        }
+        // Two stuck: the limit. The next is refused at once.
+        let r = with_deadline(&IN_FLIGHT, 2, deadline, || true);
+        assert!(matches!(r, Err(Abandoned::TooMany(2))), "{r:?}");
+        // One of them finishes: its slot is free again, and a read works.
+        drop(release.remove(0));
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while IN_FLIGHT.load(Ordering::SeqCst) > 1 {
+            assert!(std::time::Instant::now() < until, "the slot was not freed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(with_deadline(&IN_FLIGHT, 2, deadline, || true).unwrap());
+        drop(release);
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_at_the_first_bad_byte() {
+        let bytes = b"[[listeners]]\nname = \"w\xc3\xa9b\xff\"\n";
+        let e = decode(bytes, Path::new("p.toml")).unwrap_err();
+        // Column in characters: `name = "w` is 9, `é` one more, `b` one more.
+        assert_eq!(
+            e.to_string(),
+            "p.toml:2:12: invalid UTF-8 (byte 0xff): a configuration file must be UTF-8"
+        );
+    }
+
+    fn respond_problems(respond: &str) -> Vec<String> {
+        let text = format!("[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:1\"\n\n[[routes]]\nlistener = \"web\"\nrespond = {respond}\n");
+        match parse(&text, Some(Path::new("p.toml"))) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems().iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn respond_needs_a_final_status_and_no_body_where_http_has_none() {
+        for status in [0, 100, 101, 199, 600, 999] {
+            let p = respond_problems(&format!("{{ status = {status} }}"));
+            assert_eq!(
+                p,
+                [format!("p.toml:7:22: invalid status {status}: a fixed response needs a status from 200 to 599")],
+                "{status}"
+            );
+        }
+        for status in [204, 205, 304] {
+            let p = respond_problems(&format!("{{ status = {status}, body = \"x\" }}"));
+            assert_eq!(
+                p,
+                [format!("p.toml:7:34: a {status} response has no body; remove `body` or use another status")]
+            );
+            assert!(respond_problems(&format!("{{ status = {status} }}")).is_empty());
+            assert!(respond_problems(&format!("{{ status = {status}, body = \"\" }}")).is_empty());
+        }
+        for status in [200, 404, 503, 599] {
+            assert!(respond_problems(&format!("{{ status = {status}, body = \"x\" }}")).is_empty());
+        }
+        let p = respond_problems("{ status = 200, content_type = \"text/plain\\r\\nX-Evil: 1\" }");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("p.toml:7:42: content_type"), "{p:?}");
+    }
+
+    #[test]
+    fn listeners_know_where_their_address_is_written() {
+        let c = parse(GOOD, Some(Path::new("proxy.toml"))).unwrap();
+        let line = GOOD
+            .lines()
+            .position(|l| {
+                l.starts_with("address") && l.contains(&c.listeners[1].address.to_string())
+            })
+            .unwrap()
+            + 1;
+        assert_eq!(
+            c.listeners[1].address_at.to_string(),
+            format!("proxy.toml:{line}:11")
+        );
+    }
+
+    #[test]
+    fn bind_warnings_name_an_address_in_use_at_its_position() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let text = format!("[[listeners]]\nname = \"free\"\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"taken\"\naddress = \"{addr}\"\n\n[[routes]]\nlistener = \"free\"\nrespond = {{ status = 200 }}\n");
+        let c = parse(&text, Some(Path::new("p.toml"))).unwrap();
+        let w: Vec<String> = bind_warnings(&c).iter().map(|p| p.to_string()).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(&format!(
+                "p.toml:7:11: warning: listener \"taken\": address {addr} is in use"
+            )),
+            "{w:?}"
+        );
+        drop(held);
+        assert!(bind_warnings(&c).is_empty());
+    }
+
     #[test]
     fn tcp_listener_needs_a_known_upstream() {
         let text = "[[listeners]]\nname = \"db\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\nupstream = \"pg\"\n";

@@ -661,4 +661,24 @@ mod tests {
         prepare_control_dir(&socket).unwrap();
         std::fs::remove_dir_all(&base).unwrap();
     }
+
+    #[test]
+    fn a_symlink_at_the_control_directory_is_refused_not_followed() {
+        let base = std::env::temp_dir().join(format!("baton-proxy-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        // A directory of ours, so only the link itself is wrong.
+        let real = base.join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = base.join("baton-link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = prepare_control_dir(&link.join("proxy.sock")).unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::ControlDir { path, .. } if path == &link),
+            "{e}"
+        );
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // The real directory is fine on its own.
+        prepare_control_dir(&real.join("proxy.sock")).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
