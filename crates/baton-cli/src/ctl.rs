@@ -1,6 +1,6 @@
 //! `baton ctl`: talk to a control socket.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use baton::control::Request;
@@ -13,20 +13,8 @@ pub struct CtlOptions {
     pub json: bool,
 }
 
-/// The default control socket: `$XDG_RUNTIME_DIR/baton/proxy.sock`, else
-/// `/tmp/baton-UID/proxy.sock`.
-pub fn default_socket() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-        Some(dir) => Path::new(&dir).join("baton").join("proxy.sock"),
-        None => {
-            let uid = std::fs::metadata("/proc/self").map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                m.uid()
-            });
-            PathBuf::from(format!("/tmp/baton-{}", uid.unwrap_or(0))).join("proxy.sock")
-        }
-    }
-}
+/// The default control socket, the proxy's own default (one definition).
+pub use baton_proxy::config::default_control_socket as default_socket;
 
 /// Sends the request; returns whether the server answered `ok: true`.
 pub async fn run(opts: CtlOptions) -> anyhow::Result<bool> {

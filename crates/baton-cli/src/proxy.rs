@@ -11,10 +11,11 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     // Absolute, so `status` names the file unambiguously.
     let config = config.map(|p| std::path::absolute(&p).unwrap_or(p));
     let cfg = match &config {
-        Some(path) => baton_proxy::config::load(path)?,
-        None => baton_proxy::config::builtin()?,
-    };
-    baton_proxy::prepare_control_dir(&cfg.server.control_socket)?;
+        Some(path) => baton_proxy::config::load(path),
+        None => baton_proxy::config::builtin(),
+    }
+    .map_err(once)?;
+    baton_proxy::prepare_control_dir(&cfg.server.control_socket).map_err(once)?;
     let mut builder = baton::Baton::builder()
         .control_socket(&cfg.server.control_socket)
         .drain_timeout(cfg.server.drain_timeout)
@@ -32,7 +33,7 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             // After an upgrade, the previous generation rolls back and
             // reports this.
             baton.fail(&e.to_string());
-            return Err(e.into());
+            return Err(once(e));
         }
     };
     baton.ready().await.context("cannot become ready")?;
@@ -59,11 +60,23 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The library's errors already say their cause in their message (the
+/// `FILE:LINE:COL`, the address, the OS error): print that once, not once
+/// more per cause in the chain.
+fn once(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::msg(e.to_string())
+}
+
 /// Validates the file; prints every problem as `FILE:LINE:COL: message` on
-/// stderr. Returns whether it is valid.
+/// stderr, and for a valid file a `FILE:LINE:COL: warning: …` for each
+/// listener address that cannot be bound right now. Returns whether it is
+/// valid (warnings do not change that).
 pub fn check(config: &Path) -> bool {
     match baton_proxy::config::load(config) {
         Ok(c) => {
+            for w in baton_proxy::config::bind_warnings(&c) {
+                eprintln!("{w}");
+            }
             println!(
                 "{}: ok ({} listeners, {} upstreams, {} routes)",
                 config.display(),

@@ -254,3 +254,77 @@ fn ctl_speaks_the_control_protocol_with_exit_codes() {
         "stop did not stop"
     );
 }
+
+/// A proxy configuration without `control_socket` (the default is used):
+/// one listener on an ephemeral port.
+const DEFAULT_SOCKET_CONFIG: &str = "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nlistener = \"web\"\nrespond = { status = 200 }\n";
+
+#[test]
+fn ctl_defaults_to_the_control_socket_the_proxy_defaults_to() {
+    baton_testkit::become_subreaper();
+    let dir = TempDir::new("cli-default-socket");
+    let runtime = dir.join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    let config = dir.join("proxy.toml");
+    std::fs::write(&config, DEFAULT_SOCKET_CONFIG).unwrap();
+    let xdg = runtime.to_str().unwrap();
+    let (_server, ready) = Server::start_with_env(
+        &baton(),
+        &["proxy", "--config", config.to_str().unwrap()],
+        &dir,
+        &[("XDG_RUNTIME_DIR", xdg)],
+    );
+    assert_eq!(
+        ready["control_socket"],
+        runtime.join("baton").join("proxy.sock").to_str().unwrap(),
+        "{ready}"
+    );
+    let out = Command::new(baton())
+        .args(["ctl", "status"])
+        .env("XDG_RUNTIME_DIR", xdg)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("pid {}", ready["pid"])),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn proxy_refuses_a_symlink_planted_at_its_control_directory() {
+    baton_testkit::become_subreaper();
+    let dir = TempDir::new("cli-socket-link");
+    let runtime = dir.join("run");
+    // A directory the test owns: only the link itself is wrong.
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, runtime.join("baton")).unwrap();
+    let config = dir.join("proxy.toml");
+    std::fs::write(&config, DEFAULT_SOCKET_CONFIG).unwrap();
+    let mut server = Server::spawn(
+        &baton(),
+        &["proxy", "--config", config.to_str().unwrap()],
+        &dir,
+        &[("XDG_RUNTIME_DIR", runtime.to_str().unwrap())],
+    );
+    baton_testkit::assert_eventually!(
+        Duration::from_secs(20),
+        server.first_exit().is_some(),
+        "the proxy started with a symlinked control directory: {}",
+        server.stderr()
+    );
+    assert_eq!(server.first_exit().unwrap().code(), Some(2));
+    let stderr = server.stderr();
+    assert!(
+        stderr.contains(&format!(
+            "control socket directory {}: is a symbolic link; refusing to follow it",
+            runtime.join("baton").display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}

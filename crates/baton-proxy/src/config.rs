@@ -12,6 +12,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -105,9 +106,8 @@ struct RawRoute {
 #[serde(deny_unknown_fields)]
 struct RawRespond {
     status: Spanned<u16>,
-    #[serde(default)]
-    body: String,
-    content_type: Option<String>,
+    body: Option<Spanned<String>>,
+    content_type: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -197,6 +197,8 @@ pub struct ListenerConfig {
     pub name: String,
     /// `IP:PORT` (port 0 picks one, kept across upgrades).
     pub address: SocketAddr,
+    /// Where `address` is written in the file (bind errors name it).
+    pub address_at: Position,
     /// What it speaks.
     pub protocol: Protocol,
     /// For TCP listeners: the upstream every connection goes to.
@@ -268,6 +270,35 @@ pub struct RouteConfig {
 // ---------------------------------------------------------------------------
 // Errors.
 
+/// A place in a configuration file: `FILE:LINE:COL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The file (or `<built-in>`).
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+impl Position {
+    /// A problem at this position.
+    pub fn problem(&self, message: impl Into<String>) -> Problem {
+        Problem {
+            file: self.file.clone(),
+            line: self.line,
+            column: self.column,
+            message: message.into(),
+        }
+    }
+}
+
 /// One problem in a configuration file, with its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -303,17 +334,52 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// The path names something other than a regular file (a FIFO, a
+    /// device such as `/dev/zero`, a directory…), which is refused before
+    /// a byte is read.
+    #[error("cannot read {path}: it is {kind}, not a regular file")]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is ("a FIFO", "a character device", …).
+        kind: &'static str,
+    },
+    /// The file is larger than [`MAX_CONFIG_BYTES`].
+    #[error("cannot read {path}: larger than the {} MiB limit on a configuration file", .limit / (1024 * 1024))]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// Reading did not finish within [`READ_DEADLINE`]; the read was
+    /// abandoned (its thread is left behind, see [`MAX_STUCK_READS`]).
+    #[error("cannot read {path}: no answer within {}; the read was abandoned", humantime::format_duration(*.after))]
+    TimedOut {
+        /// The file.
+        path: PathBuf,
+        /// The deadline.
+        after: Duration,
+    },
+    /// [`MAX_STUCK_READS`] earlier reads are still stuck: no new one is started.
+    #[error("cannot read {path}: {stuck} earlier reads of a configuration file are still stuck (the limit); not starting another")]
+    Stuck {
+        /// The file.
+        path: PathBuf,
+        /// How many reads are stuck.
+        stuck: usize,
+    },
     /// Syntax or semantic problems, each `FILE:LINE:COL: message`, one per line.
     #[error("{}", display_problems(.0))]
     Invalid(Vec<Problem>),
 }
 
 impl ConfigError {
-    /// The problems found (empty for a read error).
+    /// The problems found (empty for an error reading the file).
     pub fn problems(&self) -> &[Problem] {
         match self {
             ConfigError::Invalid(p) => p,
-            ConfigError::Read { .. } => &[],
+            _ => &[],
         }
     }
 }
@@ -332,31 +398,208 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
-    fn problem(&self, span: Range<usize>, message: impl Into<String>) -> Problem {
+    fn position(&self, span: Range<usize>) -> Position {
         let at = span.start.min(self.text.len());
         let before = self.text.get(..at).unwrap_or("");
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
         let column = before.get(line_start..).unwrap_or("").chars().count() + 1;
-        Problem {
+        Position {
             file: self.name.clone(),
             line,
             column,
-            message: message.into(),
         }
+    }
+
+    fn problem(&self, span: Range<usize>, message: impl Into<String>) -> Problem {
+        self.position(span).problem(message)
     }
 }
 
 // ---------------------------------------------------------------------------
 // Loading.
 
-/// Reads and validates the file at `path`.
+/// The largest configuration file accepted: 64 MiB (10,000 routes take
+/// about 1 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How long reading the configuration file may take (open, `fstat`, read)
+/// before it is abandoned: 5 s.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How many reads of a configuration file may be in flight at once, stuck
+/// ones included: a read past [`READ_DEADLINE`] is left behind on its
+/// thread (nothing can interrupt a blocked `read`), and once this many are
+/// left a new read is refused at once rather than adding another thread.
+pub const MAX_STUCK_READS: usize = 4;
+
+/// Reads in flight, abandoned ones included (see [`MAX_STUCK_READS`]).
+static READS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Reads and validates the file at `path`: only a regular file (a symlink
+/// to one is fine), at most [`MAX_CONFIG_BYTES`], read within
+/// [`READ_DEADLINE`] on a thread of its own, UTF-8.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let bytes = read(path)?;
+    parse(decode(&bytes, path)?, Some(path))
+}
+
+/// The bytes of the configuration file at `path`, read under the limits
+/// [`load`] describes.
+pub fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let owned = path.to_path_buf();
+    let outcome = with_deadline(
+        &READS_IN_FLIGHT,
+        MAX_STUCK_READS,
+        READ_DEADLINE,
+        move || read_regular(&owned, MAX_CONFIG_BYTES),
+    );
+    let path = path.to_path_buf();
+    match outcome {
+        Ok(read) => read,
+        Err(Abandoned::TimedOut) => Err(ConfigError::TimedOut {
+            path,
+            after: READ_DEADLINE,
+        }),
+        Err(Abandoned::TooMany(stuck)) => Err(ConfigError::Stuck { path, stuck }),
+        Err(Abandoned::Thread(source)) => Err(ConfigError::Read { path, source }),
+    }
+}
+
+/// Opens `path` without blocking (a FIFO nobody writes opens at once),
+/// refuses anything but a regular file by `fstat` of the opened file, and
+/// reads at most `max_bytes` (one more byte read means too large, for files
+/// whose size `fstat` does not tell).
+fn read_regular(path: &Path, max_bytes: u64) -> Result<Vec<u8>, ConfigError> {
+    use rustix::fs::OFlags;
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let read_err = |e: std::io::Error| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
-    })?;
-    parse(&text, Some(path))
+        source: e,
+    };
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| read_err(e.into()))?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(read_err)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "something else"
+        };
+        return Err(ConfigError::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    let too_large = || ConfigError::TooLarge {
+        path: path.to_path_buf(),
+        limit: max_bytes,
+    };
+    if meta.len() > max_bytes {
+        return Err(too_large());
+    }
+    // Back to ordinary blocking reads for the regular file.
+    rustix::fs::fcntl_setfl(&file, OFlags::empty()).map_err(|e| read_err(e.into()))?;
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// Why [`with_deadline`] gave no answer.
+#[derive(Debug)]
+enum Abandoned {
+    /// `max` calls are in flight already (stuck ones included).
+    TooMany(usize),
+    /// The call did not finish in time; it carries on, abandoned.
+    TimedOut,
+    /// The thread could not be started or ended without an answer.
+    Thread(std::io::Error),
+}
+
+/// Runs `f` on a thread of its own and waits for it at most `deadline`. A
+/// call that misses the deadline is abandoned but keeps its slot in
+/// `in_flight` until it does finish, and no more than `max` calls are in
+/// flight at once: a stuck call costs one thread and never blocks the
+/// calls after it.
+fn with_deadline<T: Send + 'static>(
+    in_flight: &'static AtomicUsize,
+    max: usize,
+    deadline: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Abandoned> {
+    /// Frees the slot when the call ends (also if it panics).
+    struct Slot(&'static AtomicUsize);
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let before = in_flight.fetch_add(1, Ordering::SeqCst);
+    let slot = Slot(in_flight);
+    if before >= max {
+        return Err(Abandoned::TooMany(before));
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("baton-config-read".to_owned())
+        .spawn(move || {
+            let out = f();
+            drop(slot);
+            let _ = tx.send(out);
+        })
+        .map_err(Abandoned::Thread)?;
+    match rx.recv_timeout(deadline) {
+        Ok(out) => Ok(out),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Abandoned::TimedOut),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Abandoned::Thread(
+            std::io::Error::other("the read ended without an answer"),
+        )),
+    }
+}
+
+/// `bytes` as UTF-8, or an error at the first invalid byte.
+fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str, ConfigError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let valid = e.valid_up_to();
+        let prefix = bytes
+            .get(..valid)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("");
+        let src = Source {
+            name: source_name(Some(path)),
+            text: prefix,
+        };
+        let byte = bytes.get(valid).copied().unwrap_or(0);
+        ConfigError::Invalid(vec![src.problem(
+            valid..valid,
+            format!("invalid UTF-8 (byte 0x{byte:02x}): a configuration file must be UTF-8"),
+        )])
+    })
+}
+
+fn source_name(path: Option<&Path>) -> String {
+    path.map(|p| p.display().to_string())
+        .unwrap_or_else(|| BUILTIN_NAME.to_owned())
 }
 
 /// The built-in configuration, validated.
@@ -368,9 +611,7 @@ pub fn builtin() -> Result<Config, ConfigError> {
 /// built-in configuration).
 pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
     let src = Source {
-        name: path
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| BUILTIN_NAME.to_owned()),
+        name: source_name(path),
         text,
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -392,8 +633,39 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
     }
 }
 
+/// What `baton check` warns about without failing: each listener address
+/// that cannot be bound right now (tried the way `nginx -t` does, and let
+/// go at once), as `FILE:LINE:COL: warning: …` at its `address`. An address
+/// in use is expected when the configuration is that of the running proxy;
+/// any other failure (not an address of this machine, no permission) would
+/// stop the proxy from starting here.
+pub fn bind_warnings(config: &Config) -> Vec<Problem> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let e = std::net::TcpListener::bind(l.address).err()?;
+            let (name, a) = (&l.name, l.address);
+            let message = match e.kind() {
+                std::io::ErrorKind::AddrInUse => format!(
+                    "warning: listener {name:?}: address {a} is in use ({e}); that is expected if this is the configuration of the running proxy, otherwise the proxy cannot start with it"
+                ),
+                std::io::ErrorKind::AddrNotAvailable => format!(
+                    "warning: listener {name:?}: cannot bind {a}: not an address of this machine ({e})"
+                ),
+                std::io::ErrorKind::PermissionDenied if a.port() < 1024 => format!(
+                    "warning: listener {name:?}: cannot bind {a}: permission denied; ports below 1024 need privileges ({e})"
+                ),
+                _ => format!("warning: listener {name:?}: cannot bind {a} now: {e}"),
+            };
+            Some(l.address_at.problem(message))
+        })
+        .collect()
+}
+
 /// The default control socket: `$XDG_RUNTIME_DIR/baton/proxy.sock`, else
-/// `/tmp/baton-UID/proxy.sock` (the same default as `baton ctl`).
+/// `/tmp/baton-UID/proxy.sock`. The one definition, used by `baton proxy`
+/// and `baton ctl`.
 pub fn default_control_socket() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => Path::new(&dir).join("baton").join("proxy.sock"),
@@ -443,6 +715,54 @@ impl Validator<'_> {
                 );
                 None
             }
+        }
+    }
+
+    /// A fixed response: a final status (1xx are interim, `101` needs an
+    /// upgrade) that HTTP allows to carry the body, and a content type that
+    /// is a valid header value.
+    fn respond(&mut self, resp: RawRespond) -> Action {
+        let status = *resp.status.get_ref();
+        if !(200..=599).contains(&status) {
+            self.err(
+                resp.status.span(),
+                format!("invalid status {status}: a fixed response needs a status from 200 to 599"),
+            );
+        }
+        let body = match resp.body {
+            Some(b) => {
+                // RFC 9110: 204, 205 and 304 responses have no content.
+                if matches!(status, 204 | 205 | 304) && !b.get_ref().is_empty() {
+                    self.err(
+                        b.span(),
+                        format!(
+                            "a {status} response has no body; remove `body` or use another status"
+                        ),
+                    );
+                }
+                b.into_inner()
+            }
+            None => String::new(),
+        };
+        let content_type = match resp.content_type {
+            Some(c) => {
+                if http::HeaderValue::from_str(c.get_ref()).is_err() {
+                    self.err(
+                        c.span(),
+                        format!(
+                            "content_type {:?} is not a valid header value (no control characters)",
+                            c.get_ref()
+                        ),
+                    );
+                }
+                c.into_inner()
+            }
+            None => "text/plain; charset=utf-8".to_owned(),
+        };
+        Action::Respond {
+            status,
+            body,
+            content_type,
         }
     }
 
@@ -606,6 +926,7 @@ impl Validator<'_> {
                 listeners.push(ListenerConfig {
                     name,
                     address,
+                    address_at: self.src.position(l.address.span()),
                     protocol: l.protocol,
                     upstream,
                 });
@@ -665,21 +986,7 @@ impl Validator<'_> {
                         strip_prefix: r.strip_prefix,
                     }
                 }
-                (None, Some(resp)) => {
-                    let resp = resp.into_inner();
-                    let status = *resp.status.get_ref();
-                    if !(100..=999).contains(&status) || http::StatusCode::from_u16(status).is_err()
-                    {
-                        self.err(resp.status.span(), format!("invalid status {status}"));
-                    }
-                    Action::Respond {
-                        status,
-                        body: resp.body,
-                        content_type: resp
-                            .content_type
-                            .unwrap_or_else(|| "text/plain; charset=utf-8".to_owned()),
-                    }
-                }
+                (None, Some(resp)) => self.respond(resp.into_inner()),
                 (Some(u), Some(_)) => {
                     self.err(
                         u.span(),
@@ -793,6 +1100,187 @@ timeout = "soon"
         assert!(has("unknown upstream \"nope\"", 14), "{lines:#?}");
         assert!(has("invalid duration", 20), "{lines:#?}");
         assert_eq!(e.problems()[0].column, 11, "{lines:#?}");
+    }
+
+    /// A scratch directory of this test process, removed on drop.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let p = std::env::temp_dir().join(format!("baton-config-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Scratch(p)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = Scratch::new("kinds");
+        let fifo = dir.0.join("fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RWXU).unwrap();
+        let link = dir.0.join("link.toml");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        for (path, kind) in [
+            (Path::new("/dev/zero"), "a character device"),
+            (link.as_path(), "a character device"),
+            (fifo.as_path(), "a FIFO"),
+            (dir.0.as_path(), "a directory"),
+        ] {
+            let started = std::time::Instant::now();
+            let e = load(path).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::NotAFile { kind: k, .. } if *k == kind),
+                "{path:?}: {e}"
+            );
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{path:?}");
+        }
+        // A symlink to a regular file is fine.
+        let good = dir.0.join("good.toml");
+        std::fs::write(&good, GOOD).unwrap();
+        let to_good = dir.0.join("to-good.toml");
+        std::os::unix::fs::symlink(&good, &to_good).unwrap();
+        load(&to_good).unwrap();
+    }
+
+    #[test]
+    fn files_over_the_cap_are_refused_naming_it() {
+        let dir = Scratch::new("cap");
+        let big = dir.0.join("big.toml");
+        // Sparse: costs no disk.
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_CONFIG_BYTES + 1)
+            .unwrap();
+        let e = load(&big).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLarge { limit, .. } if limit == MAX_CONFIG_BYTES));
+        assert!(e.to_string().contains("64 MiB limit"), "{e}");
+
+        let small = dir.0.join("small.toml");
+        std::fs::write(&small, [b'#'; 17]).unwrap();
+        assert!(matches!(
+            read_regular(&small, 16),
+            Err(ConfigError::TooLarge { .. })
+        ));
+        assert_eq!(read_regular(&small, 17).unwrap().len(), 17);
+        // A file whose size fstat does not tell (0 for /proc files) is
+        // bounded by the bytes read.
+        assert!(matches!(
+            read_regular(Path::new("/proc/self/status"), 16),
+            Err(ConfigError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stuck_read_times_out_without_blocking_later_ones_and_stuck_reads_are_bounded() {
+        static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+        let deadline = Duration::from_millis(200);
+        let mut release = Vec::new();
+        for _ in 0..2 {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            release.push(tx);
+            let started = std::time::Instant::now();
+            let r = with_deadline(&IN_FLIGHT, 2, deadline, move || rx.recv().is_ok());
+            assert!(matches!(r, Err(Abandoned::TimedOut)), "{r:?}");
+            assert!(started.elapsed() < Duration::from_secs(2));
+        }
+        // Two stuck: the limit. The next is refused at once.
+        let r = with_deadline(&IN_FLIGHT, 2, deadline, || true);
+        assert!(matches!(r, Err(Abandoned::TooMany(2))), "{r:?}");
+        // One of them finishes: its slot is free again, and a read works.
+        drop(release.remove(0));
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while IN_FLIGHT.load(Ordering::SeqCst) > 1 {
+            assert!(std::time::Instant::now() < until, "the slot was not freed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(with_deadline(&IN_FLIGHT, 2, deadline, || true).unwrap());
+        drop(release);
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_at_the_first_bad_byte() {
+        let bytes = b"[[listeners]]\nname = \"w\xc3\xa9b\xff\"\n";
+        let e = decode(bytes, Path::new("p.toml")).unwrap_err();
+        // Column in characters: `name = "w` is 9, `é` one more, `b` one more.
+        assert_eq!(
+            e.to_string(),
+            "p.toml:2:12: invalid UTF-8 (byte 0xff): a configuration file must be UTF-8"
+        );
+    }
+
+    fn respond_problems(respond: &str) -> Vec<String> {
+        let text = format!("[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:1\"\n\n[[routes]]\nlistener = \"web\"\nrespond = {respond}\n");
+        match parse(&text, Some(Path::new("p.toml"))) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems().iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn respond_needs_a_final_status_and_no_body_where_http_has_none() {
+        for status in [0, 100, 101, 199, 600, 999] {
+            let p = respond_problems(&format!("{{ status = {status} }}"));
+            assert_eq!(
+                p,
+                [format!("p.toml:7:22: invalid status {status}: a fixed response needs a status from 200 to 599")],
+                "{status}"
+            );
+        }
+        for status in [204, 205, 304] {
+            let p = respond_problems(&format!("{{ status = {status}, body = \"x\" }}"));
+            assert_eq!(
+                p,
+                [format!("p.toml:7:34: a {status} response has no body; remove `body` or use another status")]
+            );
+            assert!(respond_problems(&format!("{{ status = {status} }}")).is_empty());
+            assert!(respond_problems(&format!("{{ status = {status}, body = \"\" }}")).is_empty());
+        }
+        for status in [200, 404, 503, 599] {
+            assert!(respond_problems(&format!("{{ status = {status}, body = \"x\" }}")).is_empty());
+        }
+        let p = respond_problems("{ status = 200, content_type = \"text/plain\\r\\nX-Evil: 1\" }");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("p.toml:7:42: content_type"), "{p:?}");
+    }
+
+    #[test]
+    fn listeners_know_where_their_address_is_written() {
+        let c = parse(GOOD, Some(Path::new("proxy.toml"))).unwrap();
+        let line = GOOD
+            .lines()
+            .position(|l| {
+                l.starts_with("address") && l.contains(&c.listeners[1].address.to_string())
+            })
+            .unwrap()
+            + 1;
+        assert_eq!(
+            c.listeners[1].address_at.to_string(),
+            format!("proxy.toml:{line}:11")
+        );
+    }
+
+    #[test]
+    fn bind_warnings_name_an_address_in_use_at_its_position() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let text = format!("[[listeners]]\nname = \"free\"\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"taken\"\naddress = \"{addr}\"\n\n[[routes]]\nlistener = \"free\"\nrespond = {{ status = 200 }}\n");
+        let c = parse(&text, Some(Path::new("p.toml"))).unwrap();
+        let w: Vec<String> = bind_warnings(&c).iter().map(|p| p.to_string()).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(&format!(
+                "p.toml:7:11: warning: listener \"taken\": address {addr} is in use"
+            )),
+            "{w:?}"
+        );
+        drop(held);
+        assert!(bind_warnings(&c).is_empty());
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!   removed ones stop accepting and drain their connections while the
 //!   process keeps serving. A rejected file changes nothing, and the caller
 //!   gets every problem as `FILE:LINE:COL: message`. A reload never starts a
-//!   process.
+//!   process. The file is read under limits ([`config::load`]: a regular
+//!   file, [`config::MAX_CONFIG_BYTES`], [`config::READ_DEADLINE`]), so a
+//!   FIFO, a device or a hung file system cannot take the reload down.
 //! - **Binary upgrade** is the `baton` library's: the next generation
 //!   inherits every listener by name, the old one drains (keep-alive
 //!   connections wound down without a race; WebSocket and TCP connections
@@ -40,7 +42,7 @@ pub mod router;
 pub mod upstream;
 pub mod websocket;
 
-pub use crate::config::{Config, ConfigError, Problem};
+pub use crate::config::{Config, ConfigError, Position, Problem};
 pub use crate::proxy::{prepare_control_dir, Proxy, ProxyError};
 
 use std::sync::{Mutex, MutexGuard};

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::config::{self, Config, ConfigError, ListenerConfig, Protocol};
+use crate::config::{self, Config, ConfigError, ListenerConfig, Position, Protocol};
 use crate::conn::IdlePool;
 use crate::forward::HttpContext;
 use crate::listener::{self, Dispatch, DrainSettings, ListenerStats, Running};
@@ -24,12 +24,21 @@ pub enum ProxyError {
     /// The configuration is invalid (every problem, `FILE:LINE:COL: message`).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A listener could not be bound or inherited.
-    #[error(transparent)]
-    Listener(#[from] baton::Error),
+    /// A listener could not be bound or inherited; `at` is its `address`
+    /// in the configuration file.
+    #[error("{at}: {source}")]
+    Listener {
+        /// Where the listener's `address` is written.
+        at: Position,
+        /// The cause (names the listener, the address and the OS error).
+        #[source]
+        source: baton::Error,
+    },
     /// A listener's new address is not free.
-    #[error("listener {name:?} at {address}: {source}")]
+    #[error("{at}: listener {name:?} at {address}: {source}")]
     Bind {
+        /// Where the listener's `address` is written.
+        at: Position,
         /// Its name.
         name: String,
         /// Its address.
@@ -141,9 +150,13 @@ impl std::fmt::Debug for Proxy {
 }
 
 /// Creates the control socket's directory with mode 0700 if it is missing;
-/// refuses an existing one owned by another user.
+/// refuses an existing one owned by another user, and a symbolic link at
+/// its path (the directory is opened with `O_NOFOLLOW | O_DIRECTORY` and
+/// checked by `fstat` of what was opened, so a link planted there, such as
+/// at `/tmp/baton-UID`, is refused rather than followed).
 pub fn prepare_control_dir(socket: &std::path::Path) -> Result<(), ProxyError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    use rustix::fs::{Mode, OFlags};
+    use std::os::unix::fs::DirBuilderExt;
     let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
@@ -151,23 +164,41 @@ pub fn prepare_control_dir(socket: &std::path::Path) -> Result<(), ProxyError> {
         path: dir.to_path_buf(),
         reason,
     };
-    match std::fs::metadata(dir) {
-        Ok(m) => {
-            let me = rustix::process::getuid().as_raw();
-            if m.uid() != me {
-                return Err(err(format!(
-                    "owned by uid {}, not by us (uid {me})",
-                    m.uid()
-                )));
-            }
-            Ok(())
-        }
-        Err(_) => std::fs::DirBuilder::new()
+    let exists = std::fs::symlink_metadata(dir).is_ok();
+    if !exists {
+        std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| err(e.to_string())),
+            .map_err(|e| err(e.to_string()))?;
     }
+    // Whether just created or found: what is there now must be a directory
+    // of ours, not a link to one.
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+        if is_link {
+            err(
+                "is a symbolic link; refusing to follow it (remove it, or set control_socket)"
+                    .to_owned(),
+            )
+        } else {
+            err(std::io::Error::from(e).to_string())
+        }
+    })?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| err(std::io::Error::from(e).to_string()))?;
+    let me = rustix::process::getuid().as_raw();
+    if stat.st_uid != me {
+        return Err(err(format!(
+            "owned by uid {}, not by us (uid {me})",
+            stat.st_uid
+        )));
+    }
+    Ok(())
 }
 
 impl Proxy {
@@ -185,7 +216,7 @@ impl Proxy {
         let mut pending = Vec::new();
         let mut tables = RouteTable::build_all(&config.routes, &pools);
         for l in &config.listeners {
-            let tcp = baton.tcp(&l.name, &l.address.to_string()).await?;
+            let tcp = bind_listener(&baton, l).await?;
             let bound = tcp.local_addr().unwrap_or(l.address);
             let stats = listener::stats(l, bound);
             let table = tables.remove(&l.name).unwrap_or_default();
@@ -391,11 +422,11 @@ impl Proxy {
             }
         };
         for l in &added {
-            match baton.tcp(&l.name, &l.address.to_string()).await {
+            match bind_listener(baton, l).await {
                 Ok(t) => bound.push((l.clone(), t)),
                 Err(e) => {
                     undo(&bound);
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -409,6 +440,7 @@ impl Proxy {
                 if let Err(e) = std::net::TcpListener::bind(l.address) {
                     undo(&bound);
                     return Err(ProxyError::Bind {
+                        at: l.address_at.clone(),
                         name: l.name.clone(),
                         address: l.address,
                         source: e,
@@ -425,11 +457,11 @@ impl Proxy {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closed.cancelled())
                     .await;
             }
-            match baton.tcp(&l.name, &l.address.to_string()).await {
+            match bind_listener(baton, l).await {
                 Ok(t) => bound.push((l.clone(), t)),
                 Err(e) => {
                     tracing::error!(listener = %l.name, address = %l.address, error = %e, "cannot bind the listener's new address");
-                    failures.push(ProxyError::Listener(e));
+                    failures.push(e);
                 }
             }
         }
@@ -542,6 +574,21 @@ impl Proxy {
     }
 }
 
+/// Binds (or inherits) listener `l`; an error names where its address is
+/// written.
+async fn bind_listener(
+    baton: &baton::Baton,
+    l: &ListenerConfig,
+) -> Result<TcpListener, ProxyError> {
+    baton
+        .tcp(&l.name, &l.address.to_string())
+        .await
+        .map_err(|source| ProxyError::Listener {
+            at: l.address_at.clone(),
+            source,
+        })
+}
+
 fn build_pools(config: &Config, registry: &Registry) -> HashMap<String, Arc<Pool>> {
     config
         .upstreams
@@ -612,6 +659,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         // An existing directory of ours is fine.
         prepare_control_dir(&socket).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_at_the_control_directory_is_refused_not_followed() {
+        let base = std::env::temp_dir().join(format!("baton-proxy-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        // A directory of ours, so only the link itself is wrong.
+        let real = base.join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = base.join("baton-link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = prepare_control_dir(&link.join("proxy.sock")).unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::ControlDir { path, .. } if path == &link),
+            "{e}"
+        );
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // The real directory is fine on its own.
+        prepare_control_dir(&real.join("proxy.sock")).unwrap();
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -1,10 +1,11 @@
 //! `baton check`: exit 0 for a valid file, 1 with FILE:LINE:COL for every problem.
 
 use std::process::Command;
+use std::time::Duration;
 
 use baton_testkit::TempDir;
 
-use crate::{baton, text};
+use crate::{baton, run_bounded, text};
 
 const ISSUE_EXAMPLE: &str = include_str!("../../../baton-proxy/proxy.example.toml");
 
@@ -114,4 +115,167 @@ fn ctl_status_shows_the_proxy_fields() {
     let out = p.ctl(&["--json", "status"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["proxy"]["config_file"], p.config.display().to_string());
+}
+
+/// A configuration with one listener "web" at `address` answering 200, its
+/// control socket in `dir` (so nothing lands at the default path).
+fn one_listener(dir: &TempDir, address: &str) -> String {
+    format!(
+        "[server]\ncontrol_socket = {:?}\n\n[[listeners]]\nname = \"web\"\naddress = \"{address}\"\n\n[[routes]]\nlistener = \"web\"\nrespond = {{ status = 200 }}\n",
+        dir.join("control.sock").to_str().unwrap()
+    )
+}
+
+#[test]
+fn check_and_startup_refuse_what_is_not_a_regular_file_or_is_over_the_cap() {
+    let dir = TempDir::new("check-kinds");
+    let fifo = dir.join("fifo.toml");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RWXU).unwrap();
+    let link = dir.join("link.toml");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let big = dir.join("big.toml");
+    // Sparse: 64 MiB and one byte that cost no disk.
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 * 1024 * 1024 + 1)
+        .unwrap();
+    for (path, what) in [
+        (
+            "/dev/zero".to_owned(),
+            "it is a character device, not a regular file",
+        ),
+        (
+            link.to_str().unwrap().to_owned(),
+            "it is a character device, not a regular file",
+        ),
+        (
+            fifo.to_str().unwrap().to_owned(),
+            "it is a FIFO, not a regular file",
+        ),
+        (
+            big.to_str().unwrap().to_owned(),
+            "larger than the 64 MiB limit on a configuration file",
+        ),
+    ] {
+        let expected = format!("cannot read {path}: {what}");
+        let (code, stderr) =
+            run_bounded(&["check", "--config", &path], &[], Duration::from_secs(10));
+        assert_eq!(code, Some(1), "check {path}: {stderr}");
+        assert!(stderr.contains(&expected), "check {path}: {stderr}");
+        let (code, stderr) =
+            run_bounded(&["proxy", "--config", &path], &[], Duration::from_secs(10));
+        assert_eq!(code, Some(2), "proxy {path}: {stderr}");
+        assert!(stderr.contains(&expected), "proxy {path}: {stderr}");
+    }
+}
+
+#[test]
+fn check_reports_invalid_utf8_at_the_first_bad_byte() {
+    let dir = TempDir::new("check-utf8");
+    let path = dir.join("proxy.toml");
+    let mut bytes = one_listener(&dir, "127.0.0.1:0").into_bytes();
+    // In the listener's name, line 5: `name = "w` is 9 characters.
+    let at = bytes.windows(4).position(|w| w == b"\"web").unwrap() + 2;
+    bytes[at] = 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let file = path.to_str().unwrap();
+    let (code, stderr) = run_bounded(&["check", "--config", file], &[], Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{file}:5:10: invalid UTF-8 (byte 0xff): a configuration file must be UTF-8"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_rejects_fixed_responses_http_does_not_allow_at_their_value() {
+    let bad = r#"[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+[[routes]]
+listener = "web"
+path_prefix = "/a"
+respond = { status = 999 }
+
+[[routes]]
+listener = "web"
+path_prefix = "/b"
+respond = { status = 101 }
+
+[[routes]]
+listener = "web"
+path_prefix = "/c"
+respond = { status = 204, body = "gone" }
+
+[[routes]]
+listener = "web"
+path_prefix = "/d"
+respond = { status = 304, body = "" }
+"#;
+    let (out, path) = check(bad);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "{path}:8:22: invalid status 999: a fixed response needs a status from 200 to 599"
+            ),
+            format!(
+                "{path}:13:22: invalid status 101: a fixed response needs a status from 200 to 599"
+            ),
+            format!(
+                "{path}:18:34: a 204 response has no body; remove `body` or use another status"
+            ),
+        ],
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn check_warns_for_a_listener_address_in_use_and_still_passes() {
+    // What a running proxy does to the address of its own configuration.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let dir = TempDir::new("check-in-use");
+    let (out, path) = check(&one_listener(&dir, &addr.to_string()));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with(&format!("{path}: ok")), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "{path}:6:11: warning: listener \"web\": address {addr} is in use (Address already in use (os error 98)); that is expected if this is the configuration of the running proxy"
+        )),
+        "{}",
+        text(&out)
+    );
+    // Free again: no warning.
+    drop(held);
+    let (out, _) = check(&one_listener(&dir, &addr.to_string()));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(out.stderr.is_empty(), "{}", text(&out));
+}
+
+#[test]
+fn startup_bind_failure_names_the_listeners_address_in_the_file() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let dir = TempDir::new("start-in-use");
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, one_listener(&dir, &addr.to_string())).unwrap();
+    let file = path.to_str().unwrap();
+    let (code, stderr) = run_bounded(&["proxy", "--config", file], &[], Duration::from_secs(20));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "baton: {file}:6:11: listener \"web\" at {addr}: Address already in use (os error 98)\n"
+        )),
+        "{stderr}"
+    );
 }

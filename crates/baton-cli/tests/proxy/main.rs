@@ -37,6 +37,30 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// Runs `baton ARGS` (with `envs`) to its end, killing it if it takes longer
+/// than `timeout` (then it panics): (exit code, stderr).
+pub fn run_bounded(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    timeout: Duration,
+) -> (Option<i32>, String) {
+    baton_testkit::become_subreaper();
+    let dir = TempDir::new("bounded");
+    let mut server = Server::spawn(&baton(), args, &dir, envs);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = server.first_exit() {
+            return (status.code(), server.stderr());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "baton {args:?} still running after {timeout:?}; stderr:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// An upstream process (`examples/upstream`), killed on drop.
 #[derive(Debug)]
 pub struct Upstream {

@@ -323,3 +323,115 @@ fn a_request_in_flight_finishes_on_the_config_it_started_with() {
     );
     assert!(p.status()["proxy"]["upstreams"]["a"].is_null());
 }
+
+#[test]
+fn a_reload_from_dev_zero_or_a_fifo_fails_fast_and_later_reloads_still_work() {
+    let a = Upstream::http("a");
+    let b = Upstream::http("b");
+    let p = Proxy::start("reload-kinds", "", &routed_to(&a, &b, "a"));
+    let web = p.addr("web");
+    let load = Load::start(Target::Tcp(web), 2, 2, Duration::from_secs(60));
+    load.wait_for_progress(100, Duration::from_secs(20));
+    let file = p.config.to_str().unwrap().to_owned();
+    // Bounded well below the control helper's minute: a read that hangs
+    // (the FIFO before the fix) fails the test here.
+    let reload = |what: &str| {
+        let started = std::time::Instant::now();
+        let a = baton_testkit::control(
+            &p.control,
+            r#"{"command":"reload"}"#,
+            Duration::from_secs(15),
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(7),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+        a
+    };
+
+    // The file replaced by a symlink to /dev/zero.
+    std::fs::remove_file(&p.config).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &p.config).unwrap();
+    let answer = reload("/dev/zero");
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains(&format!(
+            "cannot read {file}: it is a character device, not a regular file"
+        )),
+        "{answer}"
+    );
+
+    // The file replaced by a FIFO nobody writes.
+    std::fs::remove_file(&p.config).unwrap();
+    rustix::fs::mkfifoat(rustix::fs::CWD, &p.config, rustix::fs::Mode::RWXU).unwrap();
+    let answer = reload("FIFO");
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains(&format!(
+            "cannot read {file}: it is a FIFO, not a regular file"
+        )),
+        "{answer}"
+    );
+    // The same through the CLI: exit 1 and the reason.
+    let out = p.ctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("it is a FIFO, not a regular file"),
+        "{}",
+        text(&out)
+    );
+
+    // Nothing changed, nothing failed.
+    load.wait_for_progress(100, Duration::from_secs(20));
+    assert_eq!(get(web, "test", "/"), (200, "upstream a\n".into()));
+
+    // A later reload with a good file goes through.
+    std::fs::remove_file(&p.config).unwrap();
+    p.write_config(&routed_to(&a, &b, "b"));
+    let answer = reload("good file");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(get(web, "test", "/"), (200, "upstream b\n".into()));
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
+    let status = p.status();
+    assert_eq!(status["proxy"]["reloads"], 1, "{status}");
+    assert_eq!(status["pid"], p.pid());
+}
+
+#[test]
+fn a_reload_adding_a_listener_it_cannot_bind_is_rejected_at_the_address() {
+    let a = Upstream::http("a");
+    let b = Upstream::http("b");
+    let base = routed_to(&a, &b, "a");
+    let p = Proxy::start("reload-bind", "", &base);
+    let web = p.addr("web");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap();
+    p.write_config(&format!(
+        "{base}\n[[listeners]]\nname = \"extra\"\naddress = \"{taken}\"\n\n[[routes]]\nlistener = \"extra\"\nupstream = \"b\"\n"
+    ));
+    let line = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains(&taken.to_string()))
+        .unwrap()
+        + 1;
+    let out = p.ctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:{line}:11: listener \"extra\" at {taken}: Address already in use (os error 98)",
+            p.config.display()
+        )),
+        "{}",
+        text(&out)
+    );
+    // The old configuration keeps serving, unchanged.
+    let status = p.status();
+    assert_eq!(status["proxy"]["reloads"], 0, "{status}");
+    assert!(!p.listeners().contains_key("extra"), "{status}");
+    assert_eq!(get(web, "test", "/"), (200, "upstream a\n".into()));
+    drop(held);
+}
