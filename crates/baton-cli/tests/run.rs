@@ -535,3 +535,48 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
     assert!(holders(ino).is_empty(), "{:?}", holders(ino));
     assert!(baton_testkit::our_zombies().is_empty());
 }
+
+/// After `kill -9` of a `baton run`, its child lives on holding the port. A
+/// new `baton run` on the same address says who holds it, that it looks
+/// like an orphaned child of an earlier `baton run`, and what to do.
+#[test]
+fn address_in_use_names_the_orphaned_child_holding_it() {
+    let fx = fixture();
+    let mut run = Run::start(
+        &["--listen", "http=127.0.0.1:0", "--ready", "notify"],
+        &["python3", fx.to_str().unwrap()],
+    );
+    let addr = run.addr();
+    let child = run.status()["pid"].as_u64().unwrap() as u32;
+    baton_testkit::send_signal(run.server.first_pid(), rustix::process::Signal::KILL);
+    assert_eventually!(
+        Duration::from_secs(10),
+        run.server.first_exit().is_some(),
+        "supervisor did not die"
+    );
+    assert!(baton_testkit::proc_state(child).is_some(), "the child lives on");
+
+    let listen = format!("http={addr}");
+    let dir = TempDir::new("run-in-use");
+    let mut second = Server::spawn(
+        &baton(),
+        &["run", "--listen", &listen, "--ready", "notify", "--", "python3", fx.to_str().unwrap()],
+        &dir,
+        &[],
+    );
+    assert_eventually!(
+        Duration::from_secs(20),
+        second.first_exit().is_some(),
+        "the second baton run did not exit"
+    );
+    assert_ne!(second.first_exit().unwrap().code(), Some(0));
+    let stderr = second.stderr();
+    for want in [
+        "address already in use".to_owned(),
+        format!("held by pid {child}"),
+        "orphaned child of an earlier `baton run`".to_owned(),
+        format!("kill {child}"),
+    ] {
+        assert!(stderr.contains(&want), "{want:?} not in:\n{stderr}");
+    }
+}

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream, UnixDatagram};
 use tokio::sync::watch;
 
 use crate::config::{Config, ReadyMode};
-use crate::{probe, Error};
+use crate::{holders, probe, Error};
 
 /// Back-off between crash restarts: doubles from `BACKOFF_MIN` up to
 /// `BACKOFF_MAX`, and starts over once a child has stayed up for
@@ -106,10 +106,20 @@ impl Supervisor {
         let mut forwarded = Vec::new();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let fd = l
-                .spec
-                .bind()
-                .map_err(setup(format!("--listen {}={}", l.name, l.spec)))?;
+            let what = format!("--listen {}={}", l.name, l.spec);
+            let fd = l.spec.bind().map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AddrInUse {
+                    Error::InUse {
+                        holders: holders::describe(l.spec.kind, &l.spec.address),
+                        what: what.clone(),
+                    }
+                } else {
+                    Error::Setup {
+                        what: what.clone(),
+                        source,
+                    }
+                }
+            })?;
             let addr = baton::ListenSpec::local_addr(&fd)
                 .map_err(setup(format!("--listen {}", l.name)))?;
             tracing::info!(name = %l.name, address = %addr, port_env = ?l.port_env, "listening");
