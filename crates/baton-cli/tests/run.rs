@@ -428,7 +428,12 @@ fn holders(ino: u64) -> Vec<u32> {
 /// The process group of `pid`, from `/proc/PID/stat`.
 fn pgid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 /// A child that leaves a grandchild behind (in its process group, holding
@@ -441,8 +446,12 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
     let dir = TempDir::new("run-orphans");
     for g in 1..=6 {
         let fifo = dir.join(&format!("crash-{g}"));
-        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600))
-            .unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
     }
     let script = dir.script(
         "child.sh",
@@ -470,7 +479,7 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
     let port = run.addr().port();
     let ino = baton_testkit::tcp_listen_inode(port).expect("listening inode");
     let mut grandchildren = Vec::new();
-    let mut next_grandchild = |run: &mut Run, generation: u64| -> u32 {
+    let next_grandchild = |run: &mut Run, generation: u64| -> u32 {
         let e = run.server.wait_event(Duration::from_secs(20), |v| {
             v["event"] == "grandchild" && v["generation"] == generation
         });
@@ -554,13 +563,25 @@ fn address_in_use_names_the_orphaned_child_holding_it() {
         run.server.first_exit().is_some(),
         "supervisor did not die"
     );
-    assert!(baton_testkit::proc_state(child).is_some(), "the child lives on");
+    assert!(
+        baton_testkit::proc_state(child).is_some(),
+        "the child lives on"
+    );
 
     let listen = format!("http={addr}");
     let dir = TempDir::new("run-in-use");
     let mut second = Server::spawn(
         &baton(),
-        &["run", "--listen", &listen, "--ready", "notify", "--", "python3", fx.to_str().unwrap()],
+        &[
+            "run",
+            "--listen",
+            &listen,
+            "--ready",
+            "notify",
+            "--",
+            "python3",
+            fx.to_str().unwrap(),
+        ],
         &dir,
         &[],
     );

@@ -199,6 +199,9 @@ mod tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0 100 0 0 10 0\n";
         let ports = BTreeSet::from([8080]);
         assert_eq!(bound_inodes(table, &ports, true), vec![4242]);
-        assert_eq!(bound_inodes(table, &BTreeSet::from([8081]), true), Vec::<u64>::new());
+        assert_eq!(
+            bound_inodes(table, &BTreeSet::from([8081]), true),
+            Vec::<u64>::new()
+        );
     }
 }

@@ -17,9 +17,15 @@ use crate::Running;
 /// A wrapper script that runs the slow-confirm fixture as the next
 /// generation, and the FIFO that releases its confirmation.
 fn slow_confirm(dir: &TempDir) -> (PathBuf, PathBuf) {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/process/fixtures/slow_confirm.py");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/process/fixtures/slow_confirm.py");
     let fifo = dir.join("release");
-    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
     let script = dir.script(
         "next.sh",
         &format!(
@@ -88,12 +94,21 @@ fn clean_upgrades_log_no_warning() {
         });
         pids.push(e["pid"].as_u64().unwrap() as u32);
         let old = pids[pids.len() - 2];
-        assert_eventually!(Duration::from_secs(10), r.server.is_gone(old), "generation {} did not exit", generation - 1);
+        assert_eventually!(
+            Duration::from_secs(10),
+            r.server.is_gone(old),
+            "generation {} did not exit",
+            generation - 1
+        );
     }
     let a = r.upgrade(r#"{"command":"upgrade"}"#);
     assert_eq!(a["ok"], true, "{a}");
     let old = *pids.last().unwrap();
-    assert_eventually!(Duration::from_secs(10), r.server.is_gone(old), "old generation did not exit");
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.is_gone(old),
+        "old generation did not exit"
+    );
     let stderr = r.server.stderr();
     assert!(complaints(&stderr).is_empty(), "{:#?}", complaints(&stderr));
 }
@@ -119,23 +134,39 @@ fn upgrade_is_answered_whatever_the_drain_timeout() {
         let dir = TempDir::new("slow-confirm");
         let (next, fifo) = slow_confirm(&dir);
         let old = r.pid_file_pid();
-        let request = format!(r#"{{"command":"upgrade","binary":{:?}}}"#, next.to_str().unwrap());
+        let request = format!(
+            r#"{{"command":"upgrade","binary":{:?}}}"#,
+            next.to_str().unwrap()
+        );
         let answer = control_in_background(&r.control, &request);
         assert_eventually!(
             Duration::from_secs(20),
-            r.server.stderr().contains("waiting for the upgrade in flight to be answered")
+            r.server
+                .stderr()
+                .contains("waiting for the upgrade in flight to be answered")
                 || answer.is_finished(),
             "drain {drain}: the old generation neither waited nor answered"
         );
-        assert!(!answer.is_finished(), "drain {drain}: answered early: {:?}", answer.join());
+        assert!(
+            !answer.is_finished(),
+            "drain {drain}: answered early: {:?}",
+            answer.join()
+        );
         std::fs::write(&fifo, "go\n").unwrap();
-        let a = answer.join().unwrap().unwrap_or_else(|e| panic!("drain {drain}: {e}"));
+        let a = answer
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("drain {drain}: {e}"));
         assert_eq!(a["ok"], true, "drain {drain}: {a}");
         let new = a["pid"].as_u64().unwrap() as u32;
         r.server.track(new);
         assert_ne!(new, old);
         let mut server = r.server;
-        assert_eventually!(Duration::from_secs(10), server.is_gone(old), "old generation did not exit");
+        assert_eventually!(
+            Duration::from_secs(10),
+            server.is_gone(old),
+            "old generation did not exit"
+        );
         send_signal(new, Signal::TERM);
         server.wait_event(Duration::from_secs(10), |v| v["event"] == "stop");
     }
@@ -168,15 +199,40 @@ fn sigterm_before_the_new_generation_is_ready_aborts_the_upgrade() {
     send_signal(old, Signal::TERM);
     let a = answer.join().unwrap().unwrap();
     assert_eq!(a["ok"], false, "{a}");
-    assert!(a["error"].as_str().unwrap().starts_with("aborted: stop requested"), "{a}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("aborted: stop requested"),
+        "{a}"
+    );
     let resp = slow.join().unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "in-flight request: {resp:?}");
-    assert_eventually!(Duration::from_secs(10), r.server.is_gone(new), "new generation {new} alive");
-    assert_eventually!(Duration::from_secs(10), r.server.first_exit().is_some(), "old generation did not exit");
-    assert_eq!(r.server.first_exit().unwrap().code(), Some(0), "{}", r.server.stderr());
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "in-flight request: {resp:?}"
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.is_gone(new),
+        "new generation {new} alive"
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.first_exit().is_some(),
+        "old generation did not exit"
+    );
+    assert_eq!(
+        r.server.first_exit().unwrap().code(),
+        Some(0),
+        "{}",
+        r.server.stderr()
+    );
     assert!(!r.pid_file.exists(), "pid file left behind");
     assert!(!r.control.exists(), "control socket left behind");
-    assert!(baton_testkit::tcp_listen_inode(r.addr().port()).is_none(), "the port is still listening");
+    assert!(
+        baton_testkit::tcp_listen_inode(r.addr().port()).is_none(),
+        "the port is still listening"
+    );
 }
 
 /// SIGTERM after the new generation was told to take over (it has the
@@ -190,26 +246,51 @@ fn sigterm_after_the_hand_over_is_passed_on_to_the_new_generation() {
     let dir = TempDir::new("slow-confirm");
     let (next, fifo) = slow_confirm(&dir);
     let slow = slow_request_in_flight(r.addr(), 1000);
-    let request = format!(r#"{{"command":"upgrade","binary":{:?}}}"#, next.to_str().unwrap());
+    let request = format!(
+        r#"{{"command":"upgrade","binary":{:?}}}"#,
+        next.to_str().unwrap()
+    );
     let answer = control_in_background(&r.control, &request);
-    let acked = r.server.wait_event(Duration::from_secs(20), |v| v["event"] == "acked");
+    let acked = r
+        .server
+        .wait_event(Duration::from_secs(20), |v| v["event"] == "acked");
     let new = acked["pid"].as_u64().unwrap() as u32;
 
     send_signal(old, Signal::TERM);
     assert_eventually!(
         Duration::from_secs(10),
-        r.server.stderr().contains("passing it on to the new generation"),
+        r.server
+            .stderr()
+            .contains("passing it on to the new generation"),
         "the old generation did not take note of the stop"
     );
     std::fs::write(&fifo, "go\n").unwrap();
     let a = answer.join().unwrap().unwrap();
     assert_eq!(a["ok"], true, "{a}");
     assert_eq!(a["pid"], new, "{a}");
-    let stop = r.server.wait_event(Duration::from_secs(10), |v| v["event"] == "stop");
+    let stop = r
+        .server
+        .wait_event(Duration::from_secs(10), |v| v["event"] == "stop");
     assert_eq!(stop["signal"], Signal::TERM.as_raw(), "{stop}");
     let resp = slow.join().unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "in-flight request: {resp:?}");
-    assert_eventually!(Duration::from_secs(10), r.server.is_gone(new), "new generation {new} alive");
-    assert_eventually!(Duration::from_secs(10), r.server.first_exit().is_some(), "old generation did not exit");
-    assert_eq!(r.server.first_exit().unwrap().code(), Some(0), "{}", r.server.stderr());
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "in-flight request: {resp:?}"
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.is_gone(new),
+        "new generation {new} alive"
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.first_exit().is_some(),
+        "old generation did not exit"
+    );
+    assert_eq!(
+        r.server.first_exit().unwrap().code(),
+        Some(0),
+        "{}",
+        r.server.stderr()
+    );
 }
