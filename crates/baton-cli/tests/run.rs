@@ -410,3 +410,194 @@ fn unix_socket_listener_and_signals() {
     assert!(!run.control.exists(), "control socket removed");
     assert!(!sock.exists(), "the unix listener's socket file removed");
 }
+
+/// Pids whose open fds include the socket with inode `ino` (scans
+/// `/proc/*/fd`).
+fn holders(ino: u64) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
+            if baton_testkit::socket_inodes(pid).contains(&ino) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// The process group of `pid`, from `/proc/PID/stat`.
+fn pgid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// A child that leaves a grandchild behind (in its process group, holding
+/// the inherited listening socket), reports it on stdout, and exits when
+/// the test writes to its FIFO: after each crash, restart, reload and stop,
+/// nothing but the supervisor and the current child's group holds the
+/// socket, and every earlier grandchild is gone.
+#[test]
+fn leftovers_in_a_childs_process_group_die_with_it() {
+    let dir = TempDir::new("run-orphans");
+    for g in 1..=6 {
+        let fifo = dir.join(&format!("crash-{g}"));
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+    }
+    let script = dir.script(
+        "child.sh",
+        &format!(
+            "sleep 1000 &\n\
+             echo \"{{\\\"event\\\":\\\"grandchild\\\",\\\"pid\\\":$!,\\\"child\\\":$$,\\\"generation\\\":$BATON_GENERATION}}\"\n\
+             read line < {}/crash-$BATON_GENERATION\n\
+             exit 3",
+            dir.path().display()
+        ),
+    );
+    let mut run = Run::start(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "delay:100ms",
+            "--restart-on-crash",
+            "--drain-timeout",
+            "5s",
+        ],
+        &[script.to_str().unwrap()],
+    );
+    let supervisor = run.server.first_pid();
+    let port = run.addr().port();
+    let ino = baton_testkit::tcp_listen_inode(port).expect("listening inode");
+    let mut grandchildren = Vec::new();
+    let next_grandchild = |run: &mut Run, generation: u64| -> u32 {
+        let e = run.server.wait_event(Duration::from_secs(20), |v| {
+            v["event"] == "grandchild" && v["generation"] == generation
+        });
+        e["pid"].as_u64().unwrap() as u32
+    };
+    let check = |run: &Run, generation: u64, gone: &[u32]| {
+        assert_eventually!(
+            Duration::from_secs(10),
+            run.status()["generation"] == generation,
+            "generation {generation} is not current: {}",
+            run.status()
+        );
+        let child = run.status()["pid"].as_u64().unwrap() as u32;
+        for g in gone {
+            assert_eventually!(
+                Duration::from_secs(10),
+                baton_testkit::reaped_or_gone(*g),
+                "grandchild {g} of an earlier child is still there"
+            );
+        }
+        assert_eventually!(
+            Duration::from_secs(10),
+            holders(ino)
+                .iter()
+                .all(|p| *p == supervisor || pgid(*p) == Some(child)),
+            "the listening socket is held outside the supervisor and child {child}'s group: {:?}",
+            holders(ino)
+                .iter()
+                .map(|p| (*p, pgid(*p)))
+                .collect::<Vec<_>>()
+        );
+    };
+    grandchildren.push(next_grandchild(&mut run, 1));
+    check(&run, 1, &[]);
+    // Three crashes, each replaced.
+    for g in 1..=3u64 {
+        std::fs::write(dir.join(&format!("crash-{g}")), "crash\n").unwrap();
+        grandchildren.push(next_grandchild(&mut run, g + 1));
+        check(&run, g + 1, &grandchildren[..grandchildren.len() - 1]);
+    }
+    assert_eq!(run.status()["restarts"], 3);
+    // A reload retires the current child (SIGTERM) and its group.
+    let a = run.reload();
+    assert_eq!(a["ok"], true, "{a}");
+    grandchildren.push(next_grandchild(&mut run, 5));
+    check(&run, 5, &grandchildren[..grandchildren.len() - 1]);
+    // A stop leaves nothing of the service behind.
+    baton_testkit::send_signal(supervisor, rustix::process::Signal::TERM);
+    assert_eventually!(
+        Duration::from_secs(15),
+        run.server.first_exit().is_some(),
+        "supervisor did not exit"
+    );
+    assert_eq!(run.server.first_exit().unwrap().code(), Some(0));
+    for g in &grandchildren {
+        assert_eventually!(
+            Duration::from_secs(10),
+            baton_testkit::reaped_or_gone(*g),
+            "grandchild {g} outlived the stop"
+        );
+    }
+    assert!(holders(ino).is_empty(), "{:?}", holders(ino));
+    assert!(baton_testkit::our_zombies().is_empty());
+}
+
+/// After `kill -9` of a `baton run`, its child lives on holding the port. A
+/// new `baton run` on the same address says who holds it, that it looks
+/// like an orphaned child of an earlier `baton run`, and what to do.
+#[test]
+fn address_in_use_names_the_orphaned_child_holding_it() {
+    let fx = fixture();
+    let mut run = Run::start(
+        &["--listen", "http=127.0.0.1:0", "--ready", "notify"],
+        &["python3", fx.to_str().unwrap()],
+    );
+    let addr = run.addr();
+    let child = run.status()["pid"].as_u64().unwrap() as u32;
+    baton_testkit::send_signal(run.server.first_pid(), rustix::process::Signal::KILL);
+    assert_eventually!(
+        Duration::from_secs(10),
+        run.server.first_exit().is_some(),
+        "supervisor did not die"
+    );
+    assert!(
+        baton_testkit::proc_state(child).is_some(),
+        "the child lives on"
+    );
+
+    let listen = format!("http={addr}");
+    let dir = TempDir::new("run-in-use");
+    let mut second = Server::spawn(
+        &baton(),
+        &[
+            "run",
+            "--listen",
+            &listen,
+            "--ready",
+            "notify",
+            "--",
+            "python3",
+            fx.to_str().unwrap(),
+        ],
+        &dir,
+        &[],
+    );
+    assert_eventually!(
+        Duration::from_secs(20),
+        second.first_exit().is_some(),
+        "the second baton run did not exit"
+    );
+    assert_ne!(second.first_exit().unwrap().code(), Some(0));
+    let stderr = second.stderr();
+    for want in [
+        "address already in use".to_owned(),
+        format!("held by pid {child}"),
+        "orphaned child of an earlier `baton run`".to_owned(),
+        format!("kill {child}"),
+    ] {
+        assert!(stderr.contains(&want), "{want:?} not in:\n{stderr}");
+    }
+}

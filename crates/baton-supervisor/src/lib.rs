@@ -22,6 +22,7 @@
 )]
 
 mod config;
+mod holders;
 mod probe;
 mod supervisor;
 
@@ -43,6 +44,15 @@ pub enum Error {
         /// Why it failed.
         #[source]
         source: std::io::Error,
+    },
+    /// A `--listen` address is in use: by whom, and what to do.
+    #[error("{what}: address already in use; {holders}")]
+    InUse {
+        /// The `--listen` option.
+        what: String,
+        /// Who holds it (pids, commands) and, for the orphaned child of an
+        /// earlier `baton run`, what to do.
+        holders: String,
     },
     /// The first child did not start or did not become ready.
     #[error("the first child failed: {0}")]

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream, UnixDatagram};
 use tokio::sync::watch;
 
 use crate::config::{Config, ReadyMode};
-use crate::{probe, Error};
+use crate::{holders, probe, Error};
 
 /// Back-off between crash restarts: doubles from `BACKOFF_MIN` up to
 /// `BACKOFF_MAX`, and starts over once a child has stayed up for
@@ -67,6 +67,9 @@ struct Inner {
     drain: Drain,
     notify_dir: PathBuf,
     listeners: Vec<Value>,
+    /// Old children being stopped in the background (retired by a reload,
+    /// or not ready in time); a stop waits for them.
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// The supervisor. Cheap to clone.
@@ -103,10 +106,20 @@ impl Supervisor {
         let mut forwarded = Vec::new();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let fd = l
-                .spec
-                .bind()
-                .map_err(setup(format!("--listen {}={}", l.name, l.spec)))?;
+            let what = format!("--listen {}={}", l.name, l.spec);
+            let fd = l.spec.bind().map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AddrInUse {
+                    Error::InUse {
+                        holders: holders::describe(l.spec.kind, &l.spec.address),
+                        what: what.clone(),
+                    }
+                } else {
+                    Error::Setup {
+                        what: what.clone(),
+                        source,
+                    }
+                }
+            })?;
             let addr = baton::ListenSpec::local_addr(&fd)
                 .map_err(setup(format!("--listen {}", l.name)))?;
             tracing::info!(name = %l.name, address = %addr, port_env = ?l.port_env, "listening");
@@ -145,6 +158,7 @@ impl Supervisor {
                 drain: Drain::new(Duration::from_secs(1)),
                 notify_dir,
                 listeners,
+                background: Mutex::new(Vec::new()),
             }),
         };
         let first = sup.start_generation().await.map_err(Error::FirstChild)?;
@@ -259,7 +273,9 @@ impl Supervisor {
                 // stopped like an old child (stop signal, then SIGKILL at the
                 // drain timeout), in the background.
                 let (signal, drain) = (cfg.stop_signal, cfg.drain_timeout);
-                tokio::spawn(async move { stop_gracefully(&child, signal, drain).await });
+                self.background(async move { stop_gracefully(&child, signal, drain).await });
+            } else {
+                kill_leftovers(&child);
             }
             return Err(if tail.is_empty() {
                 format!("child (pid {pid}) {reason}")
@@ -302,6 +318,11 @@ impl Supervisor {
         let _ = baton::sd_notify("READY=1");
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         let answer = match result {
+            Ok(new) if self.inner.stopping.load(Ordering::SeqCst) => {
+                // A stop arrived while it was starting: the stop wins.
+                self.retire(new);
+                Err("aborted: stop requested".to_owned())
+            }
             Ok(new) => {
                 let old = self.inner.current.send_replace(Some(new.clone()));
                 self.monitor(new.clone());
@@ -338,7 +359,7 @@ impl Supervisor {
         old.retiring.store(true, Ordering::SeqCst);
         let cfg_signal = self.inner.config.stop_signal;
         let drain = self.inner.config.drain_timeout;
-        tokio::spawn(async move {
+        self.background(async move {
             let deadline = tokio::time::Instant::now() + drain;
             // Forwarded connections finish on the old child first: a child
             // that dies at the stop signal (most do) would cut them off.
@@ -356,6 +377,9 @@ impl Supervisor {
         let s = self.clone();
         tokio::spawn(async move {
             let status = gen.child.wait().await.unwrap_or(ExitStatus::Code(1));
+            // Whatever it left in its process group is an orphan holding
+            // our sockets: gone now, crash or not.
+            kill_leftovers(&gen.child);
             if gen.retiring.load(Ordering::SeqCst) || s.inner.stopping.load(Ordering::SeqCst) {
                 return;
             }
@@ -463,12 +487,17 @@ impl Supervisor {
 
     /// Stops the current child gracefully (stop signal, drain timeout, then
     /// SIGKILL), stops accepting, and makes [`wait`](Self::wait) return 0.
+    /// A reload or crash restart in progress finishes first (its new child
+    /// is then stopped too), and children still being retired are waited
+    /// for: nothing of the service is left behind.
     pub async fn stop(&self) {
         if self.inner.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
         let _ = baton::sd_notify("STOPPING=1");
         self.inner.drain.start();
+        // No transition runs past this point (they all check `stopping`).
+        let _one = self.inner.transition.lock().await;
         let current = self.inner.current.borrow().clone();
         if let Some(gen) = current {
             gen.retiring.store(true, Ordering::SeqCst);
@@ -479,7 +508,19 @@ impl Supervisor {
             )
             .await;
         }
+        let background: Vec<_> = std::mem::take(&mut *lock(&self.inner.background));
+        for task in background {
+            let _ = task.await;
+        }
         self.inner.exit.send_replace(Some(0));
+    }
+
+    /// Runs a child's stop in the background, where [`stop`](Self::stop)
+    /// finds it.
+    fn background(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = lock(&self.inner.background);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(task));
     }
 
     /// Waits until the supervisor should exit, cleans up, and returns the
@@ -561,7 +602,8 @@ impl control::Handler for Supervisor {
 }
 
 /// Sends the stop signal, waits up to `drain` for the child to exit, then
-/// SIGKILLs its process group; always reaps it.
+/// SIGKILLs its process group; always reaps it, and kills what it left in
+/// its process group.
 async fn stop_gracefully(child: &Child, signal: i32, drain: Duration) {
     if let Err(e) = child.signal(signal) {
         tracing::debug!(error = %e, "stop signal");
@@ -576,6 +618,19 @@ async fn stop_gracefully(child: &Child, signal: i32, drain: Duration) {
             child.kill_and_reap().await;
         }
     }
+    kill_leftovers(child);
+}
+
+/// Called once a child is gone (reaped): SIGKILLs what is left in its
+/// process group (anything there is an orphan that may hold our listening
+/// sockets). The killed processes were reparented away from us, to the
+/// nearest subreaper or init, which reaps them.
+///
+/// A descendant that left the group (`setsid`, `setpgid`) escapes this;
+/// killing every descendant is the job of `baton::process::Child` and goes
+/// here when it is available.
+fn kill_leftovers(child: &Child) {
+    child.kill();
 }
 
 /// A free loopback port for a child to bind (the kernel's pick; released

@@ -64,6 +64,22 @@ pub enum StopReason {
     Fast,
 }
 
+/// An upgrade in flight, as a stop sees it.
+#[derive(Debug)]
+struct InFlight {
+    /// Cancelled by a stop that arrives before the new generation is ready.
+    abort: tokio_util::sync::CancellationToken,
+    /// Set once the new generation was told to take over.
+    handed: bool,
+    /// A stop that arrived after the hand-over, to pass on to the new
+    /// generation.
+    pass_on: Option<StopReason>,
+}
+
+/// How long the old generation waits for the new one to confirm that it is
+/// active, after telling it to take over.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
 type ExitHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 type StatusHook = Arc<dyn Fn() -> Value + Send + Sync>;
 type ReloadHandler =
@@ -157,10 +173,17 @@ pub(crate) struct Inner {
     control: Mutex<Option<(PathBuf, OwnedFd, bool)>>,
     handshake: Mutex<Option<ChildHandshake>>,
     state: watch::Sender<State>,
-    upgrading: AtomicBool,
+    /// True while an upgrade is in flight, from the request to its answer;
+    /// [`Baton::wait`] does not return before it is false again.
+    upgrading: watch::Sender<bool>,
+    /// The upgrade in flight, where a stop finds it. Every state change
+    /// that races an upgrade (a stop, the hand-over) happens under this lock.
+    in_flight: Mutex<Option<InFlight>>,
     /// Set once a next generation took the sockets: from then on the pid
     /// file and the control socket path belong to it.
     handed_over: AtomicBool,
+    /// Set by the first call of `ready`.
+    ready_called: AtomicBool,
     drain: Drain,
     hooks: Mutex<Vec<ExitHook>>,
     reload: Mutex<Option<ReloadHandler>>,
@@ -234,8 +257,10 @@ impl Baton {
                 control: Mutex::new(None),
                 handshake: Mutex::new(handshake),
                 state,
-                upgrading: AtomicBool::new(false),
+                upgrading: watch::channel(false).0,
+                in_flight: Mutex::new(None),
                 handed_over: AtomicBool::new(false),
+                ready_called: AtomicBool::new(false),
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
                 status_hook: Mutex::new(None),
@@ -458,9 +483,27 @@ impl Baton {
     /// socket, `READY=1`). Inherited listeners nobody claimed are closed here.
     /// An `Err(Error::RolledBack)` means the previous generation gave up on
     /// this one: exit.
+    ///
+    /// A stop requested before `ready` (a signal during a slow start) wins:
+    /// `ready` then tells the previous generation, if any, that this one
+    /// stopped (it rolls back and keeps serving), and returns `Ok`; the
+    /// state stays Draining and [`wait`](Self::wait) returns at once. A stop
+    /// that arrives while the previous generation hands over leaves this
+    /// generation draining too: it confirms the hand-over (the pid file
+    /// names it), then stops like a last generation.
     pub async fn ready(&self) -> Result<(), Error> {
-        if *self.inner.state.borrow() != State::Starting {
+        if self.inner.ready_called.swap(true, Ordering::SeqCst) {
             return Err(Error::AlreadyReady);
+        }
+        if matches!(
+            *self.inner.state.borrow(),
+            State::Draining(_) | State::Stopped(_)
+        ) {
+            tracing::info!("stop requested before ready; not taking over");
+            if let Some(h) = lock(&self.inner.handshake).take() {
+                h.fail("it was asked to stop before it was ready");
+            }
+            return Ok(());
         }
         let handshake = lock(&self.inner.handshake).take();
         let confirm = match handshake {
@@ -487,10 +530,25 @@ impl Baton {
                 source,
             })?;
         }
+        // Only from Starting: a stop that arrived meanwhile is not undone.
+        let active = self.inner.state.send_if_modified(|s| {
+            if *s == State::Starting {
+                *s = State::Active;
+                true
+            } else {
+                false
+            }
+        });
+        if !active {
+            tracing::info!(
+                generation = self.inner.generation,
+                "stop requested while taking over; stopping"
+            );
+            return Ok(());
+        }
         if self.inner.first_start {
             notify::notify_logged(&format!("READY=1\nMAINPID={}", self.inner.pid));
         }
-        self.inner.state.send_replace(State::Active);
         self.start_control()?;
         tracing::info!(
             generation = self.inner.generation,
@@ -537,26 +595,38 @@ impl Baton {
     /// generation carries on as if nothing happened. Only one upgrade may be
     /// in flight.
     pub async fn upgrade(&self, binary: Option<PathBuf>) -> Result<Upgraded, UpgradeError> {
-        let state = self.inner.state.borrow().label();
-        if state != "active" {
-            return Err(UpgradeError::NotActive(state));
-        }
-        if self.inner.upgrading.swap(true, Ordering::SeqCst) {
-            return Err(UpgradeError::InProgress);
-        }
-        struct Reset<'a>(&'a AtomicBool);
+        let abort = {
+            let mut in_flight = lock(&self.inner.in_flight);
+            let state = self.inner.state.borrow().label();
+            if state != "active" {
+                return Err(UpgradeError::NotActive(state));
+            }
+            if in_flight.is_some() {
+                return Err(UpgradeError::InProgress);
+            }
+            let abort = tokio_util::sync::CancellationToken::new();
+            *in_flight = Some(InFlight {
+                abort: abort.clone(),
+                handed: false,
+                pass_on: None,
+            });
+            self.inner.upgrading.send_replace(true);
+            abort
+        };
+        struct Reset<'a>(&'a Inner);
         impl Drop for Reset<'_> {
             fn drop(&mut self) {
-                self.0.store(false, Ordering::SeqCst);
+                lock(&self.0.in_flight).take();
+                self.0.upgrading.send_replace(false);
             }
         }
-        let _reset = Reset(&self.inner.upgrading);
+        let _reset = Reset(&self.inner);
 
         notify::notify_logged(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
             sys::monotonic_usec()
         ));
-        let result = self.start_next(binary).await;
+        let result = self.start_next(binary, abort).await;
         match &result {
             Ok(up) => {
                 tracing::info!(
@@ -566,6 +636,9 @@ impl Baton {
                     "upgrade succeeded"
                 );
                 notify::notify_logged(&format!("MAINPID={}\nREADY=1", up.pid));
+            }
+            Err(e @ UpgradeError::Aborted { .. }) => {
+                tracing::info!(error = %e, "upgrade aborted; this generation stops");
             }
             Err(e) => {
                 tracing::error!(error = %e, "upgrade failed; this generation keeps serving");
@@ -581,7 +654,11 @@ impl Baton {
         result
     }
 
-    async fn start_next(&self, binary: Option<PathBuf>) -> Result<Upgraded, UpgradeError> {
+    async fn start_next(
+        &self,
+        binary: Option<PathBuf>,
+        abort: tokio_util::sync::CancellationToken,
+    ) -> Result<Upgraded, UpgradeError> {
         let mut fds = Vec::new();
         for (h, _) in lock(&self.inner.held).iter() {
             fds.push((h.name.clone(), h.fd.try_clone().map_err(UpgradeError::Io)?));
@@ -598,25 +675,63 @@ impl Baton {
             generation: self.inner.generation + 1,
             fds,
             timeout: self.inner.settings.upgrade_timeout,
+            abort,
         };
-        let child = handoff::start(next).await?;
+        let mut child = handoff::start(next).await?;
         let upgraded = child.upgraded.clone();
-        self.inner.handed_over.store(true, Ordering::SeqCst);
-        // Stop accepting before telling the new generation it is in charge.
-        self.begin_stop(StopReason::Upgraded {
-            pid: upgraded.pid,
-            generation: upgraded.generation,
-        });
+        // The hand-over, or a stop that got here first: decided under the
+        // lock a stop takes, so exactly one of them wins.
+        let handed = {
+            let mut in_flight = lock(&self.inner.in_flight);
+            // Stop accepting before telling the new generation it is in charge.
+            let handed = self.begin_stop(StopReason::Upgraded {
+                pid: upgraded.pid,
+                generation: upgraded.generation,
+            });
+            if handed {
+                self.inner.handed_over.store(true, Ordering::SeqCst);
+                if let Some(f) = in_flight.as_mut() {
+                    f.handed = true;
+                }
+            }
+            handed
+        };
+        if !handed {
+            // A stop arrived while it was getting ready: it never hears the
+            // ack, and this generation stops as asked.
+            child.child.kill_and_reap().await;
+            return Err(UpgradeError::Aborted { pid: upgraded.pid });
+        }
         // From here on this generation is draining whatever happens: the
         // new one has the sockets. Wait for it to confirm it is active, so
         // the caller's "ok" is true of the pid file and control socket too.
-        child
-            .ack(Duration::from_secs(10))
-            .await
-            .map_err(|reason| UpgradeError::Unconfirmed {
-                pid: upgraded.pid,
-                reason,
-            })?;
+        // `wait` does not let this generation exit before this is answered,
+        // whatever the drain timeout.
+        let confirmed = child.ack(CONFIRM_TIMEOUT).await;
+        // A stop that arrived after the hand-over is for the service, which
+        // the new generation is now: pass it on.
+        let pass_on = lock(&self.inner.in_flight)
+            .as_mut()
+            .and_then(|f| f.pass_on.take());
+        if let Some(reason) = pass_on {
+            let signal = if reason == StopReason::Fast {
+                rustix::process::Signal::INT
+            } else {
+                rustix::process::Signal::TERM
+            };
+            tracing::info!(
+                pid = upgraded.pid,
+                signal = ?signal,
+                "passing the stop requested during the upgrade on to the new generation"
+            );
+            if let Err(e) = child.child.signal(signal.as_raw()) {
+                tracing::warn!(pid = upgraded.pid, error = %e, "could not pass the stop on");
+            }
+        }
+        confirmed.map_err(|reason| UpgradeError::Unconfirmed {
+            pid: upgraded.pid,
+            reason,
+        })?;
         Ok(upgraded)
     }
 
@@ -654,16 +769,40 @@ impl Baton {
     /// Asks this generation to stop: gracefully (drain, bounded by the drain
     /// timeout) or fast (close everything now). [`wait`](Self::wait) returns
     /// once done.
+    ///
+    /// A stop wins over an upgrade in flight: before the new generation is
+    /// ready, the upgrade is aborted (the new generation is killed and
+    /// reaped, the upgrade answered `ok:false`, "aborted: stop requested")
+    /// and this generation stops; after it was told to take over, the stop
+    /// is passed on to it (SIGTERM, or SIGINT for a fast stop) once it has
+    /// answered the hand-over, so the service stops.
     pub fn stop(&self, graceful: bool) {
         let reason = if graceful {
             StopReason::Graceful
         } else {
             StopReason::Fast
         };
+        let mut in_flight = lock(&self.inner.in_flight);
+        if let Some(f) = in_flight.as_mut() {
+            if f.handed {
+                tracing::info!(
+                    ?reason,
+                    "stop requested during the upgrade; passing it on to the new generation once it confirms"
+                );
+                if f.pass_on != Some(StopReason::Fast) {
+                    f.pass_on = Some(reason.clone());
+                }
+            } else {
+                tracing::info!(?reason, "stop requested during the upgrade; aborting it");
+                f.abort.cancel();
+            }
+        }
         self.begin_stop(reason);
+        drop(in_flight);
     }
 
-    fn begin_stop(&self, reason: StopReason) {
+    /// Enters Draining (from Starting or Active); returns whether it did.
+    fn begin_stop(&self, reason: StopReason) -> bool {
         let mut changed = false;
         self.inner.state.send_if_modified(|s| match s {
             State::Starting | State::Active => {
@@ -677,7 +816,7 @@ impl Baton {
             self.inner.drain.expire();
         }
         if !changed {
-            return;
+            return false;
         }
         if reason == StopReason::Graceful || reason == StopReason::Fast {
             notify::notify_logged("STOPPING=1");
@@ -687,6 +826,7 @@ impl Baton {
         lock(&self.inner.held).clear();
         self.inner.drain.start();
         tracing::info!(generation = self.inner.generation, reason = ?reason, "draining");
+        true
     }
 
     /// Waits until this generation has stopped (after an upgrade or a stop
@@ -709,7 +849,8 @@ impl Baton {
             _ => self.inner.settings.drain_timeout,
         };
         let started = Instant::now();
-        match self.inner.drain.drain(timeout).await {
+        let outcome = self.inner.drain.drain(timeout).await;
+        match outcome {
             DrainOutcome::Complete => tracing::info!(
                 elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
                 "drained"
@@ -718,6 +859,18 @@ impl Baton {
                 remaining,
                 "drain timeout reached; remaining connections closed"
             ),
+        }
+        // An upgrade in flight is answered before this generation exits,
+        // whatever the drain timeout: its caller is told the outcome, and
+        // the new generation's confirmation is read, not cut off. (It is
+        // bounded by the upgrade and confirmation timeouts.)
+        let mut upgrading = self.inner.upgrading.subscribe();
+        if *upgrading.borrow_and_update() {
+            tracing::info!("waiting for the upgrade in flight to be answered before exiting");
+            let _ = upgrading.wait_for(|u| !*u).await;
+            // The control connection that asked for it writes the answer
+            // now; give it the time to.
+            self.inner.drain.settle().await;
         }
         let hooks: Vec<ExitHook> = std::mem::take(&mut *lock(&self.inner.hooks));
         if !hooks.is_empty() {
@@ -763,7 +916,7 @@ impl Baton {
             "uptime_ms": self.inner.started.elapsed().as_secs_f64() * 1000.0,
             "started_at_unix_ms": unix_ms(self.inner.started_wall),
             "binary": self.inner.exe.display().to_string(),
-            "upgrade_in_progress": self.inner.upgrading.load(Ordering::SeqCst),
+            "upgrade_in_progress": *self.inner.upgrading.borrow(),
             "listeners": self.listeners(),
             "last_upgrade": *lock(&self.inner.last_upgrade),
             "last_reload": *lock(&self.inner.last_reload),

@@ -164,6 +164,13 @@ impl Drain {
         }
     }
 
+    /// Waits (up to the short grace given after the drain timeout) for the
+    /// tasks still running to finish: used when a task the drain gave up on
+    /// is known to be about to end (an upgrade's answer being written).
+    pub(crate) async fn settle(&self) {
+        let _ = tokio::time::timeout(EXPIRED_GRACE, self.tracker.wait()).await;
+    }
+
     /// Closes everything now: draining and expired at once.
     pub fn expire(&self) {
         self.draining.cancel();

@@ -122,6 +122,14 @@ pub enum UpgradeError {
         /// What happened.
         reason: String,
     },
+    /// A stop (SIGTERM, SIGQUIT, SIGINT, control `stop`) arrived before the
+    /// new generation was ready: it was killed and reaped, and this
+    /// generation stops instead.
+    #[error("aborted: stop requested; the new generation (pid {pid}) was killed")]
+    Aborted {
+        /// Its pid.
+        pid: u32,
+    },
     /// Setting up the hand-off failed (fds, pipes).
     #[error("preparing the hand-off: {0}")]
     Io(#[source] io::Error),

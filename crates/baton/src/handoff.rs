@@ -66,24 +66,30 @@ pub(crate) struct NextGeneration {
     /// (name, fd) in `LISTEN_FDNAMES` order.
     pub fds: Vec<(String, OwnedFd)>,
     pub timeout: Duration,
+    /// Cancelled when a stop wins over this upgrade: the new generation is
+    /// killed and reaped, and the upgrade fails with `Aborted`.
+    pub abort: tokio_util::sync::CancellationToken,
 }
 
 /// A new generation that is ready; the old one must stop accepting, then
 /// call [`ReadyChild::ack`].
 pub(crate) struct ReadyChild {
     pub upgraded: Upgraded,
+    /// The new generation itself: killed if a stop wins before the ack,
+    /// signalled if a stop arrives after it.
+    pub child: Child,
     handshake: tokio::net::UnixStream,
 }
 
 impl ReadyChild {
     /// Tells the new generation it is now the active one, and waits
     /// (bounded) for it to confirm that it is.
-    pub(crate) async fn ack(mut self, timeout: Duration) -> Result<(), String> {
+    pub(crate) async fn ack(&mut self, timeout: Duration) -> Result<(), String> {
         self.handshake
             .write_all(&Message::Ack.line())
             .await
             .map_err(|e| format!("could not acknowledge: {e}"))?;
-        let mut reader = BufReader::new(self.handshake);
+        let mut reader = BufReader::new(&mut self.handshake);
         let mut line = String::new();
         match tokio::time::timeout(timeout, reader.read_line(&mut line)).await {
             Err(_) => Err(format!("no confirmation within {timeout:?}")),
@@ -128,13 +134,14 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
     let pid = child.pid();
     tracing::info!(pid, generation = next.generation, binary = %next.binary.display(), "started new generation");
 
-    match wait_ready(ours, &child, next.timeout).await {
+    match wait_ready(ours, &child, next.timeout, &next.abort).await {
         Ok(handshake) => Ok(ReadyChild {
             upgraded: Upgraded {
                 pid,
                 generation: next.generation,
                 elapsed: started.elapsed(),
             },
+            child,
             handshake,
         }),
         Err(failure) => {
@@ -156,6 +163,7 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
                     timeout: next.timeout,
                     stderr_tail,
                 },
+                Failure::Aborted => UpgradeError::Aborted { pid },
                 Failure::Io(e) => UpgradeError::Io(e),
             })
         }
@@ -166,6 +174,7 @@ enum Failure {
     Exited,
     Reported(String),
     Timeout,
+    Aborted,
     Io(io::Error),
 }
 
@@ -173,6 +182,7 @@ async fn wait_ready(
     ours: std::os::unix::net::UnixStream,
     child: &Child,
     timeout: Duration,
+    abort: &tokio_util::sync::CancellationToken,
 ) -> Result<tokio::net::UnixStream, Failure> {
     ours.set_nonblocking(true).map_err(Failure::Io)?;
     let stream = tokio::net::UnixStream::from_std(ours).map_err(Failure::Io)?;
@@ -192,6 +202,7 @@ async fn wait_ready(
                 Err(e) => Err(Failure::Io(e)),
             },
             _ = child.wait() => Err(Failure::Exited),
+            _ = abort.cancelled() => Err(Failure::Aborted),
         }
     })
     .await;

@@ -7,6 +7,7 @@ mod handoff;
 mod lifecycle;
 mod rollback;
 mod sockets;
+mod upgrade_races;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
