@@ -59,6 +59,7 @@ pub mod env;
 mod error;
 mod handoff;
 pub mod http;
+mod line;
 mod listeners;
 mod notify;
 mod pidfile;
