@@ -294,7 +294,15 @@ impl Child {
     ///
     /// A descendant that left the session and the process group, removed
     /// `LISTEN_PID` from its environment and lost its parent is not found.
+    /// Call it before the child is reaped ([`wait`](Self::wait),
+    /// [`try_wait`](Self::try_wait); [`exited`](Self::exited) does not
+    /// reap): once it is, its pid may belong to another process, so only its
+    /// status is returned and nothing is scanned.
     pub async fn kill_tree_and_reap(&self) -> Option<ExitStatus> {
+        let reaped = *self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if reaped.is_some() {
+            return reaped;
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         let me = std::process::id();
         let mut killed: BTreeSet<u32> = BTreeSet::new();
