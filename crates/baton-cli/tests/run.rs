@@ -436,13 +436,14 @@ fn pgid(pid: u32) -> Option<u32> {
         .ok()
 }
 
-/// A child that leaves a grandchild behind (in its process group, holding
-/// the inherited listening socket), reports it on stdout, and exits when
-/// the test writes to its FIFO: after each crash, restart, reload and stop,
-/// nothing but the supervisor and the current child's group holds the
+/// A child that leaves two grandchildren behind, both holding the inherited
+/// listening socket (one in its process group, one in a session of its own
+/// by `setsid`), reports them on stdout, and exits when the test writes to
+/// its FIFO: after each crash, restart, reload and stop, nothing but the
+/// supervisor, the current child's group and its grandchildren holds the
 /// socket, and every earlier grandchild is gone.
 #[test]
-fn leftovers_in_a_childs_process_group_die_with_it() {
+fn leftovers_of_a_child_die_with_it_setsid_ones_too() {
     let dir = TempDir::new("run-orphans");
     for g in 1..=6 {
         let fifo = dir.join(&format!("crash-{g}"));
@@ -457,7 +458,9 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
         "child.sh",
         &format!(
             "sleep 1000 &\n\
-             echo \"{{\\\"event\\\":\\\"grandchild\\\",\\\"pid\\\":$!,\\\"child\\\":$$,\\\"generation\\\":$BATON_GENERATION}}\"\n\
+             plain=$!\n\
+             setsid sleep 1000 &\n\
+             echo \"{{\\\"event\\\":\\\"grandchild\\\",\\\"pid\\\":$plain,\\\"setsid\\\":$!,\\\"child\\\":$$,\\\"generation\\\":$BATON_GENERATION}}\"\n\
              read line < {}/crash-$BATON_GENERATION\n\
              exit 3",
             dir.path().display()
@@ -479,13 +482,20 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
     let port = run.addr().port();
     let ino = baton_testkit::tcp_listen_inode(port).expect("listening inode");
     let mut grandchildren = Vec::new();
-    let next_grandchild = |run: &mut Run, generation: u64| -> u32 {
+    // Each child starts two: one in its process group, one in a session of
+    // its own (`setsid`).
+    let next_grandchild = |run: &mut Run, generation: u64| -> [u32; 2] {
         let e = run.server.wait_event(Duration::from_secs(20), |v| {
             v["event"] == "grandchild" && v["generation"] == generation
         });
-        e["pid"].as_u64().unwrap() as u32
+        [
+            e["pid"].as_u64().unwrap() as u32,
+            e["setsid"].as_u64().unwrap() as u32,
+        ]
     };
-    let check = |run: &Run, generation: u64, gone: &[u32]| {
+    let check = |run: &Run, generation: u64, grandchildren: &[[u32; 2]]| {
+        let (current, gone) = grandchildren.split_last().unwrap();
+        let gone: Vec<u32> = gone.iter().flatten().copied().collect();
         assert_eventually!(
             Duration::from_secs(10),
             run.status()["generation"] == generation,
@@ -493,7 +503,7 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
             run.status()
         );
         let child = run.status()["pid"].as_u64().unwrap() as u32;
-        for g in gone {
+        for g in &gone {
             assert_eventually!(
                 Duration::from_secs(10),
                 baton_testkit::reaped_or_gone(*g),
@@ -504,7 +514,7 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
             Duration::from_secs(10),
             holders(ino)
                 .iter()
-                .all(|p| *p == supervisor || pgid(*p) == Some(child)),
+                .all(|p| *p == supervisor || pgid(*p) == Some(child) || current.contains(p)),
             "the listening socket is held outside the supervisor and child {child}'s group: {:?}",
             holders(ino)
                 .iter()
@@ -513,19 +523,19 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
         );
     };
     grandchildren.push(next_grandchild(&mut run, 1));
-    check(&run, 1, &[]);
+    check(&run, 1, &grandchildren);
     // Three crashes, each replaced.
     for g in 1..=3u64 {
         std::fs::write(dir.join(&format!("crash-{g}")), "crash\n").unwrap();
         grandchildren.push(next_grandchild(&mut run, g + 1));
-        check(&run, g + 1, &grandchildren[..grandchildren.len() - 1]);
+        check(&run, g + 1, &grandchildren);
     }
     assert_eq!(run.status()["restarts"], 3);
     // A reload retires the current child (SIGTERM) and its group.
     let a = run.reload();
     assert_eq!(a["ok"], true, "{a}");
     grandchildren.push(next_grandchild(&mut run, 5));
-    check(&run, 5, &grandchildren[..grandchildren.len() - 1]);
+    check(&run, 5, &grandchildren);
     // A stop leaves nothing of the service behind.
     baton_testkit::send_signal(supervisor, rustix::process::Signal::TERM);
     assert_eventually!(
@@ -534,7 +544,7 @@ fn leftovers_in_a_childs_process_group_die_with_it() {
         "supervisor did not exit"
     );
     assert_eq!(run.server.first_exit().unwrap().code(), Some(0));
-    for g in &grandchildren {
+    for g in grandchildren.iter().flatten() {
         assert_eventually!(
             Duration::from_secs(10),
             baton_testkit::reaped_or_gone(*g),

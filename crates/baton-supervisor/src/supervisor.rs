@@ -258,16 +258,17 @@ impl Supervisor {
         };
         let outcome = tokio::select! {
             r = ready => r,
-            s = child.wait() => Err(match s {
-                Ok(s) => format!("{s} before it was ready"),
-                Err(e) => format!("waiting for it: {e}"),
+            // Not reaped yet: what it started is killed with it below.
+            _ = child.exited() => Err(match child.kill_tree_and_reap().await {
+                Some(s) => format!("{s} before it was ready"),
+                None => "exited before it was ready".to_owned(),
             }),
             _ = tokio::time::sleep(cfg.ready_timeout) => Err(format!("not ready within {:?}; killed it", cfg.ready_timeout)),
         };
         if let Err(reason) = outcome {
             let tail = child.stderr_tail().await;
             let tail = tail.trim_end();
-            if matches!(child.try_wait(), Ok(None)) {
+            if !child.has_exited() {
                 // Still running (not ready in time): it may already have
                 // accepted connections on the shared sockets, so it is
                 // stopped like an old child (stop signal, then SIGKILL at the
@@ -275,7 +276,7 @@ impl Supervisor {
                 let (signal, drain) = (cfg.stop_signal, cfg.drain_timeout);
                 self.background(async move { stop_gracefully(&child, signal, drain).await });
             } else {
-                kill_leftovers(&child);
+                child.kill_tree_and_reap().await;
             }
             return Err(if tail.is_empty() {
                 format!("child (pid {pid}) {reason}")
@@ -376,10 +377,15 @@ impl Supervisor {
     fn monitor(&self, gen: Arc<Generation>) {
         let s = self.clone();
         tokio::spawn(async move {
-            let status = gen.child.wait().await.unwrap_or(ExitStatus::Code(1));
-            // Whatever it left in its process group is an orphan holding
-            // our sockets: gone now, crash or not.
-            kill_leftovers(&gen.child);
+            // Whatever it started is an orphan that may hold our sockets:
+            // killed with it (before it is reaped, so that its pid and
+            // process group still name it), crash or not.
+            gen.child.exited().await;
+            let status = gen
+                .child
+                .kill_tree_and_reap()
+                .await
+                .unwrap_or(ExitStatus::Code(1));
             if gen.retiring.load(Ordering::SeqCst) || s.inner.stopping.load(Ordering::SeqCst) {
                 return;
             }
@@ -602,35 +608,24 @@ impl control::Handler for Supervisor {
 }
 
 /// Sends the stop signal, waits up to `drain` for the child to exit, then
-/// SIGKILLs its process group; always reaps it, and kills what it left in
-/// its process group.
+/// kills it; either way everything it started is killed with it and what
+/// is ours is reaped ([`Child::kill_tree_and_reap`]: its process group, its
+/// session, its descendants, whatever carries its `LISTEN_PID`).
 async fn stop_gracefully(child: &Child, signal: i32, drain: Duration) {
     if let Err(e) = child.signal(signal) {
         tracing::debug!(error = %e, "stop signal");
     }
-    match tokio::time::timeout(drain, child.wait()).await {
-        Ok(Ok(status)) => tracing::info!(pid = child.pid(), %status, "child exited"),
-        _ => {
-            tracing::warn!(
-                pid = child.pid(),
-                "child still running at the drain timeout; killing it"
-            );
-            child.kill_and_reap().await;
-        }
+    let in_time = tokio::time::timeout(drain, child.exited()).await.is_ok();
+    if !in_time {
+        tracing::warn!(
+            pid = child.pid(),
+            "child still running at the drain timeout; killing it"
+        );
     }
-    kill_leftovers(child);
-}
-
-/// Called once a child is gone (reaped): SIGKILLs what is left in its
-/// process group (anything there is an orphan that may hold our listening
-/// sockets). The killed processes were reparented away from us, to the
-/// nearest subreaper or init, which reaps them.
-///
-/// A descendant that left the group (`setsid`, `setpgid`) escapes this;
-/// killing every descendant is the job of `baton::process::Child` and goes
-/// here when it is available.
-fn kill_leftovers(child: &Child) {
-    child.kill();
+    let status = child.kill_tree_and_reap().await;
+    if let (true, Some(status)) = (in_time, status) {
+        tracing::info!(pid = child.pid(), %status, "child exited");
+    }
 }
 
 /// A free loopback port for a child to bind (the kernel's pick; released

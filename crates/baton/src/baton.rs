@@ -591,9 +591,9 @@ impl Baton {
     /// drain (watch [`Shutdown::draining`], and call [`wait`](Self::wait)).
     ///
     /// If the new generation exits, reports an error or misses the upgrade
-    /// timeout, it is killed (with its process group) and reaped, and this
-    /// generation carries on as if nothing happened. Only one upgrade may be
-    /// in flight.
+    /// timeout, it is killed with everything it started (its process group,
+    /// session and descendants) and reaped, and this generation carries on
+    /// as if nothing happened. Only one upgrade may be in flight.
     pub async fn upgrade(&self, binary: Option<PathBuf>) -> Result<Upgraded, UpgradeError> {
         let abort = {
             let mut in_flight = lock(&self.inner.in_flight);

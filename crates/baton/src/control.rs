@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::error::LineError;
+use crate::line::{self, MAX_LINE};
 use crate::{Baton, Shutdown};
 
 /// A request on the control socket.
@@ -36,8 +38,14 @@ pub enum Request {
     Stop {},
 }
 
-/// Longest request line accepted; anything longer is a protocol error.
-const MAX_LINE: usize = 64 * 1024;
+/// How long the server waits for a complete request line: from the
+/// connection (or the previous answer) to the newline. A client that sends
+/// nothing, or part of a line, for this long is disconnected. It bounds only
+/// the reading of a request, never the wait for its answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest answer line [`request`] accepts.
+pub const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 /// Answers control requests. [`Baton`] implements it; so can any program
 /// that wants to speak the same protocol (`baton run` does).
@@ -100,51 +108,46 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: H, shutdown: Shu
 async fn connection<H: Handler>(handler: H, stream: UnixStream, shutdown: Shutdown) {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
-    let mut buf = String::new();
+    let mut buf = Vec::new();
     loop {
-        buf.clear();
         let read = tokio::select! {
             _ = shutdown.draining() => break,
-            r = read_bounded_line(&mut reader, &mut buf) => r,
+            r = line::read_line(&mut reader, &mut buf, MAX_LINE, Some(REQUEST_TIMEOUT)) => r,
         };
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        if buf.len() > MAX_LINE {
+        let refusal = match read {
+            Ok(true) => None,
+            Ok(false) | Err(LineError::Io(_)) => break,
+            // Silent and idle: nothing to answer, just let the task go.
+            Err(LineError::Timeout(_)) if buf.is_empty() => break,
+            Err(e @ (LineError::TooLong { .. } | LineError::Timeout(_))) => {
+                Some(format!("bad request: {e}"))
+            }
+        };
+        if let Some(error) = refusal {
+            tracing::warn!(
+                error,
+                "control socket: request refused, closing the connection"
+            );
             let _ = w
-                .write_all(&line(
-                    &json!({"ok": false, "error": "request line too long"}),
-                ))
+                .write_all(&line(&json!({"ok": false, "error": error})))
                 .await;
             break;
         }
-        let text = buf.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let answer = match serde_json::from_str::<Request>(text) {
-            Ok(req) => {
-                tracing::info!(request = ?req, "control request");
-                handler.handle(req).await
-            }
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        let answer = match std::str::from_utf8(&buf) {
+            Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) => match serde_json::from_str::<Request>(text.trim()) {
+                Ok(req) => {
+                    tracing::info!(request = ?req, "control request");
+                    handler.handle(req).await
+                }
+                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+            },
+            Err(e) => json!({"ok": false, "error": format!("bad request: not UTF-8: {e}")}),
         };
         if w.write_all(&line(&answer)).await.is_err() {
             break;
         }
     }
-}
-
-/// Reads one line, stopping after `MAX_LINE + 1` bytes so a client cannot
-/// make us buffer without bound.
-async fn read_bounded_line<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-    buf: &mut String,
-) -> io::Result<usize> {
-    use tokio::io::AsyncReadExt;
-    let mut limited = r.take(MAX_LINE as u64 + 1);
-    limited.read_line(buf).await
 }
 
 fn line(v: &Value) -> Vec<u8> {
@@ -168,6 +171,7 @@ pub fn bind(path: &Path) -> io::Result<OwnedFd> {
 /// Sends one request to a control socket and returns the answer line as
 /// JSON. Waits as long as the server takes (an upgrade answers only once the
 /// new generation is ready or has failed); bound it with a timeout if needed.
+/// An answer longer than [`MAX_ANSWER`] is an `InvalidData` error.
 ///
 /// ```no_run
 /// # async fn f() -> std::io::Result<()> {
@@ -182,14 +186,15 @@ pub async fn request(socket: &Path, req: &Request) -> io::Result<Value> {
     body.push(b'\n');
     w.write_all(&body).await?;
     let mut reader = BufReader::new(r);
-    let mut answer = String::new();
-    if reader.read_line(&mut answer).await? == 0 {
+    let mut answer = Vec::new();
+    // The time is the caller's to bound: an upgrade may take minutes.
+    if !line::read_line(&mut reader, &mut answer, MAX_ANSWER, None).await? {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "control socket closed without answering",
         ));
     }
-    serde_json::from_str(answer.trim()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(&answer).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]

@@ -63,6 +63,33 @@ pub enum Error {
     AlreadyReady,
 }
 
+/// Why a line from a peer (handshake, control socket) was not read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LineError {
+    /// The peer sent more than `limit` bytes without a newline.
+    #[error("line longer than {limit} bytes")]
+    TooLong {
+        /// The limit.
+        limit: usize,
+    },
+    /// No complete line arrived in time.
+    #[error("no complete line within {0:?}")]
+    Timeout(Duration),
+    /// Reading failed.
+    #[error("{0}")]
+    Io(#[source] io::Error),
+}
+
+impl From<LineError> for io::Error {
+    fn from(e: LineError) -> io::Error {
+        match e {
+            LineError::Io(e) => e,
+            LineError::TooLong { .. } => io::Error::new(io::ErrorKind::InvalidData, e),
+            LineError::Timeout(_) => io::Error::new(io::ErrorKind::TimedOut, e),
+        }
+    }
+}
+
 /// Why an upgrade did not happen. The running generation keeps serving in
 /// every case.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +140,17 @@ pub enum UpgradeError {
         /// The last lines it wrote to stderr.
         stderr_tail: String,
     },
+    /// The new generation broke the handshake protocol (a line too long, not
+    /// UTF-8, not a handshake message, or one out of turn); it was killed.
+    #[error("new generation (pid {pid}) sent a bad handshake message: {reason}{}", tail_suffix(.stderr_tail))]
+    Handshake {
+        /// Its pid.
+        pid: u32,
+        /// What was wrong.
+        reason: String,
+        /// The last lines it wrote to stderr.
+        stderr_tail: String,
+    },
     /// The new generation took over (the old one is draining) but did not
     /// confirm that it became active: check it.
     #[error("new generation (pid {pid}) took over but did not confirm it is active: {reason}")]
@@ -150,7 +188,8 @@ impl UpgradeError {
         match self {
             UpgradeError::Exited { stderr_tail, .. }
             | UpgradeError::Reported { stderr_tail, .. }
-            | UpgradeError::Timeout { stderr_tail, .. } => Some(stderr_tail),
+            | UpgradeError::Timeout { stderr_tail, .. }
+            | UpgradeError::Handshake { stderr_tail, .. } => Some(stderr_tail),
             _ => None,
         }
     }

@@ -18,12 +18,23 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::env;
-use crate::error::UpgradeError;
-use crate::process::{Child, Spawn};
+use crate::error::{LineError, UpgradeError};
+use crate::line::{self, MAX_LINE};
+use crate::process::{Child, Spawn, Subreaper};
 use crate::sys;
+
+/// How long a new generation waits for the `ack` after sending `ready`. The
+/// old generation answers at once (it is reading the handshake while it
+/// waits); past its upgrade timeout it kills the new one instead, so this
+/// only bounds the wait on an old generation that is wedged.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest message a new generation sends with [`ChildHandshake::fail`]
+/// (longer ones are cut), so that its line, escaped, fits in [`MAX_LINE`].
+const MAX_FAIL_MESSAGE: usize = 8 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
@@ -40,6 +51,23 @@ impl Message {
         v.push(b'\n');
         v
     }
+
+    /// Parses one handshake line; the error says what was wrong with it.
+    fn parse(line: &[u8]) -> Result<Message, String> {
+        let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
+        serde_json::from_str(text.trim()).map_err(|_| unexpected(text))
+    }
+}
+
+/// "unexpected handshake message ..." showing at most the first 200 characters.
+fn unexpected(text: &str) -> String {
+    let shown: String = text.trim().chars().take(200).collect();
+    let cut = if shown.len() < text.trim().len() {
+        "…"
+    } else {
+        ""
+    };
+    format!("unexpected handshake message {shown:?}{cut}")
 }
 
 /// The outcome of a successful upgrade.
@@ -90,25 +118,30 @@ impl ReadyChild {
             .await
             .map_err(|e| format!("could not acknowledge: {e}"))?;
         let mut reader = BufReader::new(&mut self.handshake);
-        let mut line = String::new();
-        match tokio::time::timeout(timeout, reader.read_line(&mut line)).await {
-            Err(_) => Err(format!("no confirmation within {timeout:?}")),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(0)) => Err("it closed the handshake without confirming".to_owned()),
-            Ok(Ok(_)) => match serde_json::from_str::<Message>(line.trim()) {
-                Ok(Message::Active) => Ok(()),
-                Ok(Message::Error { message }) => Err(message),
-                _ => Err(format!("unexpected handshake message {:?}", line.trim())),
+        let mut line = Vec::new();
+        match line::read_line(&mut reader, &mut line, MAX_LINE, Some(timeout)).await {
+            Err(LineError::Timeout(_)) => Err(format!("no confirmation within {timeout:?}")),
+            Err(e) => Err(e.to_string()),
+            Ok(false) => Err("it closed the handshake without confirming".to_owned()),
+            Ok(true) => match Message::parse(&line)? {
+                Message::Active => Ok(()),
+                Message::Error { message } => Err(message),
+                Message::Ready | Message::Ack => Err(unexpected(&String::from_utf8_lossy(&line))),
             },
         }
     }
 }
 
 /// Starts the next generation and waits until it is ready, fails, or times
-/// out. On failure the child's process group is killed and reaped before this
-/// returns.
+/// out. On failure everything the attempt started is killed and reaped
+/// before this returns (see [`Child::kill_tree_and_reap`]), and every fd of
+/// the attempt is closed.
 pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeError> {
     let started = Instant::now();
+    // For the attempt, orphans of the new generation's processes (a helper
+    // whose parent exited, a daemon that double-forked) are reparented to
+    // us rather than to init, so a rollback can kill and reap them.
+    let _subreaper = Subreaper::acquire().map_err(UpgradeError::Io)?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(UpgradeError::Io)?;
     let mut spawn = Spawn::new(&next.binary)
         .argv(next.args.iter().cloned())
@@ -145,7 +178,7 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
             handshake,
         }),
         Err(failure) => {
-            let status = child.kill_and_reap().await;
+            let status = child.kill_tree_and_reap().await;
             let stderr_tail = child.stderr_tail().await;
             Err(match failure {
                 Failure::Exited => UpgradeError::Exited {
@@ -164,6 +197,11 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
                     stderr_tail,
                 },
                 Failure::Aborted => UpgradeError::Aborted { pid },
+                Failure::Protocol(reason) => UpgradeError::Handshake {
+                    pid,
+                    reason,
+                    stderr_tail,
+                },
                 Failure::Io(e) => UpgradeError::Io(e),
             })
         }
@@ -173,6 +211,7 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
 enum Failure {
     Exited,
     Reported(String),
+    Protocol(String),
     Timeout,
     Aborted,
     Io(io::Error),
@@ -187,21 +226,27 @@ async fn wait_ready(
     ours.set_nonblocking(true).map_err(Failure::Io)?;
     let stream = tokio::net::UnixStream::from_std(ours).map_err(Failure::Io)?;
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    let mut line = Vec::new();
+    // The child is not reaped here: a rollback kills what it started first,
+    // while its pid (and process group) cannot be reused.
     let outcome = tokio::time::timeout(timeout, async {
         tokio::select! {
             // The handshake line decides; an EOF means the child closed its
             // end (usually because it is exiting), so we wait for its exit.
-            read = reader.read_line(&mut line) => match read {
-                Ok(0) => { let _ = child.wait().await; Err(Failure::Exited) }
-                Ok(_) => match serde_json::from_str::<Message>(line.trim()) {
+            read = line::read_line(&mut reader, &mut line, MAX_LINE, None) => match read {
+                Ok(false) => { let _ = child.exited().await; Err(Failure::Exited) }
+                Ok(true) => match Message::parse(&line) {
+                    // Ready, but gone already: nobody would serve.
+                    Ok(Message::Ready) if child.has_exited() => Err(Failure::Exited),
                     Ok(Message::Ready) => Ok(()),
                     Ok(Message::Error { message }) => Err(Failure::Reported(message)),
-                    Ok(Message::Ack | Message::Active) | Err(_) => Err(Failure::Reported(format!("unexpected handshake message {:?}", line.trim()))),
+                    Ok(Message::Ack | Message::Active) => Err(Failure::Protocol(unexpected(&String::from_utf8_lossy(&line)))),
+                    Err(reason) => Err(Failure::Protocol(reason)),
                 },
-                Err(e) => Err(Failure::Io(e)),
+                Err(LineError::Io(e)) => Err(Failure::Io(e)),
+                Err(e) => Err(Failure::Protocol(e.to_string())),
             },
-            _ = child.wait() => Err(Failure::Exited),
+            _ = child.exited() => Err(Failure::Exited),
             _ = abort.cancelled() => Err(Failure::Aborted),
         }
     })
@@ -251,20 +296,25 @@ impl ChildHandshake {
             .await
             .map_err(crate::Error::Handshake)?;
         let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        let n = reader
-            .read_line(&mut line)
+        let mut line = Vec::new();
+        let got = line::read_line(&mut reader, &mut line, MAX_LINE, Some(ACK_TIMEOUT))
             .await
-            .map_err(crate::Error::Handshake)?;
-        if n == 0 {
+            .map_err(|e| crate::Error::Handshake(e.into()))?;
+        if !got {
             return Err(crate::Error::RolledBack);
         }
-        match serde_json::from_str::<Message>(line.trim()) {
+        match Message::parse(&line) {
             Ok(Message::Ack) => {}
-            _ => {
+            Ok(_) => {
                 return Err(crate::Error::Handshake(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("unexpected handshake message {:?}", line.trim()),
+                    unexpected(&String::from_utf8_lossy(&line)),
+                )))
+            }
+            Err(reason) => {
+                return Err(crate::Error::Handshake(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    reason,
                 )))
             }
         }
@@ -274,12 +324,17 @@ impl ChildHandshake {
         Ok(Confirm(reader.into_inner()))
     }
 
-    /// Reports a startup error to the old generation (best effort).
+    /// Reports a startup error to the old generation (best effort; a
+    /// message longer than 8 KiB is cut).
     pub(crate) fn fail(mut self, message: &str) {
         use std::io::Write as _;
+        let mut end = message.len().min(MAX_FAIL_MESSAGE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
         let _ = self.stream.write_all(
             &Message::Error {
-                message: message.to_owned(),
+                message: message[..end].to_owned(),
             }
             .line(),
         );

@@ -9,7 +9,7 @@
 //!   restart wait in the kernel's queue instead of being refused.
 //! - **Readiness with rollback.** The old generation keeps accepting until the
 //!   new one reports ready. If the new one exits, reports an error or misses
-//!   the upgrade timeout, it is killed with its process group and reaped, and
+//!   the upgrade timeout, it is killed with everything it started and reaped, and
 //!   the old one carries on; the caller is told why (exit status or signal,
 //!   the error it sent, the tail of its stderr).
 //! - **Drain without a race.** Once the new generation is ready, the old one
@@ -62,6 +62,7 @@ mod error;
 pub mod fuzzing;
 mod handoff;
 pub mod http;
+mod line;
 mod listeners;
 mod notify;
 mod pidfile;

@@ -4,11 +4,15 @@
 //! a Baton server and by `baton run` for any program.
 //!
 //! The child runs in its own process group (so [`Child::kill`] takes
-//! everything it started with it), with every fd but 0, 1, 2 and the ones
-//! given here closed at exec. Its stderr can be captured: passed through to
-//! ours, with the last 4 KiB kept for error reports.
+//! everything it started with it, unless it left the group), with every fd
+//! but 0, 1, 2 and the ones given here closed at exec, and `LISTEN_PID` set
+//! to its own pid (also when no socket is passed), which its descendants
+//! inherit. [`Child::kill_tree_and_reap`] uses that, the process group, the
+//! session and the parent links in `/proc` to kill everything it started,
+//! including processes that called `setsid`. Its stderr can be captured:
+//! passed through to ours, with the last 4 KiB kept for error reports.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, Write};
@@ -16,7 +20,7 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncReadExt;
@@ -166,7 +170,9 @@ impl Spawn {
                 env,
                 fds: fds.iter().map(|fd| fd.as_fd()).collect(),
                 stderr: pipe.as_ref().map(|(_, w)| w.as_fd()),
-                listen_pid: n > 0,
+                // Always: descendants inherit it, which is how
+                // `kill_tree_and_reap` recognizes them.
+                listen_pid: true,
             };
             let result = sys::spawn(spec);
             // Our copies of everything the child inherited close here.
@@ -230,6 +236,27 @@ impl Child {
         }
     }
 
+    /// Waits until it has exited, without reaping it (its pid stays
+    /// reserved until [`wait`](Self::wait) or [`try_wait`](Self::try_wait)).
+    pub async fn exited(&self) {
+        while !self.has_exited() {
+            match self.waiter.readable().await {
+                Ok(mut guard) => guard.clear_ready(),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Whether it has exited (reaped or not).
+    pub fn has_exited(&self) -> bool {
+        let reaped = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        reaped || sys::has_exited(self.spawned.pidfd.as_fd())
+    }
+
     /// Sends `signal` to the child (not its group).
     pub fn signal(&self, signal: i32) -> io::Result<()> {
         let sig = rustix::process::Signal::from_named_raw(signal)
@@ -254,23 +281,225 @@ impl Child {
             .and_then(Result::ok)
     }
 
+    /// Kills everything it started and reaps what is ours to reap: SIGKILL
+    /// to its process group and to itself, then to every process found in
+    /// `/proc` that is one of its descendants (by parent links), in its
+    /// process group or session, or carries its `LISTEN_PID` in its
+    /// environment (the mark every process it started inherits, also one
+    /// that called `setsid` and was reparented away). Scans again until a
+    /// scan finds nothing new alive, then waits until each of them has
+    /// exited, reaping those that are our children (a process is reparented
+    /// to us when we are a child subreaper, see [`Subreaper`]), and reaps
+    /// the child itself. Returns its exit status. Bounded by 5 s in all.
+    ///
+    /// A descendant that left the session and the process group, removed
+    /// `LISTEN_PID` from its environment and lost its parent is not found.
+    /// Call it before the child is reaped ([`wait`](Self::wait),
+    /// [`try_wait`](Self::try_wait); [`exited`](Self::exited) does not
+    /// reap): once it is, its pid may belong to another process, so only its
+    /// status is returned and nothing is scanned.
+    pub async fn kill_tree_and_reap(&self) -> Option<ExitStatus> {
+        let reaped = *self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if reaped.is_some() {
+            return reaped;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let me = std::process::id();
+        let mut killed: BTreeSet<u32> = BTreeSet::new();
+        self.kill();
+        loop {
+            let family = family_of(self.pid, me);
+            let mut fresh = false;
+            for (&pid, info) in &family {
+                if info.state != 'Z' && killed.insert(pid) {
+                    fresh = true;
+                }
+                if info.state != 'Z' {
+                    sys::kill_pid(pid);
+                }
+            }
+            // Reap the ones reparented to us; the child itself is reaped
+            // through its pidfd below.
+            let mut pending = false;
+            for &pid in &killed {
+                if pid == self.pid {
+                    continue;
+                }
+                match proc_info(pid) {
+                    None => {}
+                    Some(info) if info.ppid == me && info.state == 'Z' => {
+                        sys::reap_pid(pid);
+                    }
+                    Some(info) if info.state == 'Z' => {} // someone else reaps it
+                    Some(_) => pending = true,
+                }
+            }
+            pending |= !self.has_exited();
+            if !fresh && !pending {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    pid = self.pid,
+                    "processes started by the child still alive after SIGKILL"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if killed.len() > 1 {
+            tracing::info!(
+                pid = self.pid,
+                killed = killed.len() - 1,
+                "killed processes the child started"
+            );
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(left.max(Duration::from_millis(100)), self.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
     /// The last 4 KiB it wrote to stderr (when captured). Once it has
-    /// exited, waits briefly for the last bytes to arrive.
+    /// exited, waits briefly for the last bytes to arrive, and then closes
+    /// the capture pipe (a process that inherited its write end and
+    /// outlived it does not keep our end open).
     pub async fn stderr_tail(&self) -> String {
         let forwarder = self
             .forwarder
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(f) = forwarder {
+        if let Some(mut f) = forwarder {
             if matches!(self.try_wait(), Ok(Some(_))) {
-                let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
+                if tokio::time::timeout(Duration::from_millis(500), &mut f)
+                    .await
+                    .is_err()
+                {
+                    f.abort();
+                }
             } else {
                 *self.forwarder.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
             }
         }
         self.tail.text()
     }
+}
+
+/// Makes this process a child subreaper while it is held (nested holds
+/// count; the setting it had before the first one is restored when the last
+/// one drops). Orphaned descendants are then reparented to this process
+/// instead of to init, so [`Child::kill_tree_and_reap`] can reap what it
+/// kills; whatever is reparented while it is held and not killed stays our
+/// child until it exits or we do.
+#[derive(Debug)]
+pub struct Subreaper(());
+
+/// (holders, whether this process was a subreaper before the first one).
+static SUBREAPER: Mutex<(usize, bool)> = Mutex::new((0, false));
+
+impl Subreaper {
+    /// Becomes a child subreaper (`PR_SET_CHILD_SUBREAPER`) until dropped.
+    pub fn acquire() -> io::Result<Subreaper> {
+        let mut held = SUBREAPER.lock().unwrap_or_else(|e| e.into_inner());
+        if held.0 == 0 {
+            let was = sys::is_child_subreaper()?;
+            if !was {
+                sys::set_child_subreaper(true)?;
+            }
+            held.1 = was;
+        }
+        held.0 += 1;
+        Ok(Subreaper(()))
+    }
+}
+
+impl Drop for Subreaper {
+    fn drop(&mut self) {
+        let mut held = SUBREAPER.lock().unwrap_or_else(|e| e.into_inner());
+        held.0 = held.0.saturating_sub(1);
+        if held.0 == 0 && !held.1 {
+            if let Err(e) = sys::set_child_subreaper(false) {
+                tracing::warn!(error = %e, "could not stop being a child subreaper");
+            }
+        }
+    }
+}
+
+/// What `/proc/PID/stat` says about a process.
+#[derive(Debug, Clone, Copy)]
+struct ProcInfo {
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+    session: u32,
+}
+
+fn proc_info(pid: u32) -> Option<ProcInfo> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain anything; the fields follow its last ')'.
+    let mut f = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    let session = f.next()?.parse().ok()?;
+    Some(ProcInfo {
+        state,
+        ppid,
+        pgrp,
+        session,
+    })
+}
+
+/// Whether `/proc/PID/environ` holds exactly `entry` (`NAME=value`).
+fn environ_has(pid: u32, entry: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|&b| b == 0).any(|e| e == entry))
+        .unwrap_or(false)
+}
+
+/// Every process that `root` started, as far as `/proc` tells: `root`
+/// itself, members of its process group or session, processes whose
+/// environment has `LISTEN_PID=root`, and all their descendants. Never `me`.
+fn family_of(root: u32, me: u32) -> std::collections::BTreeMap<u32, ProcInfo> {
+    let mut all = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+                if let Some(info) = proc_info(pid) {
+                    all.push((pid, info));
+                }
+            }
+        }
+    }
+    let mark = format!("{}={root}", env::LISTEN_PID).into_bytes();
+    let mut found = std::collections::BTreeMap::new();
+    for &(pid, info) in &all {
+        if pid == me || pid == 1 {
+            continue;
+        }
+        if pid == root
+            || info.pgrp == root
+            || info.session == root
+            || (info.state != 'Z' && environ_has(pid, &mark))
+        {
+            found.insert(pid, info);
+        }
+    }
+    // Descendants of what was found, to any depth.
+    loop {
+        let before = found.len();
+        for &(pid, info) in &all {
+            if pid != me && pid != 1 && found.contains_key(&info.ppid) {
+                found.entry(pid).or_insert(info);
+            }
+        }
+        if found.len() == before {
+            break;
+        }
+    }
+    found
 }
 
 /// Keeps the last bytes written to a child's stderr.

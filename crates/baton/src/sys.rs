@@ -91,7 +91,7 @@ pub(crate) struct SpawnSpec<'a> {
     pub env: Vec<(OsString, OsString)>,
     pub fds: Vec<BorrowedFd<'a>>,
     pub stderr: Option<BorrowedFd<'a>>,
-    /// Set `LISTEN_PID` to the child's pid (only when fds are passed).
+    /// Set `LISTEN_PID` to the child's pid.
     pub listen_pid: bool,
 }
 
@@ -370,6 +370,50 @@ pub(crate) fn try_reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> 
             s.terminating_signal().map(ExitStatus::Signal)
         }
     }))
+}
+
+/// Whether the child behind `pidfd` has exited, without reaping it.
+pub(crate) fn has_exited(pidfd: BorrowedFd<'_>) -> bool {
+    match rustix::process::waitid(
+        WaitId::PidFd(pidfd),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+    ) {
+        Ok(status) => status.is_some(),
+        // Already reaped.
+        Err(_) => true,
+    }
+}
+
+/// Reaps `pid` if it is an exited child of ours (non-blocking); true if it
+/// was reaped or is not our child (any more).
+pub(crate) fn reap_pid(pid: u32) -> bool {
+    let Some(p) = Pid::from_raw(pid as i32) else {
+        return true;
+    };
+    match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+        Ok(Some(_)) => true,
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
+/// SIGKILLs one process by pid.
+pub(crate) fn kill_pid(pid: u32) {
+    if let Some(p) = Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, Signal::KILL);
+    }
+}
+
+/// Whether this process is a child subreaper (`PR_GET_CHILD_SUBREAPER`).
+pub(crate) fn is_child_subreaper() -> io::Result<bool> {
+    Ok(rustix::process::child_subreaper()?.is_some())
+}
+
+/// Makes this process a child subreaper, or not (`PR_SET_CHILD_SUBREAPER`):
+/// orphaned descendants are reparented to it instead of to init.
+pub(crate) fn set_child_subreaper(on: bool) -> io::Result<()> {
+    let me = on.then(rustix::process::getpid);
+    Ok(rustix::process::set_child_subreaper(me)?)
 }
 
 /// SIGKILLs the child's whole process group, and the child itself in case it

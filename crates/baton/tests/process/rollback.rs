@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use baton_testkit::{assert_eventually, Load, Target};
+use baton_testkit::{
+    assert_eventually, fd_count, our_zombies, proc_state, socket_inodes, tcp_listen_inode, Load,
+    Target,
+};
 
 use crate::Running;
 
@@ -193,4 +196,119 @@ fn the_binary_replaced_on_disk_is_what_the_upgrade_starts() {
         r.server.is_gone(r.pid()),
         "old generation did not exit"
     );
+}
+
+/// Every process holding the socket with inode `inode` open.
+fn holders_of(inode: u64) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
+            if socket_inodes(pid).contains(&inode) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_setsid_grandchild_of_a_failed_upgrade_is_killed_and_nothing_leaks() {
+    let r = Running::start("hello", &["--upgrade-timeout", "2s"]);
+    let pid = r.pid();
+    let listening = tcp_listen_inode(r.addr().port()).expect("listening socket inode");
+    let control = r.control.clone();
+    let control_inode = {
+        // The control socket's listening inode: the one of ours that is
+        // neither the TCP listener nor a connection (hello has no others).
+        let mut s = socket_inodes(pid);
+        s.remove(&listening);
+        s
+    };
+    // The new "binary" starts a grandchild in its own session (new session,
+    // new process group) that keeps every inherited fd: the listening and
+    // control sockets, the handshake, the stderr capture pipe. It waits
+    // until the grandchild is running, then exits 1 or hangs.
+    let gc = r.dir.join("gc");
+    std::fs::create_dir_all(&gc).unwrap();
+    let start_gc = format!(
+        "setsid sh -c 'echo $$ > {gc}/$$.tmp; mv {gc}/$$.tmp {gc}/$$; exec sleep 1000' &\nwhile [ ! -e {gc}/$! ]; do sleep 0.01; done",
+        gc = gc.display()
+    );
+    let exits = r.dir.script("escape-exit", &format!("{start_gc}\nexit 1"));
+    let hangs = r
+        .dir
+        .script("escape-hang", &format!("{start_gc}\nexec sleep 1000"));
+    let fds_before = fd_count(pid);
+
+    for (i, binary) in [&exits, &hangs, &exits, &hangs, &exits].iter().enumerate() {
+        let a = r.upgrade(&format!(
+            r#"{{"command":"upgrade","binary":"{}"}}"#,
+            binary.display()
+        ));
+        assert_eq!(a["ok"], false, "attempt {i}: {a}");
+        let err = a["error"].as_str().unwrap();
+        assert!(
+            err.contains("exited with status 1") || err.contains("not ready within 2s"),
+            "attempt {i}: {err}"
+        );
+        if let Some(child) = pid_in(err) {
+            r.server.track(child);
+        }
+        // The answer comes after the rollback: the grandchild is gone
+        // already (killed and reaped), and only the serving generation
+        // holds the listening socket.
+        let grandchildren: Vec<u32> = std::fs::read_dir(&gc)
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".tmp"))
+            .map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            grandchildren.len(),
+            i + 1,
+            "attempt {i}: grandchild not started"
+        );
+        for &g in &grandchildren {
+            r.server.track(g);
+            assert_eq!(
+                proc_state(g),
+                None,
+                "attempt {i}: grandchild {g} still there"
+            );
+        }
+        assert_eq!(
+            holders_of(listening),
+            vec![pid],
+            "attempt {i}: listening socket holders"
+        );
+        for &c in &control_inode {
+            assert_eq!(
+                holders_of(c),
+                vec![pid],
+                "attempt {i}: control socket holders"
+            );
+        }
+    }
+    // Not one fd more than before the five attempts (the control connection
+    // of the last answer closes on its own).
+    assert_eventually!(
+        Duration::from_secs(5),
+        fd_count(pid) == fds_before,
+        "fd count went from {fds_before} to {}",
+        fd_count(pid)
+    );
+    let status =
+        baton_testkit::control(&control, r#"{"command":"status"}"#, Duration::from_secs(10));
+    assert_eq!(
+        (status["pid"].as_u64(), status["state"].as_str()),
+        (Some(pid as u64), Some("active")),
+        "{status}"
+    );
+    assert_eq!(our_zombies(), Vec::<u32>::new());
 }
