@@ -1026,7 +1026,7 @@ mod tests {
     const GOOD: &str = include_str!("../proxy.example.toml");
 
     #[test]
-    fn the_issue_example_is_valid() {
+    fn the_example_config_is_valid() {
         let c = parse(GOOD, Some(Path::new("proxy.toml"))).unwrap();
         assert_eq!(c.listeners.len(), 2);
         assert_eq!(c.listeners[1].protocol, Protocol::Tcp);

@@ -21,7 +21,7 @@ fn check(text_: &str) -> (std::process::Output, String) {
 }
 
 #[test]
-fn check_accepts_the_configuration_from_the_issue() {
+fn check_accepts_the_example_configuration() {
     let (out, path) = check(ISSUE_EXAMPLE);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
