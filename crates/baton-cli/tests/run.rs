@@ -446,13 +446,7 @@ fn pgid(pid: u32) -> Option<u32> {
 fn leftovers_of_a_child_die_with_it_setsid_ones_too() {
     let dir = TempDir::new("run-orphans");
     for g in 1..=6 {
-        let fifo = dir.join(&format!("crash-{g}"));
-        rustix::fs::mkfifoat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-        )
-        .unwrap();
+        dir.fifo(&format!("crash-{g}"));
     }
     let script = dir.script(
         "child.sh",

@@ -238,26 +238,7 @@ pub fn config(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    /// Runs every file in `fuzz/corpus/<target>/` and
-    /// `fuzz/regressions/<target>/` through `f`.
-    fn replay(target: &str, f: fn(&[u8])) {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
-        let mut n = 0;
-        for dir in ["corpus", "regressions"] {
-            let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let bytes = std::fs::read(e.path()).unwrap();
-                let r = std::panic::catch_unwind(|| f(&bytes));
-                assert!(r.is_ok(), "{} fails", e.path().display());
-                n += 1;
-            }
-        }
-        assert!(n > 0, "no corpus for {target} under {}", root.display());
-    }
+    use baton_testkit::replay_corpus as replay;
 
     #[test]
     fn corpus_request_head() {

@@ -94,6 +94,32 @@ impl TempDir {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         p
     }
+    /// Makes a FIFO `name` (mode 0600) and returns its path.
+    pub fn fifo(&self, name: &str) -> PathBuf {
+        let p = self.join(name);
+        rustix::fs::mkfifoat(rustix::fs::CWD, &p, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+        p
+    }
+}
+
+/// Runs every file in `fuzz/corpus/<target>/` and `fuzz/regressions/<target>/`
+/// of the repository through `f` (a fuzz target's entry point), naming the
+/// file that fails; fails if there is none.
+pub fn replay_corpus(target: &str, f: fn(&[u8])) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let mut n = 0;
+    for dir in ["corpus", "regressions"] {
+        let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let bytes = std::fs::read(e.path()).unwrap();
+            let r = std::panic::catch_unwind(|| f(&bytes));
+            assert!(r.is_ok(), "{} fails", e.path().display());
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no corpus for {target} under {}", root.display());
 }
 
 impl Drop for TempDir {

@@ -19,13 +19,7 @@ use crate::Running;
 fn slow_confirm(dir: &TempDir) -> (PathBuf, PathBuf) {
     let fixture =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/process/fixtures/slow_confirm.py");
-    let fifo = dir.join("release");
-    rustix::fs::mkfifoat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-    )
-    .unwrap();
+    let fifo = dir.fifo("release");
     let script = dir.script(
         "next.sh",
         &format!(
@@ -83,6 +77,32 @@ fn slow_request_in_flight(addr: std::net::SocketAddr, ms: u64) -> JoinHandle<Str
 /// A clean upgrade (by SIGUSR2 and by the control socket, with a drain
 /// timeout shorter than anything else) logs no warning or error on either
 /// generation's stderr: no "could not confirm ... Broken pipe".
+/// The request that was in flight during the stop got its answer, and no
+/// generation is left: the new one (`new`) is gone, the old one exited 0.
+fn service_stopped(r: &mut Running, new: u32, slow: JoinHandle<String>) {
+    let resp = slow.join().unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "in-flight request: {resp:?}"
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.is_gone(new),
+        "new generation {new} alive"
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.first_exit().is_some(),
+        "old generation did not exit"
+    );
+    assert_eq!(
+        r.server.first_exit().unwrap().code(),
+        Some(0),
+        "{}",
+        r.server.stderr()
+    );
+}
+
 #[test]
 fn clean_upgrades_log_no_warning() {
     let mut r = Running::start("hello", &["--drain-timeout", "500ms"]);
@@ -206,27 +226,7 @@ fn sigterm_before_the_new_generation_is_ready_aborts_the_upgrade() {
             .starts_with("aborted: stop requested"),
         "{a}"
     );
-    let resp = slow.join().unwrap();
-    assert!(
-        resp.starts_with("HTTP/1.1 200"),
-        "in-flight request: {resp:?}"
-    );
-    assert_eventually!(
-        Duration::from_secs(10),
-        r.server.is_gone(new),
-        "new generation {new} alive"
-    );
-    assert_eventually!(
-        Duration::from_secs(10),
-        r.server.first_exit().is_some(),
-        "old generation did not exit"
-    );
-    assert_eq!(
-        r.server.first_exit().unwrap().code(),
-        Some(0),
-        "{}",
-        r.server.stderr()
-    );
+    service_stopped(&mut r, new, slow);
     assert!(!r.pid_file.exists(), "pid file left behind");
     assert!(!r.control.exists(), "control socket left behind");
     assert!(
@@ -272,25 +272,5 @@ fn sigterm_after_the_hand_over_is_passed_on_to_the_new_generation() {
         .server
         .wait_event(Duration::from_secs(10), |v| v["event"] == "stop");
     assert_eq!(stop["signal"], Signal::TERM.as_raw(), "{stop}");
-    let resp = slow.join().unwrap();
-    assert!(
-        resp.starts_with("HTTP/1.1 200"),
-        "in-flight request: {resp:?}"
-    );
-    assert_eventually!(
-        Duration::from_secs(10),
-        r.server.is_gone(new),
-        "new generation {new} alive"
-    );
-    assert_eventually!(
-        Duration::from_secs(10),
-        r.server.first_exit().is_some(),
-        "old generation did not exit"
-    );
-    assert_eq!(
-        r.server.first_exit().unwrap().code(),
-        Some(0),
-        "{}",
-        r.server.stderr()
-    );
+    service_stopped(&mut r, new, slow);
 }
