@@ -1008,7 +1008,13 @@ impl Baton {
             if matches!(reason, StopReason::Upgraded { .. }) {
                 // The upgrade's answer, then the settle period: the new
                 // generation may die within it, and this one serve again.
-                let _ = self.inner.upgrading.subscribe().wait_for(|u| !*u).await;
+                let mut upgrading = self.inner.upgrading.subscribe();
+                if *upgrading.borrow_and_update() {
+                    tracing::info!(
+                        "waiting for the upgrade in flight to be answered before exiting"
+                    );
+                }
+                let _ = upgrading.wait_for(|u| !*u).await;
                 let _ = self.inner.settling.subscribe().wait_for(|s| !*s).await;
                 if *self.inner.state.borrow() == State::Active {
                     tracing::info!("serving again; not exiting");
