@@ -667,11 +667,8 @@ impl Baton {
             "RELOADING=1\nMONOTONIC_USEC={}",
             sys::monotonic_usec()
         ));
-        let started = self.start_next(binary, abort).await;
-        let (result, watch) = match started {
-            Ok((up, watch)) => (Ok(up), watch),
-            Err(e) => (Err(e), None),
-        };
+        let mut watch = None;
+        let result = self.start_next(binary, abort, &mut watch).await;
         match &result {
             Ok(up) => {
                 tracing::info!(
@@ -696,11 +693,11 @@ impl Baton {
             }
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         });
-        if let (Ok(up), Some(child)) = (&result, watch) {
+        if let Some((child, up)) = watch {
             // Before the in-flight flag clears, so that `wait` sees one or
             // the other.
             self.inner.settling.send_replace(true);
-            tokio::spawn(self.clone().settle(child, up.clone()));
+            tokio::spawn(self.clone().settle(child, up));
         }
         result
     }
@@ -794,12 +791,14 @@ impl Baton {
         self.inner.settling.send_replace(false);
     }
 
-    /// Returns the new generation to watch for the settle period, if any.
+    /// Sets `watch` to the new generation to watch for the settle period,
+    /// once it took over (also when it did not confirm: it may have died).
     async fn start_next(
         &self,
         binary: Option<PathBuf>,
         abort: tokio_util::sync::CancellationToken,
-    ) -> Result<(Upgraded, Option<ReadyChild>), UpgradeError> {
+        watch: &mut Option<(ReadyChild, Upgraded)>,
+    ) -> Result<Upgraded, UpgradeError> {
         let mut fds = Vec::new();
         for (h, _) in lock(&self.inner.held).iter() {
             fds.push((h.name.clone(), h.fd.try_clone().map_err(UpgradeError::Io)?));
@@ -854,10 +853,10 @@ impl Baton {
         let pass_on = lock(&self.inner.in_flight)
             .as_mut()
             .and_then(|f| f.pass_on.take());
-        let settles = pass_on.is_none() && confirmed.is_ok() && !self.inner.settings.settle.is_zero();
+        let settles = pass_on.is_none() && !self.inner.settings.settle.is_zero();
         if !settles {
             // No settle period: the new generation is being stopped with
-            // the service, or did not confirm, or there is none to wait.
+            // the service, or there is none to wait.
             self.end_settle();
         }
         if let Some(reason) = pass_on {
@@ -875,11 +874,14 @@ impl Baton {
                 tracing::warn!(pid = upgraded.pid, error = %e, "could not pass the stop on");
             }
         }
+        if settles {
+            *watch = Some((child, upgraded.clone()));
+        }
         confirmed.map_err(|reason| UpgradeError::Unconfirmed {
             pid: upgraded.pid,
             reason,
         })?;
-        Ok((upgraded, settles.then_some(child)))
+        Ok(upgraded)
     }
 
     /// Runs the reload handler. Errors leave the previous configuration in
