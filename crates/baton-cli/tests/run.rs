@@ -669,7 +669,10 @@ fn a_new_child_dying_within_the_settle_period_fails_the_reload() {
         err.contains("within the settle period") && err.contains("SIGKILL"),
         "{err}"
     );
-    assert!(err.contains(&format!("old child (pid {old}) was not touched")), "{err}");
+    assert!(
+        err.contains(&format!("old child (pid {old}) was not touched")),
+        "{err}"
+    );
     let status = run.status();
     assert_eq!(status["pid"].as_u64().unwrap() as u32, old, "{status}");
     assert_eq!(status["last_reload"]["ok"], false, "{status}");

@@ -401,7 +401,9 @@ impl Supervisor {
             .borrow()
             .as_ref()
             .map(|g| g.child.pid())
-            .map_or_else(String::new, |pid| format!("; the old child (pid {pid}) was not touched"));
+            .map_or_else(String::new, |pid| {
+                format!("; the old child (pid {pid}) was not touched")
+            });
         let reason = format!(
             "child (pid {}) {status} within the settle period ({period:?}) after it was ready{old}",
             new.child.pid()

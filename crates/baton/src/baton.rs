@@ -17,7 +17,9 @@ use crate::control::{self, Request};
 use crate::drain::{Drain, DrainOutcome, Shutdown};
 use crate::env;
 use crate::error::{BoxError, Error, ReloadError, UpgradeError};
-use crate::handoff::{self, ChildHandshake, Handover, NextGeneration, ParentLink, ReadyChild, Upgraded, Watched};
+use crate::handoff::{
+    self, ChildHandshake, Handover, NextGeneration, ParentLink, ReadyChild, Upgraded, Watched,
+};
 use crate::listeners::{self, Held, Inherited, InheritedFd, ListenerInfo, ListenerKind, Want};
 use crate::notify;
 use crate::pidfile;
@@ -721,11 +723,17 @@ impl Baton {
                 self.take_back(&up, reason);
             }
             Some(Watched::Left) => {
-                tracing::info!(pid = up.pid, "the new generation stops or hands over on purpose; settle period over");
+                tracing::info!(
+                    pid = up.pid,
+                    "the new generation stops or hands over on purpose; settle period over"
+                );
                 self.end_settle();
             }
             None => {
-                tracing::info!(pid = up.pid, "settle period over; closing the listening sockets");
+                tracing::info!(
+                    pid = up.pid,
+                    "settle period over; closing the listening sockets"
+                );
                 self.end_settle();
             }
         }
@@ -988,7 +996,7 @@ impl Baton {
             lock(&self.inner.held).clear();
             self.inner.drain.finish();
         }
-        self.inner.drain.start();
+        self.inner.drain.start_resumable();
         tracing::info!(generation = self.inner.generation, reason = ?reason, "draining");
         true
     }

@@ -248,8 +248,17 @@ impl Drain {
         self.periods.current.borrow().draining.is_cancelled()
     }
 
-    /// Tells every handle to start draining (idempotent).
+    /// Tells every handle to start draining (idempotent), for good: no
+    /// [`Shutdown::resumed`] will hand out a new handle.
     pub fn start(&self) {
+        self.finish();
+        self.start_resumable();
+    }
+
+    /// Tells every handle to start draining, leaving open whether a new
+    /// serving period follows ([`resume`](Self::resume)) or not
+    /// ([`finish`](Self::finish)).
+    pub(crate) fn start_resumable(&self) {
         self.periods.current.borrow().draining.cancel();
     }
 
@@ -288,7 +297,6 @@ impl Drain {
     /// dropped, or `timeout` passes; then fires `expired` and gives the
     /// remaining tasks a short grace.
     pub async fn drain(&self, timeout: Duration) -> DrainOutcome {
-        self.finish();
         self.start();
         self.tracker.close();
         if tokio::time::timeout(timeout, self.tracker.wait())
@@ -313,7 +321,6 @@ impl Drain {
 
     /// Closes everything now: draining and expired at once.
     pub fn expire(&self) {
-        self.finish();
         self.start();
         self.expired.cancel();
     }
@@ -344,7 +351,7 @@ mod tests {
     async fn resumed_hands_out_a_fresh_handle_or_none() {
         let drain = Drain::new(Duration::from_millis(10));
         let h = drain.handle();
-        drain.start();
+        drain.start_resumable();
         assert!(h.is_draining());
         let waiter = tokio::spawn({
             let h = h.clone();

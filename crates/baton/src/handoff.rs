@@ -349,10 +349,13 @@ impl ParentLink {
     /// Tells the previous generation that this one stops or hands over on
     /// purpose (best effort, bounded).
     pub(crate) fn leaving(self) {
-        use std::io::Write as _;
-        let mut s = self.0;
-        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ = s.write_all(&Message::Leaving.line());
+        let _ = self.0.set_write_timeout(Some(Duration::from_millis(100)));
+        // One short line; no SIGPIPE if the previous generation is gone.
+        let _ = rustix::net::send(
+            &self.0,
+            &Message::Leaving.line(),
+            rustix::net::SendFlags::NOSIGNAL,
+        );
     }
 }
 

@@ -45,7 +45,10 @@ impl Prober {
                             Ok(mut s) => {
                                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                                 let mut resp = Vec::new();
-                                if s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").is_ok()
+                                if s.write_all(
+                                    b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                                )
+                                .is_ok()
                                     && s.read_to_end(&mut resp).is_ok()
                                     && resp.starts_with(b"HTTP/1.1 200")
                                 {
@@ -248,4 +251,35 @@ fn new_generation_killed_after_the_settle_period_leaves_nothing_on_the_port() {
     assert_eq!(tcp_listen_inode(port), None, "something still listens");
     let err = TcpStream::connect(r.addr()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[test]
+fn a_new_generation_stopped_on_purpose_within_the_settle_period_is_not_taken_back() {
+    let mut r = Running::start("hello", &["--settle", "20s"]);
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(a["ok"], true, "{a}");
+    let new = a["pid"].as_u64().unwrap() as u32;
+    // The operator stops the service (the pid file names the new one).
+    assert_eq!(r.pid_file_pid(), new);
+    send_signal(new, Signal::TERM);
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.is_gone(new),
+        "new generation did not stop"
+    );
+    // The old one ends its settle period there and exits instead of
+    // serving again: the service is stopped, well before the 20 s.
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.first_exit().is_some(),
+        "old generation took the service back or kept waiting"
+    );
+    assert_eq!(r.server.first_exit().unwrap().code(), Some(0));
+    assert!(!r.pid_file.exists(), "pid file left behind");
+    assert_eq!(tcp_listen_inode(r.addr().port()), None, "still listening");
+    assert!(
+        !r.server.stderr().contains("took the service back"),
+        "{}",
+        r.server.stderr()
+    );
 }
