@@ -513,7 +513,10 @@ impl Baton {
     /// answers; only then does this one become active (pid file, control
     /// socket, `READY=1`). Inherited listeners nobody claimed are closed here.
     /// An `Err(Error::RolledBack)` means the previous generation gave up on
-    /// this one: exit.
+    /// this one: exit. If the previous generation died before handing over
+    /// (this process was reparented), this one becomes active alone (pid
+    /// file, control socket, `READY=1` with `MAINPID=`) and `ready` returns
+    /// `Ok`.
     ///
     /// A stop requested before `ready` (a signal during a slow start) wins:
     /// `ready` then tells the previous generation, if any, that this one
