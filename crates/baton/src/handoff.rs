@@ -111,7 +111,9 @@ pub(crate) struct ReadyChild {
     /// The new generation itself: killed if a stop wins before the ack,
     /// signalled if a stop arrives after it.
     pub child: Child,
-    handshake: tokio::net::UnixStream,
+    /// One reader for the whole channel, so that no line read ahead (a
+    /// `leaving` right after `active`) is lost between `ack` and `watch`.
+    handshake: BufReader<tokio::net::UnixStream>,
 }
 
 impl ReadyChild {
@@ -119,12 +121,12 @@ impl ReadyChild {
     /// (bounded) for it to confirm that it is.
     pub(crate) async fn ack(&mut self, timeout: Duration) -> Result<(), String> {
         self.handshake
+            .get_mut()
             .write_all(&Message::Ack.line())
             .await
             .map_err(|e| format!("could not acknowledge: {e}"))?;
-        let mut reader = BufReader::new(&mut self.handshake);
         let mut line = Vec::new();
-        match line::read_line(&mut reader, &mut line, MAX_LINE, Some(timeout)).await {
+        match line::read_line(&mut self.handshake, &mut line, MAX_LINE, Some(timeout)).await {
             Err(LineError::Timeout(_)) => Err(format!("no confirmation within {timeout:?}")),
             Err(e) => Err(e.to_string()),
             Ok(false) => Err("it closed the handshake without confirming".to_owned()),
@@ -144,12 +146,11 @@ impl ReadyChild {
     /// stops or hands over on purpose. The handshake reaching EOF alone
     /// (a new generation that closed it) is not an exit.
     pub(crate) async fn watch(&mut self) -> Watched {
-        let mut reader = BufReader::new(&mut self.handshake);
         let mut line = Vec::new();
         let mut open = true;
         loop {
             tokio::select! {
-                read = line::read_line(&mut reader, &mut line, MAX_LINE, None), if open => {
+                read = line::read_line(&mut self.handshake, &mut line, MAX_LINE, None), if open => {
                     match read {
                         Ok(true) if matches!(Message::parse(&line), Ok(Message::Leaving)) => {
                             return Watched::Left;
@@ -231,7 +232,7 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
                 elapsed: started.elapsed(),
             },
             child,
-            handshake: reader.into_inner(),
+            handshake: reader,
         }),
         Err(failure) => {
             let status = child.kill_tree_and_reap().await;
