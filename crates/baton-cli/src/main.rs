@@ -207,6 +207,9 @@ struct RunArgs {
     /// Replace a child that dies, with exponential back-off, instead of exiting with its status.
     #[arg(long)]
     restart_on_crash: bool,
+    /// After a reload, how long the new child must stay up once ready before the old one is stopped and the reload reported ok.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    settle: Duration,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<std::ffi::OsString>,
@@ -311,6 +314,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 stop_signal: Some(a.stop_signal),
                 drain_timeout: Some(a.drain_timeout),
                 restart_on_crash: a.restart_on_crash,
+                settle: Some(a.settle),
                 control_socket: a.control_socket,
                 pid_file: a.pid_file,
             })

@@ -20,7 +20,8 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         .control_socket(&cfg.server.control_socket)
         .drain_timeout(cfg.server.drain_timeout)
         .upgrade_timeout(cfg.server.upgrade_timeout)
-        .idle_grace(cfg.server.idle_grace);
+        .idle_grace(cfg.server.idle_grace)
+        .settle(cfg.server.settle);
     if let Some(pid_file) = &cfg.server.pid_file {
         builder = builder.pid_file(pid_file);
     }

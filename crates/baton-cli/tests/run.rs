@@ -143,6 +143,8 @@ fn python_socket_activation_server_twenty_reloads_lose_nothing() {
             "notify",
             "--drain-timeout",
             "10s",
+            "--settle",
+            "200ms",
         ],
         &["python3", fx.to_str().unwrap()],
     );
@@ -163,6 +165,8 @@ fn rust_socket_activation_server_twenty_reloads_lose_nothing() {
             "notify",
             "--drain-timeout",
             "10s",
+            "--settle",
+            "200ms",
         ],
         &[
             b.to_str().unwrap(),
@@ -330,6 +334,8 @@ fn port_env_makes_a_plain_server_zero_downtime() {
             "web=PORT",
             "--drain-timeout",
             "10s",
+            "--settle",
+            "200ms",
         ],
         &["sh", "-c", &cmd],
     );
@@ -604,4 +610,99 @@ fn address_in_use_names_the_orphaned_child_holding_it() {
     ] {
         assert!(stderr.contains(&want), "{want:?} not in:\n{stderr}");
     }
+}
+
+/// A new child killed within the settle period fails the reload (`ctl
+/// reload` exits 1 with the reason) and the old child, never touched, goes
+/// on serving: no connection refused. A child that came from a reload and
+/// dies after the settle period is restarted even without
+/// `--restart-on-crash`.
+#[test]
+fn a_new_child_dying_within_the_settle_period_fails_the_reload() {
+    let fx = fixture();
+    let run = Run::start(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--settle",
+            "3s",
+        ],
+        &["python3", fx.to_str().unwrap()],
+    );
+    let supervisor = run.server.first_pid();
+    let old = run.status()["pid"].as_u64().unwrap() as u32;
+    let load = Load::start(Target::Tcp(run.addr()), 4, 4, Duration::from_secs(90));
+    load.wait_for_progress(100, Duration::from_secs(10));
+
+    let ctl = {
+        let control = run.control.clone();
+        std::thread::spawn(move || {
+            Command::new(baton())
+                .args(["ctl", "--socket", control.to_str().unwrap(), "reload"])
+                .output()
+                .unwrap()
+        })
+    };
+    assert_eventually!(
+        Duration::from_secs(20),
+        run.server.stderr().contains("new child ready; settling"),
+        "the new child did not become ready"
+    );
+    let new = baton_testkit::children_of(supervisor)
+        .into_iter()
+        .find(|p| *p != old)
+        .expect("the new child");
+    run.server.track(new);
+    baton_testkit::send_signal(new, rustix::process::Signal::KILL);
+    let out = ctl.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("within the settle period") && err.contains("SIGKILL"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("old child (pid {old}) was not touched")),
+        "{err}"
+    );
+    let status = run.status();
+    assert_eq!(status["pid"].as_u64().unwrap() as u32, old, "{status}");
+    assert_eq!(status["last_reload"]["ok"], false, "{status}");
+    assert_eq!(baton_testkit::proc_state(old).map(|s| s != 'Z'), Some(true));
+    load.wait_for_progress(100, Duration::from_secs(10));
+
+    // A good reload, then its child dies after the settle period: replaced
+    // with the back-off, although --restart-on-crash was not given.
+    let a = run.reload();
+    assert_eq!(a["ok"], true, "{a}");
+    let reloaded = a["pid"].as_u64().unwrap() as u32;
+    load.wait_for_progress(100, Duration::from_secs(10));
+    baton_testkit::send_signal(reloaded, rustix::process::Signal::KILL);
+    assert_eventually!(
+        Duration::from_secs(10),
+        {
+            let s = run.status();
+            s["restarts"] == 1 && s["pid"].as_u64().is_some_and(|p| p as u32 != reloaded)
+        },
+        "the reloaded child was not replaced"
+    );
+    let replacement = run.status()["pid"].as_u64().unwrap() as u32;
+    run.server.track(replacement);
+    load.wait_for_progress(100, Duration::from_secs(10));
+
+    let report = load.stop();
+    assert!(
+        !report
+            .failures
+            .iter()
+            .any(|f| f.to_lowercase().contains("refused")),
+        "{:?}",
+        report.failures
+    );
+    // Only requests in flight on the killed children may fail.
+    assert!(report.failed <= 16, "{:?}", report.failures);
+    let mut server = run.server;
+    assert!(server.first_exit().is_none(), "the supervisor exited");
 }

@@ -59,6 +59,7 @@ struct RawServer {
     drain_timeout: Option<Spanned<String>>,
     upgrade_timeout: Option<Spanned<String>>,
     idle_grace: Option<Spanned<String>>,
+    settle: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +189,9 @@ pub struct ServerSettings {
     pub upgrade_timeout: Duration,
     /// How long idle keep-alive connections stay open once draining (default 1 s).
     pub idle_grace: Duration,
+    /// After an upgrade, how long the old generation keeps its sockets and
+    /// watches the new one (default 2 s; see `baton::Builder::settle`).
+    pub settle: Duration,
 }
 
 /// `[[listeners]]`.
@@ -685,12 +689,24 @@ impl Validator<'_> {
     }
 
     fn duration(&mut self, v: &Option<Spanned<String>>, default: Duration, what: &str) -> Duration {
-        let Some(s) = v else { return default };
-        match humantime::parse_duration(s.get_ref()) {
-            Ok(d) if d.is_zero() => {
+        match v {
+            Some(s) if humantime::parse_duration(s.get_ref()).is_ok_and(|d| d.is_zero()) => {
                 self.err(s.span(), format!("{what} must be greater than zero"));
                 default
             }
+            _ => self.any_duration(v, default, what),
+        }
+    }
+
+    /// A duration, zero allowed.
+    fn any_duration(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        default: Duration,
+        what: &str,
+    ) -> Duration {
+        let Some(s) = v else { return default };
+        match humantime::parse_duration(s.get_ref()) {
             Ok(d) => d,
             Err(e) => {
                 self.err(
@@ -784,20 +800,14 @@ impl Validator<'_> {
                 Duration::from_secs(30),
                 "upgrade_timeout",
             ),
-            idle_grace: match &raw.server.idle_grace {
-                // Zero is allowed here: it is what the peers do (and loses requests).
-                Some(s) => match humantime::parse_duration(s.get_ref()) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        self.err(
-                            s.span(),
-                            format!("idle_grace: invalid duration {:?}: {e}", s.get_ref()),
-                        );
-                        Duration::from_secs(1)
-                    }
-                },
-                None => Duration::from_secs(1),
-            },
+            // Zero is allowed for these: no idle grace is what the peers do
+            // (and loses requests); no settle period is the old behaviour.
+            idle_grace: self.any_duration(
+                &raw.server.idle_grace,
+                Duration::from_secs(1),
+                "idle_grace",
+            ),
+            settle: self.any_duration(&raw.server.settle, Duration::from_secs(2), "settle"),
         };
 
         // Upstreams first: listeners and routes refer to them.

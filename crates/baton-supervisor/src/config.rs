@@ -85,6 +85,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Replace a child that dies (with back-off) instead of exiting.
     pub restart_on_crash: bool,
+    /// After a reload, how long the new child must stay up (once ready)
+    /// before the old one is stopped and the reload answered.
+    pub settle: Duration,
     /// Control socket path.
     pub control_socket: Option<PathBuf>,
     /// Pid file path (the supervisor's pid).
@@ -111,6 +114,8 @@ pub struct Options {
     pub drain_timeout: Option<Duration>,
     /// `--restart-on-crash`.
     pub restart_on_crash: bool,
+    /// `--settle` (default 2 s).
+    pub settle: Option<Duration>,
     /// `--control-socket`.
     pub control_socket: Option<PathBuf>,
     /// `--pid-file`.
@@ -204,6 +209,7 @@ impl Options {
             stop_signal,
             drain_timeout: self.drain_timeout.unwrap_or(Duration::from_secs(30)),
             restart_on_crash: self.restart_on_crash,
+            settle: self.settle.unwrap_or(Duration::from_secs(2)),
             control_socket: self.control_socket,
             pid_file: self.pid_file,
         })

@@ -37,6 +37,10 @@ struct Generation {
     conns: AtomicUsize,
     /// Set once it is being replaced or stopped (its exit is not a crash).
     retiring: AtomicBool,
+    /// Started by a reload (not the first child, not a crash restart): a
+    /// later death is restarted with back-off even without
+    /// `--restart-on-crash`.
+    from_reload: AtomicBool,
     /// Reads (and discards) the child's later sd_notify messages.
     notify_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -300,6 +304,7 @@ impl Supervisor {
             ports,
             conns: AtomicUsize::new(0),
             retiring: AtomicBool::new(false),
+            from_reload: AtomicBool::new(false),
             notify_task,
         }))
     }
@@ -315,7 +320,20 @@ impl Supervisor {
         };
         let _ = baton::sd_notify("RELOADING=1");
         let started = Instant::now();
-        let result = self.start_generation().await;
+        let mut result = self.start_generation().await;
+        if let Ok(new) = &result {
+            // The old child stays current and untouched until the new one
+            // has stayed up for the settle period.
+            tracing::info!(
+                pid = new.child.pid(),
+                generation = new.number,
+                settle_ms = self.inner.config.settle.as_millis() as u64,
+                "new child ready; settling"
+            );
+            if let Err(reason) = self.settle(new).await {
+                result = Err(reason);
+            }
+        }
         let _ = baton::sd_notify("READY=1");
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         let answer = match result {
@@ -325,6 +343,7 @@ impl Supervisor {
                 Err("aborted: stop requested".to_owned())
             }
             Ok(new) => {
+                new.from_reload.store(true, Ordering::SeqCst);
                 let old = self.inner.current.send_replace(Some(new.clone()));
                 self.monitor(new.clone());
                 if let Some(old) = old {
@@ -352,6 +371,48 @@ impl Supervisor {
             "elapsed_ms": elapsed_ms,
         }));
         answer
+    }
+
+    /// The settle period of a reload: the new child, ready, must stay up
+    /// this long. One that dies within it is reaped (with what it started)
+    /// and fails the reload; a stop ends the wait early (the reload is then
+    /// aborted by the caller).
+    async fn settle(&self, new: &Generation) -> Result<(), String> {
+        let period = self.inner.config.settle;
+        if period.is_zero() {
+            return Ok(());
+        }
+        let stop = self.inner.drain.handle();
+        tokio::select! {
+            _ = new.child.exited() => {}
+            _ = tokio::time::sleep(period) => return Ok(()),
+            _ = stop.draining() => return Ok(()),
+        }
+        let status = new
+            .child
+            .kill_tree_and_reap()
+            .await
+            .map_or_else(|| "exited".to_owned(), |s| s.to_string());
+        let tail = new.child.stderr_tail().await;
+        let tail = tail.trim_end();
+        let old = self
+            .inner
+            .current
+            .borrow()
+            .as_ref()
+            .map(|g| g.child.pid())
+            .map_or_else(String::new, |pid| {
+                format!("; the old child (pid {pid}) was not touched")
+            });
+        let reason = format!(
+            "child (pid {}) {status} within the settle period ({period:?}) after it was ready{old}",
+            new.child.pid()
+        );
+        Err(if tail.is_empty() {
+            reason
+        } else {
+            format!("{reason}; stderr tail:\n{tail}")
+        })
     }
 
     /// Asks an old child to stop once its forwarded connections are done,
@@ -396,7 +457,10 @@ impl Supervisor {
                 return;
             }
             tracing::error!(pid = gen.child.pid(), generation = gen.number, %status, "child died");
-            if !s.inner.config.restart_on_crash {
+            // A child that came from a reload is restarted even without
+            // --restart-on-crash: the operator asked for the service to go
+            // on with a new child, not for the supervisor to exit.
+            if !s.inner.config.restart_on_crash && !gen.from_reload.load(Ordering::SeqCst) {
                 s.inner.exit.send_replace(Some(status.shell_code()));
                 return;
             }
@@ -423,6 +487,8 @@ impl Supervisor {
                 match s.start_generation().await {
                     Ok(new) => {
                         s.inner.crash_restarts.fetch_add(1, Ordering::SeqCst);
+                        let after_reload = gen.from_reload.load(Ordering::SeqCst);
+                        new.from_reload.store(after_reload, Ordering::SeqCst);
                         tracing::info!(
                             pid = new.child.pid(),
                             generation = new.number,

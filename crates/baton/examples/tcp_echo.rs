@@ -18,11 +18,16 @@ async fn main() -> anyhow::Result<()> {
     baton.ready().await?;
     common::announce(&baton, serde_json::json!({"listen": local.to_string()}));
 
-    let shutdown = baton.shutdown();
+    let mut shutdown = baton.shutdown();
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = tokio::select! {
-                _ = shutdown.draining() => break,
+                // Keep the listener (not accepting) until it is clear this
+                // generation will not serve again (the settle period).
+                _ = shutdown.draining() => match shutdown.resumed().await {
+                    Some(next) => { shutdown = next; continue }
+                    None => break,
+                },
                 a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
             };
             let conn = shutdown.clone();

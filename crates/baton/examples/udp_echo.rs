@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
     common::announce(&baton, serde_json::json!({"listen": local.to_string()}));
 
     let prefix = format!("gen {} pid {}: ", baton.generation(), std::process::id());
-    let shutdown = baton.shutdown();
+    let mut shutdown = baton.shutdown();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(64 * 1024);
@@ -26,7 +26,12 @@ async fn main() -> anyhow::Result<()> {
             let (n, peer) = tokio::select! {
                 // Stop reading at once: the new generation reads from the
                 // same socket, so nothing queued is lost.
-                _ = shutdown.draining() => break,
+                // If the new generation dies within the settle period,
+                // read again.
+                _ = shutdown.draining() => match shutdown.resumed().await {
+                    Some(next) => { shutdown = next; continue }
+                    None => break,
+                },
                 r = socket.recv_from(&mut buf) => match r { Ok(r) => r, Err(_) => continue },
             };
             out.clear();

@@ -17,7 +17,9 @@ use crate::control::{self, Request};
 use crate::drain::{Drain, DrainOutcome, Shutdown};
 use crate::env;
 use crate::error::{BoxError, Error, ReloadError, UpgradeError};
-use crate::handoff::{self, ChildHandshake, NextGeneration, Upgraded};
+use crate::handoff::{
+    self, ChildHandshake, Handover, NextGeneration, ParentLink, ReadyChild, Upgraded, Watched,
+};
 use crate::listeners::{self, Held, Inherited, InheritedFd, ListenerInfo, ListenerKind, Want};
 use crate::notify;
 use crate::pidfile;
@@ -92,6 +94,7 @@ pub struct Builder {
     upgrade_timeout: Duration,
     idle_grace: Duration,
     exit_hook_timeout: Duration,
+    settle: Duration,
     pid_file: Option<PathBuf>,
     control_socket: Option<PathBuf>,
 }
@@ -103,6 +106,7 @@ impl Default for Builder {
             upgrade_timeout: Duration::from_secs(30),
             idle_grace: Duration::from_secs(1),
             exit_hook_timeout: Duration::from_secs(10),
+            settle: Duration::from_secs(2),
             pid_file: None,
             control_socket: None,
         }
@@ -135,6 +139,19 @@ impl Builder {
     /// How long exit hooks may run, all together (default 10 s).
     pub fn exit_hook_timeout(mut self, d: Duration) -> Self {
         self.exit_hook_timeout = d;
+        self
+    }
+
+    /// How long, after a new generation became active, this one keeps its
+    /// listening sockets (not accepting) and watches the new one (default
+    /// 2 s). If the new generation exits within it, this one takes the
+    /// service back: it accepts again (accept loops that wait in
+    /// [`Shutdown::resumed`]), writes the pid file, serves the control
+    /// socket, and records the failed upgrade in `status`. It does not exit
+    /// before the settle period has passed, even with nothing to drain.
+    /// Zero: close the sockets at the hand-over, as without a settle period.
+    pub fn settle(mut self, d: Duration) -> Self {
+        self.settle = d;
         self
     }
 
@@ -184,6 +201,16 @@ pub(crate) struct Inner {
     handed_over: AtomicBool,
     /// Set by the first call of `ready`.
     ready_called: AtomicBool,
+    /// True while this generation, having handed over, watches the new one
+    /// for the settle period; [`Baton::wait`] waits for the outcome.
+    settling: watch::Sender<bool>,
+    /// Cancelled by a stop during the settle period: no take-back then.
+    settle_cancel: tokio_util::sync::CancellationToken,
+    /// When draining began (the drain timeout counts from then).
+    draining_since: Mutex<Option<Instant>>,
+    /// The handshake to the previous generation, kept open after the
+    /// hand-over so that a stop or upgrade can be announced to it.
+    parent_link: Mutex<Option<ParentLink>>,
     drain: Drain,
     hooks: Mutex<Vec<ExitHook>>,
     reload: Mutex<Option<ReloadHandler>>,
@@ -261,6 +288,10 @@ impl Baton {
                 in_flight: Mutex::new(None),
                 handed_over: AtomicBool::new(false),
                 ready_called: AtomicBool::new(false),
+                settling: watch::channel(false).0,
+                settle_cancel: tokio_util::sync::CancellationToken::new(),
+                draining_since: Mutex::new(None),
+                parent_link: Mutex::new(None),
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
                 status_hook: Mutex::new(None),
@@ -482,7 +513,10 @@ impl Baton {
     /// answers; only then does this one become active (pid file, control
     /// socket, `READY=1`). Inherited listeners nobody claimed are closed here.
     /// An `Err(Error::RolledBack)` means the previous generation gave up on
-    /// this one: exit.
+    /// this one: exit. If the previous generation died before handing over
+    /// (this process was reparented), this one becomes active alone (pid
+    /// file, control socket, `READY=1` with `MAINPID=`) and `ready` returns
+    /// `Ok`.
     ///
     /// A stop requested before `ready` (a signal during a slow start) wins:
     /// `ready` then tells the previous generation, if any, that this one
@@ -506,20 +540,32 @@ impl Baton {
             return Ok(());
         }
         let handshake = lock(&self.inner.handshake).take();
-        let confirm = match handshake {
+        let handover = match handshake {
             Some(h) => Some(h.ready().await?),
             None => None,
         };
-        let result = self.become_active();
-        if let Some(confirm) = confirm {
-            confirm
+        let orphaned = matches!(handover, Some(Handover::Orphaned));
+        let result = self.become_active(orphaned);
+        if let Some(Handover::Confirm(confirm)) = handover {
+            let link = confirm
                 .send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
                 .await;
+            if result.is_ok() {
+                *lock(&self.inner.parent_link) = link;
+                // A stop that arrived while taking over: announce it now.
+                if !matches!(*self.inner.state.borrow(), State::Active) {
+                    if let Some(link) = lock(&self.inner.parent_link).take() {
+                        link.leaving();
+                    }
+                }
+            }
         }
         result
     }
 
-    fn become_active(&self) -> Result<(), Error> {
+    /// `orphaned`: the previous generation died before handing over; this
+    /// one tells the service manager itself.
+    fn become_active(&self, orphaned: bool) -> Result<(), Error> {
         // Unclaimed inherited fds: listeners the new configuration dropped.
         for f in lock(&self.inner.inherited).take_rest() {
             tracing::info!(name = %f.name, address = %f.addr, "closing inherited listener nobody claimed");
@@ -546,7 +592,7 @@ impl Baton {
             );
             return Ok(());
         }
-        if self.inner.first_start {
+        if self.inner.first_start || orphaned {
             notify::notify_logged(&format!("READY=1\nMAINPID={}", self.inner.pid));
         }
         self.start_control()?;
@@ -626,7 +672,8 @@ impl Baton {
             "RELOADING=1\nMONOTONIC_USEC={}",
             sys::monotonic_usec()
         ));
-        let result = self.start_next(binary, abort).await;
+        let mut watch = None;
+        let result = self.start_next(binary, abort, &mut watch).await;
         match &result {
             Ok(up) => {
                 tracing::info!(
@@ -651,13 +698,117 @@ impl Baton {
             }
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         });
+        if let Some((child, up)) = watch {
+            // Before the in-flight flag clears, so that `wait` sees one or
+            // the other.
+            self.inner.settling.send_replace(true);
+            tokio::spawn(self.clone().settle(child, up));
+        }
         result
     }
 
+    /// The settle period after a successful upgrade: watches the new
+    /// generation; takes the service back if it dies within the period,
+    /// else lets the sockets go.
+    async fn settle(self, mut child: ReadyChild, up: Upgraded) {
+        let period = self.inner.settings.settle;
+        let watched = tokio::select! {
+            w = child.watch() => Some(w),
+            _ = tokio::time::sleep(period) => None,
+            _ = self.inner.settle_cancel.cancelled() => None,
+        };
+        match watched {
+            Some(Watched::Died(status)) => {
+                let reason = format!(
+                    "generation {} (pid {}) {status} within the settle period ({period:?}) after it became active",
+                    up.generation, up.pid
+                );
+                self.take_back(&up, reason);
+            }
+            Some(Watched::Left) => {
+                tracing::info!(
+                    pid = up.pid,
+                    "the new generation stops or hands over on purpose; settle period over"
+                );
+                self.end_settle();
+            }
+            None => {
+                tracing::info!(
+                    pid = up.pid,
+                    "settle period over; closing the listening sockets"
+                );
+                self.end_settle();
+            }
+        }
+    }
+
+    /// The settle period is over without a take-back: drop our listening
+    /// fds, tell accept loops waiting in `resumed` to drop theirs.
+    fn end_settle(&self) {
+        lock(&self.inner.held).clear();
+        self.inner.drain.finish();
+        self.inner.settling.send_replace(false);
+    }
+
+    /// The new generation died within the settle period: serve again.
+    fn take_back(&self, up: &Upgraded, reason: String) {
+        let resumable = self.inner.drain.resumable();
+        let back = resumable
+            && !self.inner.settle_cancel.is_cancelled()
+            && self.inner.state.send_if_modified(|s| match s {
+                State::Draining(StopReason::Upgraded { pid, .. }) if *pid == up.pid => {
+                    *s = State::Active;
+                    true
+                }
+                _ => false,
+            });
+        if !back {
+            if resumable {
+                tracing::error!(reason, "the new generation died; this generation is stopping and does not take the service back");
+            } else {
+                tracing::error!(reason, "the new generation died, but no accept loop of this generation can resume (see Shutdown::resumed); not taking the service back");
+            }
+            *lock(&self.inner.last_upgrade) = Some(json!({
+                "ok": false, "pid": up.pid, "generation": up.generation,
+                "taken_back": false, "error": reason, "at_unix_ms": unix_ms(SystemTime::now()),
+            }));
+            self.end_settle();
+            return;
+        }
+        self.inner.drain.resume();
+        self.inner.handed_over.store(false, Ordering::SeqCst);
+        *lock(&self.inner.draining_since) = None;
+        if let Some(path) = &self.inner.settings.pid_file {
+            if let Err(e) = pidfile::write(path, self.inner.pid) {
+                tracing::error!(path = %path.display(), error = %e, "cannot write the pid file");
+            }
+        }
+        if let Err(e) = self.start_control() {
+            tracing::error!(error = %e, "cannot serve the control socket again");
+        }
+        notify::notify_logged(&format!("MAINPID={}\nREADY=1", self.inner.pid));
+        tracing::error!(
+            reason,
+            generation = self.inner.generation,
+            pid = self.inner.pid,
+            "the new generation died; this generation took the service back and is active again"
+        );
+        *lock(&self.inner.last_upgrade) = Some(json!({
+            "ok": false, "pid": up.pid, "generation": up.generation,
+            "taken_back": true,
+            "error": format!("{reason}; generation {} (pid {}) took the service back", self.inner.generation, self.inner.pid),
+            "at_unix_ms": unix_ms(SystemTime::now()),
+        }));
+        self.inner.settling.send_replace(false);
+    }
+
+    /// Sets `watch` to the new generation to watch for the settle period,
+    /// once it took over (also when it did not confirm: it may have died).
     async fn start_next(
         &self,
         binary: Option<PathBuf>,
         abort: tokio_util::sync::CancellationToken,
+        watch: &mut Option<(ReadyChild, Upgraded)>,
     ) -> Result<Upgraded, UpgradeError> {
         let mut fds = Vec::new();
         for (h, _) in lock(&self.inner.held).iter() {
@@ -713,6 +864,12 @@ impl Baton {
         let pass_on = lock(&self.inner.in_flight)
             .as_mut()
             .and_then(|f| f.pass_on.take());
+        let settles = pass_on.is_none() && !self.inner.settings.settle.is_zero();
+        if !settles {
+            // No settle period: the new generation is being stopped with
+            // the service, or there is none to wait.
+            self.end_settle();
+        }
         if let Some(reason) = pass_on {
             let signal = if reason == StopReason::Fast {
                 rustix::process::Signal::INT
@@ -727,6 +884,9 @@ impl Baton {
             if let Err(e) = child.child.signal(signal.as_raw()) {
                 tracing::warn!(pid = upgraded.pid, error = %e, "could not pass the stop on");
             }
+        }
+        if settles {
+            *watch = Some((child, upgraded.clone()));
         }
         confirmed.map_err(|reason| UpgradeError::Unconfirmed {
             pid: upgraded.pid,
@@ -783,6 +943,8 @@ impl Baton {
             StopReason::Fast
         };
         let mut in_flight = lock(&self.inner.in_flight);
+        // A stop during the settle period: no take-back afterwards.
+        self.inner.settle_cancel.cancel();
         if let Some(f) = in_flight.as_mut() {
             if f.handed {
                 tracing::info!(
@@ -821,10 +983,23 @@ impl Baton {
         if reason == StopReason::Graceful || reason == StopReason::Fast {
             notify::notify_logged("STOPPING=1");
         }
-        // Our duplicates of the listening sockets go now, so that this process
-        // holds no listening fd once the application's accept loops stop.
-        lock(&self.inner.held).clear();
-        self.inner.drain.start();
+        // The previous generation, if it still watches us, is told this
+        // exit is on purpose.
+        if let Some(link) = lock(&self.inner.parent_link).take() {
+            link.leaving();
+        }
+        *lock(&self.inner.draining_since) = Some(Instant::now());
+        let settles =
+            matches!(reason, StopReason::Upgraded { .. }) && !self.inner.settings.settle.is_zero();
+        if !settles {
+            // Our duplicates of the listening sockets go now, so that this
+            // process holds no listening fd once the application's accept
+            // loops stop. After an upgrade they go at the end of the settle
+            // period.
+            lock(&self.inner.held).clear();
+            self.inner.drain.finish();
+        }
+        self.inner.drain.start_resumable();
         tracing::info!(generation = self.inner.generation, reason = ?reason, "draining");
         true
     }
@@ -834,19 +1009,40 @@ impl Baton {
     /// return afterwards.
     pub async fn wait(&self) -> StopReason {
         let mut rx = self.inner.state.subscribe();
-        let reason = loop {
-            if let State::Draining(r) = &*rx.borrow_and_update() {
-                break r.clone();
+        let reason = 'serving: loop {
+            let reason = loop {
+                if let State::Draining(r) = &*rx.borrow_and_update() {
+                    break r.clone();
+                }
+                if rx.changed().await.is_err() {
+                    break StopReason::Fast;
+                }
+            };
+            if matches!(reason, StopReason::Upgraded { .. }) {
+                // The upgrade's answer, then the settle period: the new
+                // generation may die within it, and this one serve again.
+                let mut upgrading = self.inner.upgrading.subscribe();
+                if *upgrading.borrow_and_update() {
+                    tracing::info!(
+                        "waiting for the upgrade in flight to be answered before exiting"
+                    );
+                }
+                let _ = upgrading.wait_for(|u| !*u).await;
+                let _ = self.inner.settling.subscribe().wait_for(|s| !*s).await;
+                if *self.inner.state.borrow() == State::Active {
+                    tracing::info!("serving again; not exiting");
+                    continue 'serving;
+                }
             }
-            if rx.changed().await.is_err() {
-                break StopReason::Fast;
-            }
+            break reason;
         };
         // The control fd: close ours (the next generation has its own copy).
         let control = lock(&self.inner.control).take();
+        // The drain timeout counts from the moment draining began.
+        let since = lock(&self.inner.draining_since).map_or(Duration::ZERO, |t| t.elapsed());
         let timeout = match reason {
             StopReason::Fast => Duration::ZERO,
-            _ => self.inner.settings.drain_timeout,
+            _ => self.inner.settings.drain_timeout.saturating_sub(since),
         };
         let started = Instant::now();
         let outcome = self.inner.drain.drain(timeout).await;
@@ -1053,10 +1249,12 @@ fn adopt_inherited(pid: u32) -> Result<(Vec<InheritedFd>, Option<ChildHandshake>
                 }
                 None => None,
             };
-            Some(ChildHandshake {
+            let h = ChildHandshake {
                 stream: std::os::unix::net::UnixStream::from(fd),
-                real_stderr,
-            })
+                real_stderr: Arc::new(Mutex::new(real_stderr)),
+            };
+            h.watch_parent();
+            Some(h)
         }
         None => None,
     };

@@ -10,6 +10,10 @@
 //! - new → old: `{"event":"active"}` once the pid file names it and its
 //!   control socket answers, so that the upgrade's caller is told "ok" only
 //!   when everything it can observe already agrees.
+//! - new → old, later: `{"event":"leaving"}` when the new generation stops
+//!   or hands over on purpose, so that its exit within the old one's settle
+//!   period is not taken for a failure. The channel stays open through the
+//!   settle period; the old generation watches the new one's exit (pidfd).
 
 use std::ffi::OsString;
 use std::io;
@@ -43,6 +47,7 @@ pub(crate) enum Message {
     Error { message: String },
     Ack,
     Active,
+    Leaving,
 }
 
 impl Message {
@@ -106,7 +111,9 @@ pub(crate) struct ReadyChild {
     /// The new generation itself: killed if a stop wins before the ack,
     /// signalled if a stop arrives after it.
     pub child: Child,
-    handshake: tokio::net::UnixStream,
+    /// One reader for the whole channel, so that no line read ahead (a
+    /// `leaving` right after `active`) is lost between `ack` and `watch`.
+    handshake: BufReader<tokio::net::UnixStream>,
 }
 
 impl ReadyChild {
@@ -114,22 +121,62 @@ impl ReadyChild {
     /// (bounded) for it to confirm that it is.
     pub(crate) async fn ack(&mut self, timeout: Duration) -> Result<(), String> {
         self.handshake
+            .get_mut()
             .write_all(&Message::Ack.line())
             .await
             .map_err(|e| format!("could not acknowledge: {e}"))?;
-        let mut reader = BufReader::new(&mut self.handshake);
         let mut line = Vec::new();
-        match line::read_line(&mut reader, &mut line, MAX_LINE, Some(timeout)).await {
+        match line::read_line(&mut self.handshake, &mut line, MAX_LINE, Some(timeout)).await {
             Err(LineError::Timeout(_)) => Err(format!("no confirmation within {timeout:?}")),
             Err(e) => Err(e.to_string()),
             Ok(false) => Err("it closed the handshake without confirming".to_owned()),
             Ok(true) => match Message::parse(&line)? {
                 Message::Active => Ok(()),
                 Message::Error { message } => Err(message),
-                Message::Ready | Message::Ack => Err(unexpected(&String::from_utf8_lossy(&line))),
+                Message::Ready | Message::Ack | Message::Leaving => {
+                    Err(unexpected(&String::from_utf8_lossy(&line)))
+                }
             },
         }
     }
+
+    /// Watches the active new generation (for the settle period; the
+    /// caller bounds it): returns when it exits, with its exit status
+    /// (killing and reaping whatever it left), or `Left` when it said it
+    /// stops or hands over on purpose. The handshake reaching EOF alone
+    /// (a new generation that closed it) is not an exit.
+    pub(crate) async fn watch(&mut self) -> Watched {
+        let mut line = Vec::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                read = line::read_line(&mut self.handshake, &mut line, MAX_LINE, None), if open => {
+                    match read {
+                        Ok(true) if matches!(Message::parse(&line), Ok(Message::Leaving)) => {
+                            return Watched::Left;
+                        }
+                        Ok(true) => {
+                            tracing::debug!(line = %String::from_utf8_lossy(&line), "ignoring handshake line");
+                            line.clear();
+                        }
+                        Ok(false) | Err(_) => open = false,
+                    }
+                }
+                _ = self.child.exited() => break,
+            }
+        }
+        let status = self.child.kill_tree_and_reap().await;
+        Watched::Died(status.map_or_else(|| "exited".to_owned(), |s| s.to_string()))
+    }
+}
+
+/// How the watch on an active new generation ended.
+#[derive(Debug)]
+pub(crate) enum Watched {
+    /// It exited (the exit status or signal).
+    Died(String),
+    /// It stops or hands over on purpose.
+    Left,
 }
 
 /// Starts the next generation and waits until it is ready, fails, or times
@@ -167,18 +214,29 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
     let pid = child.pid();
     tracing::info!(pid, generation = next.generation, binary = %next.binary.display(), "started new generation");
 
-    match wait_ready(ours, &child, next.timeout, &next.abort).await {
-        Ok(handshake) => Ok(ReadyChild {
+    let mut reader = match tokio_stream(ours) {
+        Ok(stream) => BufReader::new(stream),
+        Err(e) => {
+            child.kill_tree_and_reap().await;
+            return Err(UpgradeError::Io(e));
+        }
+    };
+    // The handshake stays open until the attempt is cleaned up: the new
+    // generation must not see EOF (and take itself for orphaned) before it
+    // is killed.
+    match wait_ready(&mut reader, &child, next.timeout, &next.abort).await {
+        Ok(()) => Ok(ReadyChild {
             upgraded: Upgraded {
                 pid,
                 generation: next.generation,
                 elapsed: started.elapsed(),
             },
             child,
-            handshake,
+            handshake: reader,
         }),
         Err(failure) => {
             let status = child.kill_tree_and_reap().await;
+            drop(reader);
             let stderr_tail = child.stderr_tail().await;
             Err(match failure {
                 Failure::Exited => UpgradeError::Exited {
@@ -217,15 +275,17 @@ enum Failure {
     Io(io::Error),
 }
 
+fn tokio_stream(s: std::os::unix::net::UnixStream) -> io::Result<tokio::net::UnixStream> {
+    s.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(s)
+}
+
 async fn wait_ready(
-    ours: std::os::unix::net::UnixStream,
+    reader: &mut BufReader<tokio::net::UnixStream>,
     child: &Child,
     timeout: Duration,
     abort: &tokio_util::sync::CancellationToken,
-) -> Result<tokio::net::UnixStream, Failure> {
-    ours.set_nonblocking(true).map_err(Failure::Io)?;
-    let stream = tokio::net::UnixStream::from_std(ours).map_err(Failure::Io)?;
-    let mut reader = BufReader::new(stream);
+) -> Result<(), Failure> {
     let mut line = Vec::new();
     // The child is not reaped here: a rollback kills what it started first,
     // while its pid (and process group) cannot be reused.
@@ -233,14 +293,14 @@ async fn wait_ready(
         tokio::select! {
             // The handshake line decides; an EOF means the child closed its
             // end (usually because it is exiting), so we wait for its exit.
-            read = line::read_line(&mut reader, &mut line, MAX_LINE, None) => match read {
+            read = line::read_line(reader, &mut line, MAX_LINE, None) => match read {
                 Ok(false) => { let _ = child.exited().await; Err(Failure::Exited) }
                 Ok(true) => match Message::parse(&line) {
                     // Ready, but gone already: nobody would serve.
                     Ok(Message::Ready) if child.has_exited() => Err(Failure::Exited),
                     Ok(Message::Ready) => Ok(()),
                     Ok(Message::Error { message }) => Err(Failure::Reported(message)),
-                    Ok(Message::Ack | Message::Active) => Err(Failure::Protocol(unexpected(&String::from_utf8_lossy(&line)))),
+                    Ok(Message::Ack | Message::Active | Message::Leaving) => Err(Failure::Protocol(unexpected(&String::from_utf8_lossy(&line)))),
                     Err(reason) => Err(Failure::Protocol(reason)),
                 },
                 Err(LineError::Io(e)) => Err(Failure::Io(e)),
@@ -252,7 +312,7 @@ async fn wait_ready(
     })
     .await;
     match outcome {
-        Ok(Ok(())) => Ok(reader.into_inner()),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(f)) => Err(f),
         Err(_) => Err(Failure::Timeout),
     }
@@ -263,14 +323,74 @@ async fn wait_ready(
 pub(crate) struct Confirm(tokio::net::UnixStream);
 
 impl Confirm {
-    pub(crate) async fn send(mut self, result: Result<(), String>) {
+    /// Sends the confirmation; returns the channel, kept open so that the
+    /// previous generation can be told [`ParentLink::leaving`].
+    pub(crate) async fn send(mut self, result: Result<(), String>) -> Option<ParentLink> {
         let msg = match result {
             Ok(()) => Message::Active,
             Err(message) => Message::Error { message },
         };
         if let Err(e) = self.0.write_all(&msg.line()).await {
             tracing::warn!(error = %e, "could not confirm to the previous generation");
+            return None;
         }
+        let std = self.0.into_std().ok()?;
+        // Written from synchronous code (a stop), one short line.
+        std.set_nonblocking(false).ok()?;
+        Some(ParentLink(std))
+    }
+}
+
+/// The new generation's end of the handshake, kept after it became active
+/// for as long as the previous generation may be watching it.
+#[derive(Debug)]
+pub(crate) struct ParentLink(std::os::unix::net::UnixStream);
+
+impl ParentLink {
+    /// Tells the previous generation that this one stops or hands over on
+    /// purpose (best effort, bounded).
+    pub(crate) fn leaving(self) {
+        let _ = self.0.set_write_timeout(Some(Duration::from_millis(100)));
+        // One short line; no SIGPIPE if the previous generation is gone.
+        let _ = rustix::net::send(
+            &self.0,
+            &Message::Leaving.line(),
+            rustix::net::SendFlags::NOSIGNAL,
+        );
+    }
+}
+
+/// How a new generation's [`ChildHandshake::ready`] ended well.
+#[derive(Debug)]
+pub(crate) enum Handover {
+    /// The previous generation stopped accepting: confirm with this.
+    Confirm(Confirm),
+    /// The previous generation is gone (it died before the hand-over): this
+    /// one holds every inherited socket and takes over on its own.
+    Orphaned,
+}
+
+/// How long a new generation whose handshake broke waits to see its
+/// parent gone (the kernel closes a dying process's fds before it
+/// reparents its children).
+const ORPHAN_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the previous generation (our parent, `BATON_PARENT_PID`) is
+/// gone: we were reparented. Waits up to [`ORPHAN_CHECK`] for it.
+async fn orphaned() -> bool {
+    let Some(parent) = env::var(env::BATON_PARENT_PID).and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    let deadline = Instant::now() + ORPHAN_CHECK;
+    loop {
+        let ppid = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+        if ppid != parent {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -278,31 +398,86 @@ impl Confirm {
 #[derive(Debug)]
 pub(crate) struct ChildHandshake {
     pub stream: std::os::unix::net::UnixStream,
-    pub real_stderr: Option<OwnedFd>,
+    /// Taken by whoever switches stderr first: `ready`, or the watch on a
+    /// previous generation that dies while this one starts.
+    pub real_stderr: std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>,
+}
+
+/// Moves the real stderr onto fd 2, once.
+fn switch_stderr(real: &std::sync::Mutex<Option<OwnedFd>>) -> io::Result<()> {
+    let fd = real.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match fd {
+        Some(fd) => sys::redirect_stderr(fd),
+        None => Ok(()),
+    }
 }
 
 impl ChildHandshake {
+    /// While this generation starts: if the previous one dies (the
+    /// handshake is closed and we were reparented), switch stderr to the
+    /// real one at once, since nobody reads the capture pipe any more (a
+    /// log line written there would fail). Ends at the first sign of life
+    /// from the previous generation (the ack is readable). Needs a tokio
+    /// runtime; without one it does nothing.
+    pub(crate) fn watch_parent(&self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let Ok(dup) = self.stream.try_clone() else {
+            return;
+        };
+        let Ok(stream) = tokio_stream(dup) else {
+            return;
+        };
+        let real = self.real_stderr.clone();
+        tokio::spawn(async move {
+            let Ok(ready) = stream.ready(tokio::io::Interest::READABLE).await else {
+                return;
+            };
+            if ready.is_read_closed() && orphaned().await {
+                if let Err(e) = switch_stderr(&real) {
+                    tracing::warn!(error = %e, "cannot switch to the real stderr");
+                }
+                tracing::warn!(
+                    "the previous generation died while this one was starting; this one will take over alone once ready"
+                );
+            }
+        });
+    }
+
     /// Reports readiness and waits for the old generation's go-ahead. On
     /// success, stderr is switched from the capture pipe to the real one;
     /// the returned handle confirms activity (or failure) afterwards.
-    pub(crate) async fn ready(self) -> Result<Confirm, crate::Error> {
-        self.stream
-            .set_nonblocking(true)
-            .map_err(crate::Error::Handshake)?;
-        let mut stream =
-            tokio::net::UnixStream::from_std(self.stream).map_err(crate::Error::Handshake)?;
-        stream
-            .write_all(&Message::Ready.line())
-            .await
-            .map_err(crate::Error::Handshake)?;
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        let got = line::read_line(&mut reader, &mut line, MAX_LINE, Some(ACK_TIMEOUT))
-            .await
-            .map_err(|e| crate::Error::Handshake(e.into()))?;
-        if !got {
-            return Err(crate::Error::RolledBack);
-        }
+    ///
+    /// If the handshake breaks because the previous generation died (we
+    /// were reparented), this one has every socket and takes over alone:
+    /// stderr is switched all the same and `Orphaned` returned.
+    pub(crate) async fn ready(self) -> Result<Handover, crate::Error> {
+        let real_stderr = self.real_stderr;
+        let mut stream = tokio_stream(self.stream).map_err(crate::Error::Handshake)?;
+        let read = match stream.write_all(&Message::Ready.line()).await {
+            Err(e) => Err(LineError::Io(e)),
+            Ok(()) => {
+                let mut reader = BufReader::new(&mut stream);
+                let mut line = Vec::new();
+                line::read_line(&mut reader, &mut line, MAX_LINE, Some(ACK_TIMEOUT))
+                    .await
+                    .map(|got| got.then_some(line))
+            }
+        };
+        let line = match read {
+            Ok(Some(line)) => line,
+            Ok(None) | Err(LineError::Io(_)) if orphaned().await => {
+                // Nobody reads the capture pipe any more.
+                switch_stderr(&real_stderr).map_err(crate::Error::Handshake)?;
+                tracing::warn!(
+                    "the previous generation is gone before handing over; taking over alone"
+                );
+                return Ok(Handover::Orphaned);
+            }
+            Ok(None) => return Err(crate::Error::RolledBack),
+            Err(e) => return Err(crate::Error::Handshake(e.into())),
+        };
         match Message::parse(&line) {
             Ok(Message::Ack) => {}
             Ok(_) => {
@@ -318,10 +493,8 @@ impl ChildHandshake {
                 )))
             }
         }
-        if let Some(real) = self.real_stderr {
-            sys::redirect_stderr(real).map_err(crate::Error::Handshake)?;
-        }
-        Ok(Confirm(reader.into_inner()))
+        switch_stderr(&real_stderr).map_err(crate::Error::Handshake)?;
+        Ok(Handover::Confirm(Confirm(stream)))
     }
 
     /// Reports a startup error to the old generation (best effort; a

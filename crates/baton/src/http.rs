@@ -1,8 +1,11 @@
 //! Serving HTTP/1.1 with hyper (or axum) and draining without a race.
 //!
 //! [`serve`] accepts until draining begins, then:
-//! - stops accepting and drops its listener at once (the next generation
-//!   accepts from the same socket);
+//! - stops accepting (the next generation accepts from the same socket) and
+//!   drops its listener once this generation will not serve again: at once
+//!   after a stop, at the end of the settle period after an upgrade; if the
+//!   new generation dies within the settle period, it accepts again (see
+//!   [`Shutdown::resumed`]);
 //! - lets every in-flight request finish;
 //! - answers the next request on each keep-alive connection with
 //!   `Connection: close`, so the client itself opens its next connection
@@ -116,10 +119,21 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let mut shutdown = shutdown;
     loop {
         let (io, peer) = tokio::select! {
             biased;
-            _ = shutdown.draining() => break,
+            // Not accepting from here on; the listener is kept until it is
+            // clear that this generation will not serve again (the settle
+            // period after an upgrade).
+            _ = shutdown.draining() => match shutdown.resumed().await {
+                Some(next) => {
+                    tracing::info!("accepting again");
+                    shutdown = next;
+                    continue;
+                }
+                None => break,
+            },
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) if is_transient(&e) => {

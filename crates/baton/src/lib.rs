@@ -13,11 +13,17 @@
 //!   the old one carries on; the caller is told why (exit status or signal,
 //!   the error it sent, the tail of its stderr).
 //! - **Drain without a race.** Once the new generation is ready, the old one
-//!   stops accepting and holds no listening fd, lets in-flight requests
-//!   finish, answers the next request on each keep-alive connection with
-//!   `Connection: close`, closes connections only after they have been silent
-//!   for the idle grace, and closes whatever remains at the drain timeout.
-//!   Then exit hooks run and the process exits.
+//!   stops accepting, lets in-flight requests finish, answers the next
+//!   request on each keep-alive connection with `Connection: close`, closes
+//!   connections only after they have been silent for the idle grace, and
+//!   closes whatever remains at the drain timeout. Then exit hooks run and
+//!   the process exits.
+//! - **Settle period.** For [`Builder::settle`] (default 2 s) after the new
+//!   generation became active, the old one keeps its listening sockets (not
+//!   accepting) and watches it; if the new one dies within it, the old one
+//!   takes the service back and accepts again (accept loops wait in
+//!   [`Shutdown::resumed`]). Afterwards it holds no listening fd. A new
+//!   generation whose old one dies before handing over takes over alone.
 //!
 //! # Lifecycle
 //!

@@ -31,6 +31,10 @@ pub struct Args {
     /// How long idle keep-alive connections are kept while draining.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub idle_grace: Duration,
+    /// After an upgrade, how long to watch the new generation (and take the
+    /// service back if it dies) before letting the sockets go.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub settle: Duration,
     /// Sleep this long before reporting ready.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub startup_delay: Option<Duration>,
@@ -47,7 +51,8 @@ impl Args {
         let mut b = baton::Baton::builder()
             .drain_timeout(self.drain_timeout)
             .upgrade_timeout(self.upgrade_timeout)
-            .idle_grace(self.idle_grace);
+            .idle_grace(self.idle_grace)
+            .settle(self.settle);
         if let Some(p) = &self.pid_file {
             b = b.pid_file(p);
         }

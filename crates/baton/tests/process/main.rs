@@ -7,6 +7,7 @@ mod drain;
 mod handoff;
 mod lifecycle;
 mod rollback;
+mod settle;
 mod sockets;
 mod upgrade_races;
 
