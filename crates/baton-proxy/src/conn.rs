@@ -23,6 +23,9 @@ use tokio::net::TcpStream;
 
 use crate::lock;
 
+/// Bound on connecting to an upstream server.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Idle upstream connections are closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -29,15 +29,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::conn::{ConnectError, IdlePool, UpstreamConn, MAX_LOCAL_IDLE, READ_BUF};
+use crate::conn::{
+    ConnectError, IdlePool, UpstreamConn, CONNECT_TIMEOUT, MAX_LOCAL_IDLE, READ_BUF,
+};
 use crate::h1::{self, ChunkedScanner, Fields, Framing, Malformed};
-use crate::listener::{ConnGuard, ListenerStats};
+use crate::stats::{ConnGuard, ListenerStats};
 use crate::router::{self, Route, RouteTable, Target};
 use crate::upstream::{InFlight, Pool};
 use crate::websocket;
-
-/// Bound on connecting to an upstream server.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client connection may stay idle between requests this long, and a
 /// request head must arrive within it (nginx's `keepalive_timeout` is 75 s,

@@ -39,6 +39,8 @@ pub mod h1;
 pub mod listener;
 mod proxy;
 pub mod router;
+pub mod stats;
+mod tcp;
 pub mod upstream;
 pub mod websocket;
 

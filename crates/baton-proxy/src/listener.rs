@@ -1,4 +1,5 @@
-//! One running listener: its accept loop, its own drain, its counters.
+//! One running listener: its accept loop and its own drain (its counters
+//! are [`crate::stats`]).
 //!
 //! Each listener has a drain of its own ([`baton::Drain`]) so that a reload
 //! can remove one listener (stop accepting, wind its connections down) while
@@ -9,104 +10,17 @@
 //! it, and closes what is left when either drain expires.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ListenerConfig, Protocol};
-use crate::forward::{HttpContext, CONNECT_TIMEOUT};
+use crate::config::ListenerConfig;
+use crate::forward::HttpContext;
+use crate::stats::ListenerStats;
 use crate::upstream::Pool;
-
-/// Counters of one listener, shown in `status`.
-#[derive(Debug)]
-pub struct ListenerStats {
-    /// Its name.
-    pub name: String,
-    /// What it speaks.
-    pub protocol: Protocol,
-    /// The address it is bound to.
-    pub bound: SocketAddr,
-    connections: AtomicUsize,
-    upgraded: AtomicUsize,
-    accepted: AtomicU64,
-    requests: AtomicU64,
-    draining: AtomicBool,
-}
-
-/// Counts an open connection until dropped.
-#[derive(Debug)]
-pub struct ConnGuard(Arc<ListenerStats>, bool);
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        if self.1 {
-            self.0.upgraded.fetch_sub(1, Ordering::Relaxed);
-        } else {
-            self.0.connections.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl ListenerStats {
-    fn new(name: &str, protocol: Protocol, bound: SocketAddr) -> Self {
-        ListenerStats {
-            name: name.to_owned(),
-            protocol,
-            bound,
-            connections: AtomicUsize::new(0),
-            upgraded: AtomicUsize::new(0),
-            accepted: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            draining: AtomicBool::new(false),
-        }
-    }
-
-    fn connection(self: &Arc<Self>) -> ConnGuard {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
-        self.connections.fetch_add(1, Ordering::Relaxed);
-        ConnGuard(self.clone(), false)
-    }
-
-    /// Counts an upgraded (WebSocket) connection until the guard drops.
-    pub fn upgraded(self: &Arc<Self>) -> ConnGuard {
-        self.upgraded.fetch_add(1, Ordering::Relaxed);
-        ConnGuard(self.clone(), true)
-    }
-
-    /// Counts a request.
-    pub fn request(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Open connections (including upgraded ones).
-    pub fn open(&self) -> usize {
-        self.connections.load(Ordering::Relaxed) + self.upgraded.load(Ordering::Relaxed)
-    }
-
-    /// Whether this listener is draining.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// The listener in the `status` answer.
-    pub fn status(&self) -> Value {
-        json!({
-            "name": self.name,
-            "protocol": self.protocol.as_str(),
-            "address": self.bound.to_string(),
-            "draining": self.is_draining(),
-            "connections": self.connections.load(Ordering::Relaxed),
-            "upgraded": self.upgraded.load(Ordering::Relaxed),
-            "accepted": self.accepted.load(Ordering::Relaxed),
-            "requests": self.requests.load(Ordering::Relaxed),
-        })
-    }
-}
 
 /// Where a listener's connections go; a reload swaps the inside.
 #[derive(Debug, Clone)]
@@ -195,7 +109,7 @@ pub fn spawn(
                 tracing::info!(listener = %name, "listener removed by reload; draining it");
             }
         }
-        stats.draining.store(true, Ordering::Relaxed);
+        stats.set_draining();
         let outcome = tokio::select! {
             o = drain.drain(settings.drain_timeout) => o,
             _ = process.expired() => {
@@ -215,11 +129,6 @@ pub fn spawn(
         drop(process);
     });
     running
-}
-
-/// Counters for a listener bound at `bound`.
-pub fn stats(config: &ListenerConfig, bound: SocketAddr) -> Arc<ListenerStats> {
-    Arc::new(ListenerStats::new(&config.name, config.protocol, bound))
 }
 
 async fn accept(
@@ -272,57 +181,9 @@ async fn accept_tcp(
         let name = stats.name.clone();
         shutdown.spawn(async move {
             let _guard = guard;
-            tcp_connection(client, peer, &pool, &handle, &name).await;
+            crate::tcp::serve(client, peer, &pool, &handle, &name).await;
         });
     }
     drop(listener);
     tracing::debug!(listener = %stats.name, "stopped accepting");
-}
-
-/// Connects to a server of `pool` (trying the next one if connecting
-/// fails) and splices bytes both ways until both sides are done or the
-/// drain expires.
-async fn tcp_connection(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    pool: &Pool,
-    shutdown: &baton::Shutdown,
-    listener: &str,
-) {
-    let mut tried = Vec::new();
-    let (server, mut upstream) = loop {
-        let Some(server) = pool.pick(&tried) else {
-            tracing::warn!(listener, client = %peer, upstream = %pool.name, "no upstream server reachable; closing");
-            return;
-        };
-        tried.push(server.addr);
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server.addr));
-        let result = tokio::select! {
-            r = connect => r,
-            _ = shutdown.expired() => return,
-        };
-        match result {
-            Ok(Ok(s)) => break (server, s),
-            Ok(Err(e)) if crate::conn::is_local_error(&e) => {
-                // Out of fds or ports here: not the server's fault.
-                tracing::warn!(listener, client = %peer, server = %server.addr, error = %e, "connect failed for lack of a local resource; closing");
-                return;
-            }
-            Ok(Err(e)) => server.mark_failed(pool.fail_timeout, &format!("connect: {e}")),
-            Err(_) => server.mark_failed(pool.fail_timeout, "connect timed out"),
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    let _in_flight = server.begin();
-    tracing::debug!(listener, client = %peer, server = %server.addr, "tcp connection");
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Ok((up, down)) = r {
-                tracing::info!(target: "baton_proxy::access", listener, client = %peer.ip(), upstream = %server.addr, bytes_up = up, bytes_down = down, "tcp connection closed");
-            }
-        }
-        _ = shutdown.expired() => {
-            tracing::debug!(listener, client = %peer, "tcp connection closed at the drain timeout");
-        }
-    }
 }
