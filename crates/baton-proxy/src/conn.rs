@@ -18,10 +18,13 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use crate::h1::{self, Fields, Malformed};
 use crate::lock;
+use crate::timer::Timer;
 
 /// Bound on connecting to an upstream server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -96,7 +99,126 @@ pub fn is_local_error(e: &std::io::Error) -> bool {
     })
 }
 
+/// An upstream response head, read whole.
+#[derive(Debug)]
+pub(crate) struct ResponseHead {
+    /// Its bytes (parse them again with [`ResponseHead::parse`]).
+    pub(crate) bytes: BytesMut,
+    pub(crate) status: u16,
+    pub(crate) http10: bool,
+    pub(crate) fields: Fields,
+}
+
+impl ResponseHead {
+    /// Parses the head's bytes into `resp` (which borrows `headers`).
+    pub(crate) fn parse<'h, 'b>(
+        &'b self,
+        resp: &mut httparse::Response<'h, 'b>,
+        headers: &'h mut [std::mem::MaybeUninit<httparse::Header<'b>>],
+    ) -> Result<(), ReadHeadError> {
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            resp,
+            &self.bytes,
+            headers,
+        ) {
+            Ok(httparse::Status::Complete(_)) => Ok(()),
+            Ok(httparse::Status::Partial) => Err(ReadHeadError::Malformed(Malformed::Head)),
+            Err(e) => Err(ReadHeadError::Parse(e)),
+        }
+    }
+}
+
+/// Why no response head could be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadHeadError {
+    /// The connection closed (or was reset) before a byte of response.
+    #[error("the upstream closed the connection before responding")]
+    Closed,
+    /// Not within the deadline.
+    #[error("no response head in time")]
+    TimedOut,
+    /// The head does not parse.
+    #[error("response: {0}")]
+    Parse(httparse::Error),
+    /// The head is not acceptable.
+    #[error("response: {0}")]
+    Malformed(Malformed),
+    /// The connection closed in the middle of the head.
+    #[error("response cut short")]
+    CutShort,
+    /// Reading failed.
+    #[error("read: {0}")]
+    Io(std::io::Error),
+}
+
+/// Whether `e` says the peer closed the connection.
+pub(crate) fn is_closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
 impl UpstreamConn {
+    /// Reads the next response head, skipping `100 Continue` and the other
+    /// interim responses (not `101`), by the time `timer` fires; what
+    /// follows the head stays in `buf`.
+    pub(crate) async fn read_head(
+        &mut self,
+        timer: &mut Timer,
+    ) -> Result<ResponseHead, ReadHeadError> {
+        let mut got_any = false;
+        loop {
+            if !self.buf.is_empty() {
+                let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
+                    h1::MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut []);
+                let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                    &mut resp,
+                    &self.buf,
+                    &mut headers,
+                );
+                match parsed {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let status = resp.code.unwrap_or(0);
+                        if (100..200).contains(&status) && status != 101 {
+                            self.buf.advance(n);
+                            continue;
+                        }
+                        let fields = Fields::of(resp.headers).map_err(ReadHeadError::Malformed)?;
+                        let http10 = resp.version == Some(0);
+                        return Ok(ResponseHead {
+                            bytes: self.buf.split_to(n),
+                            status,
+                            http10,
+                            fields,
+                        });
+                    }
+                    Ok(httparse::Status::Partial) if self.buf.len() <= h1::MAX_HEAD => {}
+                    Ok(httparse::Status::Partial) => {
+                        return Err(ReadHeadError::Malformed(Malformed::TooLarge))
+                    }
+                    Err(e) => return Err(ReadHeadError::Parse(e)),
+                }
+            }
+            self.buf.reserve(READ_BUF);
+            let r = tokio::select! {
+                r = self.stream.read_buf(&mut self.buf) => r,
+                _ = timer.fired() => return Err(ReadHeadError::TimedOut),
+            };
+            match r {
+                Ok(0) if !got_any => return Err(ReadHeadError::Closed),
+                Ok(0) => return Err(ReadHeadError::CutShort),
+                Err(e) if !got_any && is_closed(&e) => return Err(ReadHeadError::Closed),
+                Err(e) => return Err(ReadHeadError::Io(e)),
+                Ok(_) => got_any = true,
+            }
+        }
+    }
+
     /// Connects to `addr` (`TCP_NODELAY`, bounded by `connect_timeout`).
     pub async fn connect(
         addr: SocketAddr,

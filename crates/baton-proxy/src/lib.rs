@@ -29,6 +29,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::exit)
 )]
 
+mod body;
 pub mod config;
 pub mod conn;
 pub mod forward;
@@ -38,9 +39,11 @@ pub mod fuzzing;
 pub mod h1;
 pub mod listener;
 mod proxy;
+mod rewrite;
 pub mod router;
 pub mod stats;
 mod tcp;
+mod timer;
 pub mod upstream;
 pub mod websocket;
 

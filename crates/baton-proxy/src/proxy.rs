@@ -14,9 +14,9 @@ use crate::config::{self, Config, ConfigError, ListenerConfig, Position, Protoco
 use crate::conn::IdlePool;
 use crate::forward::HttpContext;
 use crate::listener::{self, Dispatch, DrainSettings, Running};
-use crate::stats::{self, ListenerStats};
 use crate::lock;
 use crate::router::RouteTable;
+use crate::stats::{self, ListenerStats};
 use crate::upstream::{Pool, Registry};
 
 /// Why the proxy could not start or a reload was refused.
