@@ -27,40 +27,40 @@ use crate::lock;
 use crate::timer::Timer;
 
 /// Bound on connecting to an upstream server.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Idle upstream connections are closed after this long.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Idle connections kept per server in the shared pool.
 const MAX_SHARED_IDLE: usize = 256;
 
 /// Idle connections a client connection keeps for itself.
-pub const MAX_LOCAL_IDLE: usize = 4;
+pub(crate) const MAX_LOCAL_IDLE: usize = 4;
 
 /// How often, at most, the shared pool looks for closed connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Initial size of a connection's read buffer.
-pub const READ_BUF: usize = 8 * 1024;
+pub(crate) const READ_BUF: usize = 8 * 1024;
 
 /// One upstream connection.
 #[derive(Debug)]
-pub struct UpstreamConn {
+pub(crate) struct UpstreamConn {
     /// The server.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The socket.
-    pub stream: TcpStream,
+    pub(crate) stream: TcpStream,
     /// Bytes read and not yet used (empty between responses).
-    pub buf: BytesMut,
+    pub(crate) buf: BytesMut,
     /// It has carried a request before.
-    pub reused: bool,
+    pub(crate) reused: bool,
     idle_since: Instant,
 }
 
 /// Why connecting to an upstream server failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// This process or host ran out of something (see
     /// [`is_local_error`]): the server is not at fault.
     #[error("connect: {0} (a local resource ran out; the server is not marked down)")]
@@ -75,7 +75,7 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// Whether the failure is local (not a sign the server is down).
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         matches!(self, ConnectError::Local(_))
     }
 }
@@ -84,7 +84,7 @@ impl ConnectError {
 /// failed: file descriptors (`EMFILE`, `ENFILE`), buffer or kernel memory
 /// (`ENOBUFS`, `ENOMEM`), or ephemeral ports (`EADDRNOTAVAIL`,
 /// `EADDRINUSE`). Such an error says nothing about the upstream server.
-pub fn is_local_error(e: &std::io::Error) -> bool {
+pub(crate) fn is_local_error(e: &std::io::Error) -> bool {
     use rustix::io::Errno;
     Errno::from_io_error(e).is_some_and(|n| {
         [
@@ -220,7 +220,7 @@ impl UpstreamConn {
     }
 
     /// Connects to `addr` (`TCP_NODELAY`, bounded by `connect_timeout`).
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<Self, ConnectError> {
@@ -241,7 +241,7 @@ impl UpstreamConn {
     }
 
     /// Marks the connection idle (its response has been read whole).
-    pub fn idle(&mut self) {
+    pub(crate) fn idle(&mut self) {
         self.reused = true;
         self.idle_since = Instant::now();
     }
@@ -254,7 +254,7 @@ impl UpstreamConn {
     /// closed by the upstream, and with nothing unexpected to read. Never
     /// waits (the socket is only read if the reactor has seen it
     /// readable).
-    pub fn usable(&self, now: Instant) -> bool {
+    pub(crate) fn usable(&self, now: Instant) -> bool {
         if self.expired(now) || !self.buf.is_empty() {
             return false;
         }
@@ -270,7 +270,7 @@ impl UpstreamConn {
 /// Idle upstream connections left by client connections that went away,
 /// per server. Shared by every listener of the process.
 #[derive(Debug)]
-pub struct IdlePool {
+pub(crate) struct IdlePool {
     inner: Mutex<Shared>,
 }
 
@@ -293,7 +293,7 @@ impl Default for IdlePool {
 
 impl IdlePool {
     /// A usable idle connection to `addr`, if there is one.
-    pub fn take(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+    pub(crate) fn take(&self, addr: SocketAddr) -> Option<UpstreamConn> {
         let now = Instant::now();
         let mut dropped = Vec::new();
         let mut shared = lock(&self.inner);
@@ -311,7 +311,7 @@ impl IdlePool {
     }
 
     /// Keeps idle connections for the next client connection.
-    pub fn put(&self, conns: impl IntoIterator<Item = UpstreamConn>) {
+    pub(crate) fn put(&self, conns: impl IntoIterator<Item = UpstreamConn>) {
         let now = Instant::now();
         let mut dropped = Vec::new();
         let mut shared = lock(&self.inner);

@@ -49,29 +49,29 @@ use crate::websocket;
 /// A client connection may stay idle between requests this long, and a
 /// request head must arrive within it (nginx's `keepalive_timeout` is 75 s,
 /// `client_header_timeout` 60 s).
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Content type of the proxy's own short answers.
 const TEXT: &[u8] = b"text/plain; charset=utf-8";
 
 /// What every connection of one HTTP listener shares.
 #[derive(Debug)]
-pub struct HttpContext {
+pub(crate) struct HttpContext {
     /// The listener's name.
-    pub listener: String,
+    pub(crate) listener: String,
     /// Its routes; a reload swaps them.
-    pub routes: ArcSwap<RouteTable>,
+    pub(crate) routes: ArcSwap<RouteTable>,
     /// Its counters.
-    pub stats: Arc<ListenerStats>,
+    pub(crate) stats: Arc<ListenerStats>,
     /// Idle upstream connections of client connections that went away
     /// (shared by every listener).
-    pub idle: Arc<IdlePool>,
+    pub(crate) idle: Arc<IdlePool>,
 }
 
 /// Serves one client connection until it closes, the drain winds it down,
 /// or the drain expires. An upgraded connection (WebSocket) is spliced to
 /// its upstream here, counted as upgraded rather than as a connection.
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     stream: S,
     peer: SocketAddr,
     ctx: Arc<HttpContext>,

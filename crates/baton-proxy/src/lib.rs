@@ -31,21 +31,58 @@
 
 mod body;
 pub mod config;
-pub mod conn;
-pub mod forward;
+mod conn;
+mod forward;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod h1;
-pub mod listener;
+mod h1;
+mod listener;
 mod proxy;
 mod rewrite;
-pub mod router;
-pub mod stats;
+mod router;
+mod stats;
 mod tcp;
 mod timer;
-pub mod upstream;
-pub mod websocket;
+mod upstream;
+mod websocket;
+
+/// What a reload builds, for `examples/reload_cost.rs` to time phase by
+/// phase; not an interface.
+#[doc(hidden)]
+pub mod reload_cost {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use crate::router::RouteTable;
+    use crate::upstream::{Pool, Registry};
+    use crate::Config;
+
+    /// The pools of a configuration.
+    #[derive(Debug)]
+    pub struct Pools(HashMap<String, Arc<Pool>>);
+
+    /// The route tables of a configuration, by listener.
+    #[derive(Debug)]
+    pub struct Tables(HashMap<String, RouteTable>);
+
+    /// Builds the pools of `config`, as a reload does.
+    pub fn pools(config: &Config) -> Pools {
+        Pools(crate::proxy::build_pools(config, &Registry::default()))
+    }
+
+    /// Builds the route tables of `config` over `pools`, as a reload does.
+    pub fn tables(config: &Config, pools: &Pools) -> Tables {
+        Tables(RouteTable::build_all(&config.routes, &pools.0))
+    }
+
+    impl Tables {
+        /// How many routes `listener` has.
+        pub fn routes(&self, listener: &str) -> usize {
+            self.0.get(listener).map_or(0, RouteTable::len)
+        }
+    }
+}
 
 pub use crate::config::{Config, ConfigError, Position, Problem};
 pub use crate::proxy::{prepare_control_dir, Proxy, ProxyError};

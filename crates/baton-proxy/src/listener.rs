@@ -24,7 +24,7 @@ use crate::upstream::Pool;
 
 /// Where a listener's connections go; a reload swaps the inside.
 #[derive(Debug, Clone)]
-pub enum Dispatch {
+pub(crate) enum Dispatch {
     /// HTTP routing.
     Http(Arc<HttpContext>),
     /// Every connection to this pool.
@@ -33,13 +33,13 @@ pub enum Dispatch {
 
 /// A listener that is serving.
 #[derive(Debug)]
-pub struct Running {
+pub(crate) struct Running {
     /// As configured.
-    pub config: ListenerConfig,
+    pub(crate) config: ListenerConfig,
     /// Counters.
-    pub stats: Arc<ListenerStats>,
+    pub(crate) stats: Arc<ListenerStats>,
     /// Where connections go.
-    pub dispatch: Dispatch,
+    pub(crate) dispatch: Dispatch,
     remove: CancellationToken,
     closed: CancellationToken,
 }
@@ -47,27 +47,27 @@ pub struct Running {
 impl Running {
     /// Stops accepting and drains this listener's connections (for a
     /// listener a reload removed).
-    pub fn remove(&self) {
+    pub(crate) fn remove(&self) {
         self.remove.cancel();
     }
 
     /// Fires once the listening socket is closed (the accept loop ended).
-    pub fn closed(&self) -> CancellationToken {
+    pub(crate) fn closed(&self) -> CancellationToken {
         self.closed.clone()
     }
 }
 
 /// Drain settings of every listener.
 #[derive(Debug, Clone, Copy)]
-pub struct DrainSettings {
+pub(crate) struct DrainSettings {
     /// Idle keep-alive connections stay this long once draining.
-    pub idle_grace: Duration,
+    pub(crate) idle_grace: Duration,
     /// Then what is left is closed.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
 }
 
 /// Starts serving `listener`.
-pub fn spawn(
+pub(crate) fn spawn(
     process: baton::Shutdown,
     listener: TcpListener,
     config: ListenerConfig,

@@ -590,7 +590,7 @@ async fn bind_listener(
         })
 }
 
-fn build_pools(config: &Config, registry: &Registry) -> HashMap<String, Arc<Pool>> {
+pub(crate) fn build_pools(config: &Config, registry: &Registry) -> HashMap<String, Arc<Pool>> {
     config
         .upstreams
         .values()

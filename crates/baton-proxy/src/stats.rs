@@ -12,13 +12,13 @@ use crate::config::{ListenerConfig, Protocol};
 
 /// Counters of one listener, shown in `status`.
 #[derive(Debug)]
-pub struct ListenerStats {
+pub(crate) struct ListenerStats {
     /// Its name.
-    pub name: String,
+    pub(crate) name: String,
     /// What it speaks.
-    pub protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// The address it is bound to.
-    pub bound: SocketAddr,
+    pub(crate) bound: SocketAddr,
     connections: AtomicUsize,
     upgraded: AtomicUsize,
     accepted: AtomicU64,
@@ -28,7 +28,7 @@ pub struct ListenerStats {
 
 /// Counts an open connection until dropped.
 #[derive(Debug)]
-pub struct ConnGuard(Arc<ListenerStats>, bool);
+pub(crate) struct ConnGuard(Arc<ListenerStats>, bool);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
@@ -61,18 +61,18 @@ impl ListenerStats {
     }
 
     /// Counts an upgraded (WebSocket) connection until the guard drops.
-    pub fn upgraded(self: &Arc<Self>) -> ConnGuard {
+    pub(crate) fn upgraded(self: &Arc<Self>) -> ConnGuard {
         self.upgraded.fetch_add(1, Ordering::Relaxed);
         ConnGuard(self.clone(), true)
     }
 
     /// Counts a request.
-    pub fn request(&self) {
+    pub(crate) fn request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Open connections (including upgraded ones).
-    pub fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.connections.load(Ordering::Relaxed) + self.upgraded.load(Ordering::Relaxed)
     }
 
@@ -82,12 +82,12 @@ impl ListenerStats {
     }
 
     /// Whether this listener is draining.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
     /// The listener in the `status` answer.
-    pub fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> Value {
         json!({
             "name": self.name,
             "protocol": self.protocol.as_str(),
@@ -102,6 +102,6 @@ impl ListenerStats {
 }
 
 /// Counters for a listener bound at `bound`.
-pub fn for_listener(config: &ListenerConfig, bound: SocketAddr) -> Arc<ListenerStats> {
+pub(crate) fn for_listener(config: &ListenerConfig, bound: SocketAddr) -> Arc<ListenerStats> {
     Arc::new(ListenerStats::new(&config.name, config.protocol, bound))
 }
