@@ -762,3 +762,89 @@ impl From<ReadHeadError> for Upstream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The context of listener `web` of a configuration that sends every
+    /// path to the upstream at `upstream`.
+    fn context(upstream: SocketAddr) -> Arc<HttpContext> {
+        let text = format!(
+            "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\n\
+             [upstreams.app]\nservers = [\"{upstream}\"]\n\n\
+             [[routes]]\nlistener = \"web\"\npath_prefix = \"/\"\nupstream = \"app\"\n"
+        );
+        let config = crate::config::parse(&text, None).unwrap();
+        let pools = crate::proxy::build_pools(&config, &crate::upstream::Registry::default());
+        let mut tables: HashMap<String, RouteTable> = RouteTable::build_all(&config.routes, &pools);
+        let l = &config.listeners[0];
+        Arc::new(HttpContext {
+            listener: l.name.clone(),
+            routes: ArcSwap::from_pointee(tables.remove("web").unwrap()),
+            stats: crate::stats::for_listener(l, l.address),
+            idle: Arc::new(IdlePool::default()),
+        })
+    }
+
+    /// The engine serves any stream: here an in-memory one, two requests
+    /// on one connection to a real upstream on 127.0.0.1.
+    #[tokio::test]
+    async fn the_loop_serves_an_in_memory_client_stream() {
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = up.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = up.accept().await.unwrap();
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    assert_eq!(s.read(&mut b).await.unwrap(), 1, "upstream: cut short");
+                    head.push(b[0]);
+                }
+                seen.push(String::from_utf8(head).unwrap());
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            seen
+        });
+        let ctx = context(addr);
+        let drain = baton::Drain::new(Duration::from_secs(1));
+        let guard = ctx.stats.connection();
+        let (mut client, ours) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let serving = tokio::spawn(serve(ours, peer, ctx.clone(), drain.handle(), guard));
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        let got = String::from_utf8(got).unwrap();
+        assert_eq!(
+            got,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
+             HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+        );
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .unwrap()
+            .unwrap();
+        let seen = server.await.unwrap();
+        assert!(seen[0].starts_with("GET /a HTTP/1.1\r\n"), "{}", seen[0]);
+        assert!(
+            seen[0].contains("\r\nx-forwarded-for: 127.0.0.1\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[1].starts_with("GET /b HTTP/1.1\r\n"), "{}", seen[1]);
+        assert_eq!(ctx.stats.open(), 0);
+    }
+}
