@@ -39,8 +39,8 @@ use crate::conn::{
     MAX_LOCAL_IDLE, READ_BUF,
 };
 use crate::h1::{self, Fields, Framing};
-use crate::rewrite::{self, ClientSide, Forwarded, Peer};
-use crate::router::{self, Route, RouteTable, Target};
+use crate::rewrite::{self, ClientSide, Forwarded, Peer, RequestTarget};
+use crate::router::{Route, RouteTable, Target};
 use crate::stats::{ConnGuard, ListenerStats};
 use crate::timer::Timer;
 use crate::upstream::{InFlight, Pool};
@@ -295,43 +295,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if method == "CONNECT" {
             return (self.refuse(StatusCode::METHOD_NOT_ALLOWED).await, head_len);
         }
-        let host_field = req
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("host"))
-            .and_then(|h| std::str::from_utf8(h.value).ok());
-        // Origin form (`/path?query`) or absolute form (`http://host/path`).
-        let absolute;
-        let (raw_path, query, authority) = if target.starts_with('/') || target == "*" {
-            match target.split_once('?') {
-                Some((p, q)) => (p, Some(q), None),
-                None => (target, None, None),
-            }
-        } else {
-            absolute = match target.parse::<http::Uri>() {
-                Ok(u) if u.authority().is_some() => u,
-                _ => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
-            };
-            (
-                absolute.path(),
-                absolute.query(),
-                absolute.authority().map(|a| a.as_str()),
-            )
+        let Ok(parsed) = RequestTarget::parse(target) else {
+            return (self.refuse(StatusCode::BAD_REQUEST).await, head_len);
         };
-        // The authority of an absolute-form target replaces `Host` (RFC 9112
-        // §3.2.2).
-        let host = authority.or(host_field);
-        // Routed as normalised, and forwarded so: what was routed is what
-        // the upstream sees.
-        let path = match router::normalize_path(raw_path) {
-            Ok(p) => p,
-            Err(_) => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
-        };
-        let path_changed = matches!(path, std::borrow::Cow::Owned(_));
-        let path = &*path;
-        // A client that asked to close, or an HTTP/1.0 one that did not ask
-        // to keep the connection, gets its connection closed.
-        let client_keep = !fields.close && (!http10 || fields.keep_alive);
+        let forwarded = Forwarded::new(req, &parsed, &fields, framing);
+        // Routed as normalised (and forwarded so: what was routed is what
+        // the upstream sees), by the `Host` an absolute-form target's
+        // authority replaces.
+        let (host, path, client_keep) = (forwarded.host, forwarded.path, forwarded.client_keep);
 
         let table = self.ctx.routes.load_full();
         let action = match table.find(host, path) {
@@ -360,20 +331,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 (outcome, head_len, status.as_u16(), None)
             }
             Action::Forward(route, pool, strip_prefix) => {
-                let forwarded = Forwarded {
-                    method,
-                    target,
-                    path,
-                    query,
-                    absolute: authority.is_some(),
-                    path_changed,
-                    host,
-                    host_field: host_field.is_some(),
-                    http10,
-                    client_keep,
-                    framing,
-                    fields: &fields,
-                };
                 let strip = strip_prefix.then_some(route.prefix.as_str());
                 let r = self
                     .forward(req, buf, head_len, &forwarded, route, pool, strip)

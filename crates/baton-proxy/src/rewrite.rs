@@ -39,6 +39,37 @@ pub(crate) struct Forwarded<'a> {
     pub(crate) fields: &'a Fields,
 }
 
+impl<'a> Forwarded<'a> {
+    /// The request `req` (whose fields are `fields`, body `framing`, and
+    /// target `target`) as it is forwarded: the authority of an
+    /// absolute-form target replaces `Host` (RFC 9112 §3.2.2); a client
+    /// that asked to close, or an HTTP/1.0 one that did not ask to keep the
+    /// connection, gets its connection closed.
+    pub(crate) fn new<'b: 'a>(
+        req: &httparse::Request<'_, 'b>,
+        target: &'a RequestTarget<'_>,
+        fields: &'a Fields,
+        framing: Framing,
+    ) -> Forwarded<'a> {
+        let host_field = host_field(req.headers);
+        let http10 = req.version == Some(0);
+        Forwarded {
+            method: req.method.unwrap_or("GET"),
+            target: req.path.unwrap_or("/"),
+            path: &target.path,
+            query: target.query.as_deref(),
+            absolute: target.authority.is_some(),
+            path_changed: target.path_changed,
+            host: target.authority.as_deref().or(host_field),
+            host_field: host_field.is_some(),
+            http10,
+            client_keep: !fields.close && (!http10 || fields.keep_alive),
+            framing,
+            fields,
+        }
+    }
+}
+
 /// The client's address as the forwarding fields write it.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
@@ -59,6 +90,70 @@ impl Peer {
             node,
         }
     }
+}
+
+/// A request target, split and its path normalised
+/// ([`router::normalize_path`]): what is routed and forwarded.
+#[derive(Debug)]
+pub(crate) struct RequestTarget<'a> {
+    /// The path, normalised.
+    pub(crate) path: Cow<'a, str>,
+    /// The normalised path differs from the one sent.
+    pub(crate) path_changed: bool,
+    pub(crate) query: Option<Cow<'a, str>>,
+    /// The authority of an absolute-form target.
+    pub(crate) authority: Option<Cow<'a, str>>,
+}
+
+/// Why a request target is refused (`400`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BadTarget {
+    /// Neither origin form (`/path?query`), `*`, nor absolute form with an
+    /// authority.
+    #[error("unsupported request target form")]
+    Form,
+    /// The path does not normalise.
+    #[error("{0}")]
+    Path(#[from] router::BadPath),
+}
+
+impl<'a> RequestTarget<'a> {
+    /// Splits `target`: origin form (`/path?query`) or `*` without
+    /// allocating, absolute form (`http://host/path`) into owned parts.
+    pub(crate) fn parse(target: &'a str) -> Result<RequestTarget<'a>, BadTarget> {
+        if target.starts_with('/') || target == "*" {
+            let (raw, query) = match target.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (target, None),
+            };
+            let path = router::normalize_path(raw)?;
+            return Ok(RequestTarget {
+                path_changed: matches!(path, Cow::Owned(_)),
+                path,
+                query: query.map(Cow::Borrowed),
+                authority: None,
+            });
+        }
+        let uri = match target.parse::<http::Uri>() {
+            Ok(u) if u.authority().is_some() => u,
+            _ => return Err(BadTarget::Form),
+        };
+        let path = router::normalize_path(uri.path())?;
+        Ok(RequestTarget {
+            path_changed: matches!(path, Cow::Owned(_)),
+            path: Cow::Owned(path.into_owned()),
+            query: uri.query().map(|q| Cow::Owned(q.to_owned())),
+            authority: uri.authority().map(|a| Cow::Owned(a.as_str().to_owned())),
+        })
+    }
+}
+
+/// The value of the request's `Host` field, if it has one in UTF-8.
+pub(crate) fn host_field<'h>(headers: &[httparse::Header<'h>]) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
 }
 
 /// The `Upgrade` value of a request that asks to switch protocols
@@ -263,37 +358,8 @@ mod tests {
         let fields = Fields::of(req.headers).unwrap();
         let http10 = req.version == Some(0);
         let framing = fields.request_framing(http10).unwrap();
-        let target = req.path.unwrap();
-        let uri;
-        let (raw_path, query, authority) = if target.starts_with('/') {
-            match target.split_once('?') {
-                Some((p, q)) => (p, Some(q), None),
-                None => (target, None, None),
-            }
-        } else {
-            uri = target.parse::<http::Uri>().unwrap();
-            (uri.path(), uri.query(), uri.authority().map(|a| a.as_str()))
-        };
-        let host_field = req
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("host"))
-            .and_then(|h| std::str::from_utf8(h.value).ok());
-        let path = router::normalize_path(raw_path).unwrap();
-        let f = Forwarded {
-            method: req.method.unwrap(),
-            target,
-            path: &path,
-            query,
-            absolute: authority.is_some(),
-            path_changed: matches!(path, Cow::Owned(_)),
-            host: authority.or(host_field),
-            host_field: host_field.is_some(),
-            http10,
-            client_keep: true,
-            framing,
-            fields: &fields,
-        };
+        let t = RequestTarget::parse(req.path.unwrap()).unwrap();
+        let f = Forwarded::new(&req, &t, &fields, framing);
         let mut out = Vec::new();
         let up = upgrade(req.headers, &fields);
         request_head(&mut out, req.headers, &f, strip, up, SERVER, &peer());
