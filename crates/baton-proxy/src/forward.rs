@@ -298,7 +298,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let Ok(parsed) = RequestTarget::parse(target) else {
             return (self.refuse(StatusCode::BAD_REQUEST).await, head_len);
         };
-        let forwarded = Forwarded::new(req, &parsed, &fields, framing);
+        let Ok(forwarded) = Forwarded::new(req, &parsed, &fields, framing) else {
+            return (self.refuse(StatusCode::BAD_REQUEST).await, head_len);
+        };
         // Routed as normalised (and forwarded so: what was routed is what
         // the upstream sees), by the `Host` an absolute-form target's
         // authority replaces.
@@ -746,55 +748,75 @@ mod tests {
         })
     }
 
-    /// The engine serves any stream: here an in-memory one, two requests
-    /// on one connection to a real upstream on 127.0.0.1.
-    #[tokio::test]
-    async fn the_loop_serves_an_in_memory_client_stream() {
+    /// An upstream on 127.0.0.1 that answers `ok` to each request of one
+    /// connection until it closes, and returns the heads it got.
+    async fn upstream() -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
         let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = up.local_addr().unwrap();
         let server = tokio::spawn(async move {
-            let (mut s, _) = up.accept().await.unwrap();
             let mut seen = Vec::new();
-            for _ in 0..2 {
+            let Ok((mut s, _)) = up.accept().await else {
+                return seen;
+            };
+            loop {
                 let mut head = Vec::new();
                 while !head.ends_with(b"\r\n\r\n") {
                     let mut b = [0u8; 1];
-                    assert_eq!(s.read(&mut b).await.unwrap(), 1, "upstream: cut short");
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return seen;
+                    }
                     head.push(b[0]);
                 }
-                seen.push(String::from_utf8(head).unwrap());
+                seen.push(String::from_utf8_lossy(&head).into_owned());
                 s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     .await
                     .unwrap();
             }
-            seen
         });
-        let ctx = context(addr);
+        (addr, server)
+    }
+
+    /// Serves `requests` on an in-memory client connection to `ctx`, and
+    /// returns what the client got once the proxy closed it.
+    async fn exchange(ctx: &Arc<HttpContext>, requests: &[u8]) -> Vec<u8> {
         let drain = baton::Drain::new(Duration::from_secs(1));
         let guard = ctx.stats.connection();
         let (mut client, ours) = tokio::io::duplex(64 * 1024);
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let serving = tokio::spawn(serve(ours, peer, ctx.clone(), drain.handle(), guard));
-        client
-            .write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        client.write_all(requests).await.unwrap();
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
             .await
             .unwrap()
             .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .unwrap()
+            .unwrap();
+        got
+    }
+
+    /// The engine serves any stream: here an in-memory one, two requests
+    /// on one connection to a real upstream on 127.0.0.1.
+    #[tokio::test]
+    async fn the_loop_serves_an_in_memory_client_stream() {
+        let (addr, server) = upstream().await;
+        let ctx = context(addr);
+        let got = exchange(
+            &ctx,
+            b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        drop(ctx.idle.take(addr));
         let got = String::from_utf8(got).unwrap();
         assert_eq!(
             got,
             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
              HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
         );
-        tokio::time::timeout(Duration::from_secs(10), serving)
-            .await
-            .unwrap()
-            .unwrap();
         let seen = server.await.unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(seen[0].starts_with("GET /a HTTP/1.1\r\n"), "{}", seen[0]);
         assert!(
             seen[0].contains("\r\nx-forwarded-for: 127.0.0.1\r\n"),
@@ -803,5 +825,23 @@ mod tests {
         );
         assert!(seen[1].starts_with("GET /b HTTP/1.1\r\n"), "{}", seen[1]);
         assert_eq!(ctx.stats.open(), 0);
+    }
+
+    /// A `Host` that is not text was forwarded beside the proxy's own
+    /// `host` (the upstream saw two); it is refused.
+    #[tokio::test]
+    async fn a_host_field_that_is_not_text_gets_400() {
+        let (addr, server) = upstream().await;
+        let ctx = context(addr);
+        let got = exchange(
+            &ctx,
+            b"GET / HTTP/1.1\r\nhost: \xff\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        drop(ctx.idle.take(addr));
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
+        // The proxy's own answer: the upstream got nothing.
+        server.abort();
     }
 }

@@ -87,7 +87,9 @@ pub fn rewrite(data: &[u8]) {
     let Ok(target) = RequestTarget::parse(req.path.unwrap_or("/")) else {
         return;
     };
-    let f = Forwarded::new(&req, &target, &fields, framing);
+    let Ok(f) = Forwarded::new(&req, &target, &fields, framing) else {
+        return;
+    };
     let listed = h1::connection_listed(req.headers);
     let upgrade = rewrite::upgrade(req.headers, &fields);
     let server = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));

@@ -44,16 +44,17 @@ impl<'a> Forwarded<'a> {
     /// target `target`) as it is forwarded: the authority of an
     /// absolute-form target replaces `Host` (RFC 9112 §3.2.2); a client
     /// that asked to close, or an HTTP/1.0 one that did not ask to keep the
-    /// connection, gets its connection closed.
+    /// connection, gets its connection closed. A `Host` that is not text
+    /// is refused.
     pub(crate) fn new<'b: 'a>(
         req: &httparse::Request<'_, 'b>,
         target: &'a RequestTarget<'_>,
         fields: &'a Fields,
         framing: Framing,
-    ) -> Forwarded<'a> {
-        let host_field = host_field(req.headers);
+    ) -> Result<Forwarded<'a>, BadHost> {
+        let host_field = host_field(req.headers)?;
         let http10 = req.version == Some(0);
-        Forwarded {
+        Ok(Forwarded {
             method: req.method.unwrap_or("GET"),
             target: req.path.unwrap_or("/"),
             path: &target.path,
@@ -66,7 +67,7 @@ impl<'a> Forwarded<'a> {
             client_keep: !fields.close && (!http10 || fields.keep_alive),
             framing,
             fields,
-        }
+        })
     }
 }
 
@@ -148,12 +149,19 @@ impl<'a> RequestTarget<'a> {
     }
 }
 
-/// The value of the request's `Host` field, if it has one in UTF-8.
-pub(crate) fn host_field<'h>(headers: &[httparse::Header<'h>]) -> Option<&'h str> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
+/// A `Host` field whose value is not text (bytes of obs-text that are
+/// not UTF-8). It can be neither routed by nor replaced, and forwarding it
+/// beside a `Host` of the proxy's own would give the upstream two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the host field is not text")]
+pub(crate) struct BadHost;
+
+/// The value of the request's `Host` field, if it has one.
+pub(crate) fn host_field<'h>(headers: &[httparse::Header<'h>]) -> Result<Option<&'h str>, BadHost> {
+    match headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")) {
+        Some(h) => std::str::from_utf8(h.value).map(Some).map_err(|_| BadHost),
+        None => Ok(None),
+    }
 }
 
 /// The `Upgrade` value of a request that asks to switch protocols
@@ -359,7 +367,7 @@ mod tests {
         let http10 = req.version == Some(0);
         let framing = fields.request_framing(http10).unwrap();
         let t = RequestTarget::parse(req.path.unwrap()).unwrap();
-        let f = Forwarded::new(&req, &t, &fields, framing);
+        let f = Forwarded::new(&req, &t, &fields, framing).unwrap();
         let mut out = Vec::new();
         let up = upgrade(req.headers, &fields);
         request_head(&mut out, req.headers, &f, strip, up, SERVER, &peer());
@@ -474,6 +482,18 @@ mod tests {
         // No `Host` at all: the server's address.
         let out = rewrite_request(b"GET /x HTTP/1.0\r\n\r\n", None);
         assert_eq!(field_values(&out, "host"), ["127.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn a_host_that_is_not_text_is_refused() {
+        let head = b"GET / HTTP/1.1\r\nhost: \xff\r\n\r\n";
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 8];
+        let mut req = httparse::Request::new(&mut []);
+        req.parse_with_uninit_headers(head, &mut headers).unwrap();
+        assert_eq!(host_field(req.headers), Err(BadHost));
+        let t = RequestTarget::parse("/").unwrap();
+        let fields = Fields::of(req.headers).unwrap();
+        assert!(Forwarded::new(&req, &t, &fields, Framing::None).is_err());
     }
 
     #[test]
