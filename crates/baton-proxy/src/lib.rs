@@ -87,10 +87,4 @@ pub mod reload_cost {
 pub use crate::config::{Config, ConfigError, Position, Problem};
 pub use crate::proxy::{prepare_control_dir, Proxy, ProxyError};
 
-use std::sync::{Mutex, MutexGuard};
-
-/// Short locks over plain data: a panic elsewhere leaves it consistent, so
-/// keep going rather than poison the process.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use baton::sync::lock;

@@ -131,8 +131,11 @@ pub(crate) fn spawn(
     running
 }
 
+/// The next connection (its accept errors handled by
+/// [`baton::accept::accepted`]), or `None` once `shutdown` drains.
 async fn accept(
     listener: &TcpListener,
+    name: &str,
     shutdown: &baton::Shutdown,
 ) -> Option<(TcpStream, SocketAddr)> {
     loop {
@@ -141,23 +144,15 @@ async fn accept(
             _ = shutdown.draining() => return None,
             a = listener.accept() => a,
         };
-        match accepted {
-            Ok((s, peer)) => {
-                let _ = s.set_nodelay(true);
-                return Some((s, peer));
-            }
-            Err(e) => {
-                // Out of fds or memory: back off rather than spin; new
-                // connections wait in the kernel's queue meanwhile.
-                tracing::warn!(error = %e, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        if let Some((s, peer)) = baton::accept::accepted(accepted, name).await {
+            let _ = s.set_nodelay(true);
+            return Some((s, peer));
         }
     }
 }
 
 async fn accept_http(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: baton::Shutdown) {
-    while let Some((io, peer)) = accept(&listener, &shutdown).await {
+    while let Some((io, peer)) = accept(&listener, &ctx.listener, &shutdown).await {
         let guard = ctx.stats.connection();
         let ctx = ctx.clone();
         let handle = shutdown.clone();
@@ -174,7 +169,7 @@ async fn accept_tcp(
     stats: Arc<ListenerStats>,
     shutdown: baton::Shutdown,
 ) {
-    while let Some((client, peer)) = accept(&listener, &shutdown).await {
+    while let Some((client, peer)) = accept(&listener, &stats.name, &shutdown).await {
         let guard = stats.connection();
         let pool = pool.load_full();
         let handle = shutdown.clone();
