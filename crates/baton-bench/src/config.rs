@@ -427,32 +427,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, BenchError> {
 }
 
 /// Parse a signal given as a name (`"HUP"`, `"SIGUSR2"`, case-insensitive)
-/// or a number (`"1"`) into its number.
+/// or a number (`"1"`) into its number ([`baton::signals::parse`]).
 pub fn parse_signal(s: &str) -> Result<i32, BenchError> {
-    use rustix::process::Signal;
-    let s = s.trim();
-    let number = if let Ok(n) = s.parse::<i32>() {
-        Signal::from_named_raw(n).map(Signal::as_raw)
-    } else {
-        let upper = s.to_ascii_uppercase();
-        let name = upper.strip_prefix("SIG").unwrap_or(&upper);
-        let signal = match name {
-            "HUP" => Some(Signal::HUP),
-            "INT" => Some(Signal::INT),
-            "QUIT" => Some(Signal::QUIT),
-            "TERM" => Some(Signal::TERM),
-            "KILL" => Some(Signal::KILL),
-            "USR1" => Some(Signal::USR1),
-            "USR2" => Some(Signal::USR2),
-            "WINCH" => Some(Signal::WINCH),
-            "CONT" => Some(Signal::CONT),
-            "STOP" => Some(Signal::STOP),
-            "ALRM" => Some(Signal::ALARM),
-            _ => None,
-        };
-        signal.map(Signal::as_raw)
-    };
-    number.ok_or_else(|| BenchError::config(format!("unknown signal {s:?}")))
+    baton::signals::parse(s)
+        .ok_or_else(|| BenchError::config(format!("unknown signal {:?}", s.trim())))
 }
 
 #[cfg(test)]

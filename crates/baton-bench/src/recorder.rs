@@ -13,9 +13,10 @@
 //! when the restart is fired and lasts until it has ended plus the margin.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use baton::sync::lock;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
@@ -181,10 +182,7 @@ impl Shared {
     /// Take the aggregate out once every worker is done; later samples are
     /// dropped.
     pub(crate) fn take(&self) -> Option<Aggregate> {
-        self.aggregate
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        lock(&self.aggregate).take()
     }
 }
 
@@ -240,11 +238,7 @@ impl Recorder {
 
     fn flush_at(&mut self, now: Instant) {
         self.last_flush = now;
-        let mut guard = self
-            .shared
-            .aggregate
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut guard = lock(&self.shared.aggregate);
         if let Some(agg) = guard.as_mut() {
             agg.add(&self.batch);
             agg.warmup_requests += self.warmup_requests;

@@ -11,14 +11,11 @@
 //! building the pools and the route tables, and dropping what a reload
 //! replaces.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use baton_proxy::config;
-use baton_proxy::router::RouteTable;
-use baton_proxy::upstream::{Pool, Registry};
+use baton_proxy::reload_cost;
 
 fn text(routes: usize) -> String {
     let mut t = String::from(
@@ -96,16 +93,11 @@ fn main() {
         parse.push(start.elapsed());
 
         let t = Instant::now();
-        let registry = Registry::default();
-        let pools: HashMap<String, Arc<Pool>> = c
-            .upstreams
-            .values()
-            .map(|u| (u.name.clone(), Arc::new(Pool::new(u, &registry))))
-            .collect();
-        let rt = RouteTable::build_all(&c.routes, &pools);
+        let pools = reload_cost::pools(&c);
+        let rt = reload_cost::tables(&c, &pools);
         build.push(t.elapsed());
         total.push(start.elapsed());
-        assert_eq!(rt["web"].len(), routes + 1);
+        assert_eq!(rt.routes("web"), routes + 1);
 
         let t = Instant::now();
         drop(rt);

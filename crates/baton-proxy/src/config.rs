@@ -883,16 +883,16 @@ impl Validator<'_> {
             let span = l.span();
             let l = l.into_inner();
             let name = l.name.get_ref().clone();
-            if name.is_empty() || name.contains(':') || name.len() > 255 {
-                self.err(
+            match baton::env::check_listener_name(&name) {
+                Ok(()) => {}
+                Err(baton::env::BadListenerName::Form) => self.err(
                     l.name.span(),
                     format!("listener name {name:?} must be 1 to 255 characters without ':'"),
-                );
-            } else if name == baton::env::CONTROL_FD_NAME {
-                self.err(
+                ),
+                Err(baton::env::BadListenerName::Reserved) => self.err(
                     l.name.span(),
                     format!("listener name {name:?} is reserved for the control socket"),
-                );
+                ),
             }
             if names.insert(name.clone(), ()).is_some() {
                 self.err(l.name.span(), format!("duplicate listener name {name:?}"));

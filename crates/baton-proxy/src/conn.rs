@@ -18,43 +18,49 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use crate::h1::{self, Fields, Malformed};
 use crate::lock;
+use crate::timer::Timer;
+
+/// Bound on connecting to an upstream server.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Idle upstream connections are closed after this long.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Idle connections kept per server in the shared pool.
 const MAX_SHARED_IDLE: usize = 256;
 
 /// Idle connections a client connection keeps for itself.
-pub const MAX_LOCAL_IDLE: usize = 4;
+pub(crate) const MAX_LOCAL_IDLE: usize = 4;
 
 /// How often, at most, the shared pool looks for closed connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Initial size of a connection's read buffer.
-pub const READ_BUF: usize = 8 * 1024;
+pub(crate) const READ_BUF: usize = 8 * 1024;
 
 /// One upstream connection.
 #[derive(Debug)]
-pub struct UpstreamConn {
+pub(crate) struct UpstreamConn {
     /// The server.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The socket.
-    pub stream: TcpStream,
+    pub(crate) stream: TcpStream,
     /// Bytes read and not yet used (empty between responses).
-    pub buf: BytesMut,
+    pub(crate) buf: BytesMut,
     /// It has carried a request before.
-    pub reused: bool,
+    pub(crate) reused: bool,
     idle_since: Instant,
 }
 
 /// Why connecting to an upstream server failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// This process or host ran out of something (see
     /// [`is_local_error`]): the server is not at fault.
     #[error("connect: {0} (a local resource ran out; the server is not marked down)")]
@@ -69,7 +75,7 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// Whether the failure is local (not a sign the server is down).
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         matches!(self, ConnectError::Local(_))
     }
 }
@@ -78,7 +84,7 @@ impl ConnectError {
 /// failed: file descriptors (`EMFILE`, `ENFILE`), buffer or kernel memory
 /// (`ENOBUFS`, `ENOMEM`), or ephemeral ports (`EADDRNOTAVAIL`,
 /// `EADDRINUSE`). Such an error says nothing about the upstream server.
-pub fn is_local_error(e: &std::io::Error) -> bool {
+pub(crate) fn is_local_error(e: &std::io::Error) -> bool {
     use rustix::io::Errno;
     Errno::from_io_error(e).is_some_and(|n| {
         [
@@ -93,9 +99,128 @@ pub fn is_local_error(e: &std::io::Error) -> bool {
     })
 }
 
+/// An upstream response head, read whole.
+#[derive(Debug)]
+pub(crate) struct ResponseHead {
+    /// Its bytes (parse them again with [`ResponseHead::parse`]).
+    pub(crate) bytes: BytesMut,
+    pub(crate) status: u16,
+    pub(crate) http10: bool,
+    pub(crate) fields: Fields,
+}
+
+impl ResponseHead {
+    /// Parses the head's bytes into `resp` (which borrows `headers`).
+    pub(crate) fn parse<'h, 'b>(
+        &'b self,
+        resp: &mut httparse::Response<'h, 'b>,
+        headers: &'h mut [std::mem::MaybeUninit<httparse::Header<'b>>],
+    ) -> Result<(), ReadHeadError> {
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            resp,
+            &self.bytes,
+            headers,
+        ) {
+            Ok(httparse::Status::Complete(_)) => Ok(()),
+            Ok(httparse::Status::Partial) => Err(ReadHeadError::Malformed(Malformed::Head)),
+            Err(e) => Err(ReadHeadError::Parse(e)),
+        }
+    }
+}
+
+/// Why no response head could be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadHeadError {
+    /// The connection closed (or was reset) before a byte of response.
+    #[error("the upstream closed the connection before responding")]
+    Closed,
+    /// Not within the deadline.
+    #[error("no response head in time")]
+    TimedOut,
+    /// The head does not parse.
+    #[error("response: {0}")]
+    Parse(httparse::Error),
+    /// The head is not acceptable.
+    #[error("response: {0}")]
+    Malformed(Malformed),
+    /// The connection closed in the middle of the head.
+    #[error("response cut short")]
+    CutShort,
+    /// Reading failed.
+    #[error("read: {0}")]
+    Io(std::io::Error),
+}
+
+/// Whether `e` says the peer closed the connection.
+pub(crate) fn is_closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
 impl UpstreamConn {
+    /// Reads the next response head, skipping `100 Continue` and the other
+    /// interim responses (not `101`), by the time `timer` fires; what
+    /// follows the head stays in `buf`.
+    pub(crate) async fn read_head(
+        &mut self,
+        timer: &mut Timer,
+    ) -> Result<ResponseHead, ReadHeadError> {
+        let mut got_any = false;
+        loop {
+            if !self.buf.is_empty() {
+                let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
+                    h1::MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut []);
+                let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                    &mut resp,
+                    &self.buf,
+                    &mut headers,
+                );
+                match parsed {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let status = resp.code.unwrap_or(0);
+                        if (100..200).contains(&status) && status != 101 {
+                            self.buf.advance(n);
+                            continue;
+                        }
+                        let fields = Fields::of(resp.headers).map_err(ReadHeadError::Malformed)?;
+                        let http10 = resp.version == Some(0);
+                        return Ok(ResponseHead {
+                            bytes: self.buf.split_to(n),
+                            status,
+                            http10,
+                            fields,
+                        });
+                    }
+                    Ok(httparse::Status::Partial) if self.buf.len() <= h1::MAX_HEAD => {}
+                    Ok(httparse::Status::Partial) => {
+                        return Err(ReadHeadError::Malformed(Malformed::TooLarge))
+                    }
+                    Err(e) => return Err(ReadHeadError::Parse(e)),
+                }
+            }
+            self.buf.reserve(READ_BUF);
+            let r = tokio::select! {
+                r = self.stream.read_buf(&mut self.buf) => r,
+                _ = timer.fired() => return Err(ReadHeadError::TimedOut),
+            };
+            match r {
+                Ok(0) if !got_any => return Err(ReadHeadError::Closed),
+                Ok(0) => return Err(ReadHeadError::CutShort),
+                Err(e) if !got_any && is_closed(&e) => return Err(ReadHeadError::Closed),
+                Err(e) => return Err(ReadHeadError::Io(e)),
+                Ok(_) => got_any = true,
+            }
+        }
+    }
+
     /// Connects to `addr` (`TCP_NODELAY`, bounded by `connect_timeout`).
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<Self, ConnectError> {
@@ -116,7 +241,7 @@ impl UpstreamConn {
     }
 
     /// Marks the connection idle (its response has been read whole).
-    pub fn idle(&mut self) {
+    pub(crate) fn idle(&mut self) {
         self.reused = true;
         self.idle_since = Instant::now();
     }
@@ -129,7 +254,7 @@ impl UpstreamConn {
     /// closed by the upstream, and with nothing unexpected to read. Never
     /// waits (the socket is only read if the reactor has seen it
     /// readable).
-    pub fn usable(&self, now: Instant) -> bool {
+    pub(crate) fn usable(&self, now: Instant) -> bool {
         if self.expired(now) || !self.buf.is_empty() {
             return false;
         }
@@ -145,7 +270,7 @@ impl UpstreamConn {
 /// Idle upstream connections left by client connections that went away,
 /// per server. Shared by every listener of the process.
 #[derive(Debug)]
-pub struct IdlePool {
+pub(crate) struct IdlePool {
     inner: Mutex<Shared>,
 }
 
@@ -168,7 +293,7 @@ impl Default for IdlePool {
 
 impl IdlePool {
     /// A usable idle connection to `addr`, if there is one.
-    pub fn take(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+    pub(crate) fn take(&self, addr: SocketAddr) -> Option<UpstreamConn> {
         let now = Instant::now();
         let mut dropped = Vec::new();
         let mut shared = lock(&self.inner);
@@ -186,7 +311,7 @@ impl IdlePool {
     }
 
     /// Keeps idle connections for the next client connection.
-    pub fn put(&self, conns: impl IntoIterator<Item = UpstreamConn>) {
+    pub(crate) fn put(&self, conns: impl IntoIterator<Item = UpstreamConn>) {
         let now = Instant::now();
         let mut dropped = Vec::new();
         let mut shared = lock(&self.inner);

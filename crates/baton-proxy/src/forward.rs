@@ -2,13 +2,19 @@
 //! routes them, forwards them to an upstream connection it owns, and copies
 //! the response back.
 //!
-//! Heads are forwarded as bytes ([`crate::h1`]): parsed in place with
-//! `httparse`, checked, and written out again without the hop-by-hop
-//! fields, with `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`
-//! added; bodies are copied as they come (`Content-Length`, chunked, or
-//! until the upstream closes). A request's head and the part of its body
-//! already read go out in one write, and so do a response's head and body
-//! when the body has arrived with it.
+//! This module is the connection loop, routing and retries; the pieces it
+//! drives are functions over explicit inputs elsewhere. Heads are parsed in
+//! place with `httparse` and checked ([`crate::h1`]), and written out again
+//! by [`crate::rewrite`] (without the hop-by-hop fields, with
+//! `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` added); response
+//! heads are read by [`UpstreamConn::read_head`]; bodies are copied as they
+//! come by [`crate::body`] (`Content-Length`, chunked, or until the
+//! upstream closes). A request's head and the part of its body already read
+//! go out in one write, and so do a response's head and body when the body
+//! has arrived with it.
+//!
+//! The loop is generic over the client's stream (any `AsyncRead +
+//! AsyncWrite`), so another transport plugs in without a second copy.
 //!
 //! Keep-alive and draining follow `baton::http::serve_connection`: once the
 //! process or the listener drains, each response carries
@@ -17,63 +23,63 @@
 //! client never has a request cut off by a close it could not see coming.
 
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
-use crate::conn::{ConnectError, IdlePool, UpstreamConn, MAX_LOCAL_IDLE, READ_BUF};
-use crate::h1::{self, ChunkedScanner, Fields, Framing, Malformed};
-use crate::listener::{ConnGuard, ListenerStats};
-use crate::router::{self, Route, RouteTable, Target};
+use crate::body::{self, BodyError, ClientBody};
+use crate::conn::{
+    is_closed, ConnectError, IdlePool, ReadHeadError, ResponseHead, UpstreamConn, CONNECT_TIMEOUT,
+    MAX_LOCAL_IDLE, READ_BUF,
+};
+use crate::h1::{self, Fields, Framing};
+use crate::rewrite::{self, ClientSide, Forwarded, Peer, RequestTarget};
+use crate::router::{Route, RouteTable, Target};
+use crate::stats::{ConnGuard, ListenerStats};
+use crate::timer::Timer;
 use crate::upstream::{InFlight, Pool};
 use crate::websocket;
-
-/// Bound on connecting to an upstream server.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client connection may stay idle between requests this long, and a
 /// request head must arrive within it (nginx's `keepalive_timeout` is 75 s,
 /// `client_header_timeout` 60 s).
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Content type of the proxy's own short answers.
 const TEXT: &[u8] = b"text/plain; charset=utf-8";
 
-/// Size of the buffer bodies are copied through.
-const COPY_BUF: usize = 16 * 1024;
-
 /// What every connection of one HTTP listener shares.
 #[derive(Debug)]
-pub struct HttpContext {
+pub(crate) struct HttpContext {
     /// The listener's name.
-    pub listener: String,
+    pub(crate) listener: String,
     /// Its routes; a reload swaps them.
-    pub routes: ArcSwap<RouteTable>,
+    pub(crate) routes: ArcSwap<RouteTable>,
     /// Its counters.
-    pub stats: Arc<ListenerStats>,
+    pub(crate) stats: Arc<ListenerStats>,
     /// Idle upstream connections of client connections that went away
     /// (shared by every listener).
-    pub idle: Arc<IdlePool>,
+    pub(crate) idle: Arc<IdlePool>,
 }
 
 /// Serves one client connection until it closes, the drain winds it down,
 /// or the drain expires. An upgraded connection (WebSocket) is spliced to
 /// its upstream here, counted as upgraded rather than as a connection.
-pub async fn serve(
-    stream: TcpStream,
+pub(crate) async fn serve<S>(
+    stream: S,
     peer: SocketAddr,
     ctx: Arc<HttpContext>,
     shutdown: baton::Shutdown,
     guard: ConnGuard,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut client = Client::new(stream, peer, ctx, shutdown.clone());
     let upgraded = tokio::select! {
         u = client.run() => u,
@@ -112,15 +118,13 @@ struct Upgraded {
 }
 
 /// One client connection.
-struct Client {
+struct Client<S> {
     ctx: Arc<HttpContext>,
     peer: SocketAddr,
-    /// The client's address as text (`X-Forwarded-For`), and as a
-    /// `Forwarded` node.
-    peer_text: String,
-    forwarded_node: String,
+    /// The client's address as the forwarding fields write it.
+    forwarded: Peer,
     shutdown: baton::Shutdown,
-    stream: TcpStream,
+    stream: S,
     /// Bytes read from the client and not used yet.
     rbuf: BytesMut,
     /// What is written next (a head, and the body bytes that fit).
@@ -147,23 +151,13 @@ enum Outcome {
     NeedMore,
 }
 
-impl Client {
-    fn new(
-        stream: TcpStream,
-        peer: SocketAddr,
-        ctx: Arc<HttpContext>,
-        shutdown: baton::Shutdown,
-    ) -> Self {
-        let forwarded_node = match peer.ip() {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("\"[{ip}]\""),
-        };
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn new(stream: S, peer: SocketAddr, ctx: Arc<HttpContext>, shutdown: baton::Shutdown) -> Self {
         let now = Instant::now();
         Client {
             ctx,
             peer,
-            peer_text: peer.ip().to_string(),
-            forwarded_node,
+            forwarded: Peer::new(peer.ip()),
             shutdown,
             stream,
             rbuf: BytesMut::with_capacity(READ_BUF),
@@ -301,43 +295,16 @@ impl Client {
         if method == "CONNECT" {
             return (self.refuse(StatusCode::METHOD_NOT_ALLOWED).await, head_len);
         }
-        let host_field = req
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("host"))
-            .and_then(|h| std::str::from_utf8(h.value).ok());
-        // Origin form (`/path?query`) or absolute form (`http://host/path`).
-        let absolute;
-        let (raw_path, query, authority) = if target.starts_with('/') || target == "*" {
-            match target.split_once('?') {
-                Some((p, q)) => (p, Some(q), None),
-                None => (target, None, None),
-            }
-        } else {
-            absolute = match target.parse::<http::Uri>() {
-                Ok(u) if u.authority().is_some() => u,
-                _ => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
-            };
-            (
-                absolute.path(),
-                absolute.query(),
-                absolute.authority().map(|a| a.as_str()),
-            )
+        let Ok(parsed) = RequestTarget::parse(target) else {
+            return (self.refuse(StatusCode::BAD_REQUEST).await, head_len);
         };
-        // The authority of an absolute-form target replaces `Host` (RFC 9112
-        // §3.2.2).
-        let host = authority.or(host_field);
-        // Routed as normalised, and forwarded so: what was routed is what
-        // the upstream sees.
-        let path = match router::normalize_path(raw_path) {
-            Ok(p) => p,
-            Err(_) => return (self.refuse(StatusCode::BAD_REQUEST).await, head_len),
+        let Ok(forwarded) = Forwarded::new(req, &parsed, &fields, framing) else {
+            return (self.refuse(StatusCode::BAD_REQUEST).await, head_len);
         };
-        let path_changed = matches!(path, std::borrow::Cow::Owned(_));
-        let path = &*path;
-        // A client that asked to close, or an HTTP/1.0 one that did not ask
-        // to keep the connection, gets its connection closed.
-        let client_keep = !fields.close && (!http10 || fields.keep_alive);
+        // Routed as normalised (and forwarded so: what was routed is what
+        // the upstream sees), by the `Host` an absolute-form target's
+        // authority replaces.
+        let (host, path, client_keep) = (forwarded.host, forwarded.path, forwarded.client_keep);
 
         let table = self.ctx.routes.load_full();
         let action = match table.find(host, path) {
@@ -366,20 +333,6 @@ impl Client {
                 (outcome, head_len, status.as_u16(), None)
             }
             Action::Forward(route, pool, strip_prefix) => {
-                let forwarded = Forwarded {
-                    method,
-                    target,
-                    path,
-                    query,
-                    absolute: authority.is_some(),
-                    path_changed,
-                    host,
-                    host_field: host_field.is_some(),
-                    http10,
-                    client_keep,
-                    framing,
-                    fields: &fields,
-                };
                 let strip = strip_prefix.then_some(route.prefix.as_str());
                 let r = self
                     .forward(req, buf, head_len, &forwarded, route, pool, strip)
@@ -442,14 +395,7 @@ impl Client {
         pool: &Arc<Pool>,
         strip: Option<&str>,
     ) -> Forwarding {
-        let upgrade = if f.fields.upgrade {
-            req.headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("upgrade"))
-                .map(|h| h.value)
-        } else {
-            None
-        };
+        let upgrade = rewrite::upgrade(req.headers, f.fields);
         let mut done = Forwarding {
             outcome: Outcome::Close,
             used: head_len,
@@ -466,7 +412,7 @@ impl Client {
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         );
         let mut tried: Vec<SocketAddr> = Vec::new();
-        let (mut conn, server, in_flight, resp_head) = loop {
+        let (conn, server, in_flight, resp_head) = loop {
             let Some(server) = pool.pick(&tried) else {
                 return self.fail(done, StatusCode::BAD_GATEWAY).await;
             };
@@ -495,16 +441,26 @@ impl Client {
             // without a byte of response; repeat once on a new one.
             let mut fresh_retry = retryable && idempotent;
             let result = loop {
-                self.upstream_head(req, f, strip, upgrade, conn.addr);
-                let sent = self.send_request(&mut conn, buf, head_len, f).await;
+                rewrite::request_head(
+                    &mut self.wbuf,
+                    req.headers,
+                    f,
+                    strip,
+                    upgrade,
+                    conn.addr,
+                    &self.forwarded,
+                );
+                let sent = self.send_request(&mut conn, &buf[head_len..], f).await;
                 let r = match sent {
                     Ok(used) => {
-                        done.used = used;
+                        done.used = head_len + used;
                         // The route's timeout counts from the end of the
                         // request body: a slow upload is the client's
                         // timeout's business.
-                        let deadline = Instant::now() + route.timeout;
-                        self.response_head(&mut conn, deadline, f).await
+                        self.timer.set(Instant::now() + route.timeout);
+                        conn.read_head(&mut self.timer)
+                            .await
+                            .map_err(Upstream::from)
                     }
                     Err(e) => Err(e),
                 };
@@ -549,7 +505,27 @@ impl Client {
         };
         drop(server);
         done.status = resp_head.status;
-        conn.buf.advance(resp_head.len);
+        // The client's head for the response goes into `wbuf`.
+        let persist = {
+            let mut headers =
+                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut []);
+            if let Err(error) = resp_head.parse(&mut resp, &mut headers) {
+                tracing::warn!(server = %conn.addr, %error, "upstream request failed");
+                return self.fail(done, StatusCode::BAD_GATEWAY).await;
+            }
+            let framing = resp_head
+                .fields
+                .response_framing(f.method, resp_head.status);
+            let client = ClientSide {
+                http10: f.http10,
+                keep: f.client_keep,
+                draining: self.shutdown.is_draining(),
+            };
+            let persist =
+                rewrite::response_head(&mut self.wbuf, &resp, &resp_head.fields, framing, client);
+            (persist, framing)
+        };
         if resp_head.status == 101 {
             if upgrade.is_none() {
                 tracing::warn!(server = %conn.addr, "upstream switched protocols unasked");
@@ -568,7 +544,7 @@ impl Client {
             return done;
         }
         done.outcome = self
-            .relay_response(conn, resp_head, f, &mut done.status)
+            .relay_response(conn, resp_head, persist, f, &mut done.status)
             .await;
         drop(in_flight);
         done
@@ -606,378 +582,83 @@ impl Client {
         UpstreamConn::connect(addr, CONNECT_TIMEOUT).await
     }
 
-    /// Writes the upstream request head into `wbuf`.
-    fn upstream_head(
-        &mut self,
-        req: &httparse::Request<'_, '_>,
-        f: &Forwarded<'_>,
-        strip: Option<&str>,
-        upgrade: Option<&[u8]>,
-        server: SocketAddr,
-    ) {
-        let out = &mut self.wbuf;
-        out.clear();
-        out.extend_from_slice(f.method.as_bytes());
-        out.push(b' ');
-        if strip.is_some() || f.absolute || f.path_changed {
-            let path = match strip {
-                Some(prefix) => std::borrow::Cow::Owned(router::strip(prefix, f.path)),
-                None => std::borrow::Cow::Borrowed(f.path),
-            };
-            out.extend_from_slice(if path.is_empty() {
-                b"/"
-            } else {
-                path.as_bytes()
-            });
-            if let Some(q) = f.query {
-                out.push(b'?');
-                out.extend_from_slice(q.as_bytes());
-            }
-        } else {
-            out.extend_from_slice(f.target.as_bytes());
-        }
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        // Allocates only when `Connection` names other fields.
-        let listed = h1::connection_listed(req.headers);
-        let mut xff: Option<Vec<u8>> = None;
-        for h in req.headers.iter() {
-            let name = h.name;
-            // A chunked body stays chunked: its codings go on as they came
-            // (`gzip, chunked` too).
-            if name.eq_ignore_ascii_case("transfer-encoding") && f.framing == Framing::Chunked {
-                h1::put_header(out, name.as_bytes(), h.value);
-                continue;
-            }
-            if h1::is_hop_by_hop(name)
-                || name.eq_ignore_ascii_case("x-forwarded-proto")
-                // An absolute-form target's authority replaces `Host`.
-                || (f.absolute && name.eq_ignore_ascii_case("host"))
-                || name.eq_ignore_ascii_case("expect")
-                || listed
-                    .iter()
-                    .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
-            {
-                continue;
-            }
-            if name.eq_ignore_ascii_case("x-forwarded-for") {
-                let v = xff.get_or_insert_with(Vec::new);
-                if !v.is_empty() {
-                    v.extend_from_slice(b", ");
-                }
-                v.extend_from_slice(h.value);
-                continue;
-            }
-            h1::put_header(out, name.as_bytes(), h.value);
-        }
-        if f.absolute || !f.host_field {
-            match f.host {
-                Some(h) => h1::put_header(out, b"host", h.as_bytes()),
-                None => {
-                    out.extend_from_slice(b"host: ");
-                    out.extend_from_slice(server.to_string().as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
-            }
-        }
-        out.extend_from_slice(b"x-forwarded-for: ");
-        if let Some(prev) = xff {
-            out.extend_from_slice(&prev);
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(self.peer_text.as_bytes());
-        out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nforwarded: for=");
-        out.extend_from_slice(self.forwarded_node.as_bytes());
-        out.extend_from_slice(b";proto=http");
-        if let Some(host) = f.host.filter(|h| !h.contains('"') && !h.contains('\\')) {
-            out.extend_from_slice(b";host=\"");
-            out.extend_from_slice(host.as_bytes());
-            out.push(b'"');
-        }
-        out.extend_from_slice(b"\r\n");
-        if let Some(p) = upgrade {
-            out.extend_from_slice(b"connection: upgrade\r\n");
-            h1::put_header(out, b"upgrade", p);
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-
-    /// Sends `wbuf` (the head) and the request body; returns how much of
-    /// `buf` the request used (head and body). While the body comes, the
-    /// client's timeout applies ([`KEEPALIVE_TIMEOUT`] between reads), and
-    /// bounds the upstream's reading too.
+    /// Sends `wbuf` (the head) and the request body (`rest` holds what
+    /// the client sent after the head); returns how much of `rest` the body
+    /// used. While the body comes, the client's timeout applies
+    /// ([`KEEPALIVE_TIMEOUT`] between reads), and bounds the upstream's
+    /// reading too.
     async fn send_request(
         &mut self,
         conn: &mut UpstreamConn,
-        buf: &[u8],
-        head_len: usize,
+        rest: &[u8],
         f: &Forwarded<'_>,
     ) -> Result<usize, Upstream> {
-        let rest = &buf[head_len..];
-        self.timer.set(self.last_active + KEEPALIVE_TIMEOUT);
-        match f.framing {
-            Framing::None | Framing::Close => {
-                self.write_upstream(conn).await?;
-                Ok(head_len)
-            }
-            Framing::Length(n) => {
-                let have = usize::try_from(n).unwrap_or(usize::MAX).min(rest.len());
-                self.wbuf.extend_from_slice(&rest[..have]);
-                let mut left = n - have as u64;
-                if left > 0 && f.fields.expect_continue && !f.http10 {
-                    self.continue_client().await?;
-                }
-                self.write_upstream(conn).await?;
-                while left > 0 {
-                    let want = usize::try_from(left).unwrap_or(usize::MAX).min(COPY_BUF);
-                    let got = self.read_client_body(want).await?;
-                    left -= got as u64;
-                    self.wbuf.clear();
-                    self.wbuf.extend_from_slice(&self.copy[..got]);
-                    self.write_upstream(conn).await?;
-                }
-                Ok(head_len + have)
-            }
-            Framing::Chunked => {
-                let mut scanner = ChunkedScanner::default();
-                let have = scanner.feed(rest, |_| {}).map_err(|_| Upstream::Client)?;
-                self.wbuf.extend_from_slice(&rest[..have]);
-                if !scanner.is_done() && f.fields.expect_continue && !f.http10 {
-                    self.continue_client().await?;
-                }
-                self.write_upstream(conn).await?;
-                while !scanner.is_done() {
-                    let got = self.read_client_body(COPY_BUF).await?;
-                    let body = scanner
-                        .feed(&self.copy[..got], |_| {})
-                        .map_err(|_| Upstream::Client)?;
-                    self.wbuf.clear();
-                    self.wbuf.extend_from_slice(&self.copy[..body]);
-                    // Bytes after the body start the next request.
-                    self.rbuf.extend_from_slice(&self.copy[body..got]);
-                    self.write_upstream(conn).await?;
-                }
-                Ok(head_len + have)
-            }
-        }
-    }
-
-    /// `100 Continue` to a client that waits for it before its body.
-    async fn continue_client(&mut self) -> Result<(), Upstream> {
-        self.stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
-            .map_err(|_| Upstream::Client)
-    }
-
-    /// Reads up to `max` bytes of request body into `copy`, within
-    /// [`KEEPALIVE_TIMEOUT`] of the client's last bytes.
-    async fn read_client_body(&mut self, max: usize) -> Result<usize, Upstream> {
-        self.copy.resize(max.max(1), 0);
-        self.timer.set(self.last_active + KEEPALIVE_TIMEOUT);
-        let n = tokio::select! {
-            r = self.stream.read(&mut self.copy[..max]) => r.map_err(|_| Upstream::Client)?,
-            _ = self.timer.fired() => return Err(Upstream::ClientTimedOut),
+        let client = ClientBody {
+            stream: &mut self.stream,
+            copy: &mut self.copy,
+            spill: &mut self.rbuf,
+            timer: &mut self.timer,
+            last_active: &mut self.last_active,
+            timeout: KEEPALIVE_TIMEOUT,
+            send_continue: f.fields.expect_continue && !f.http10,
         };
-        if n == 0 {
-            return Err(Upstream::Client);
-        }
-        self.last_active = Instant::now();
-        Ok(n)
+        body::send_request(client, &mut conn.stream, &mut self.wbuf, rest, f.framing)
+            .await
+            .map_err(|e| match e {
+                BodyError::ClientTimedOut => Upstream::ClientTimedOut,
+                BodyError::UpstreamTimedOut => Upstream::TimedOut,
+                BodyError::UpstreamWrite(e) if conn.reused && is_closed(&e) => Upstream::Closed,
+                e @ (BodyError::UpstreamWrite(_)
+                | BodyError::UpstreamRead(_)
+                | BodyError::UpstreamClosed
+                | BodyError::UpstreamMalformed { .. }) => Upstream::Failed(e.to_string()),
+                BodyError::ClientWrite(_)
+                | BodyError::ClientRead(_)
+                | BodyError::ClientClosed
+                | BodyError::ClientMalformed(_) => Upstream::Client,
+            })
     }
 
-    async fn write_upstream(&mut self, conn: &mut UpstreamConn) -> Result<(), Upstream> {
-        tokio::select! {
-            r = conn.stream.write_all(&self.wbuf) => r.map_err(|e| {
-                if conn.reused && is_closed(&e) {
-                    Upstream::Closed
-                } else {
-                    Upstream::Failed(format!("write: {e}"))
-                }
-            }),
-            _ = self.timer.fired() => Err(Upstream::TimedOut),
-        }
-    }
-
-    /// Reads the response head (skipping `100 Continue` and other interim
-    /// responses) into `conn.buf`, and writes the client's response head
-    /// into `wbuf`.
-    async fn response_head(
-        &mut self,
-        conn: &mut UpstreamConn,
-        deadline: Instant,
-        f: &Forwarded<'_>,
-    ) -> Result<ResponseHead, Upstream> {
-        self.timer.set(deadline);
-        let mut got_any = false;
-        loop {
-            if !conn.buf.is_empty() {
-                let mut headers =
-                    [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
-                let mut resp = httparse::Response::new(&mut []);
-                let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                    &mut resp,
-                    &conn.buf,
-                    &mut headers,
-                );
-                match parsed {
-                    Ok(httparse::Status::Complete(n)) => {
-                        let status = resp.code.unwrap_or(0);
-                        if (100..200).contains(&status) && status != 101 {
-                            conn.buf.advance(n);
-                            continue;
-                        }
-                        let fields = Fields::of(resp.headers)
-                            .map_err(|e| Upstream::Failed(format!("response: {e}")))?;
-                        let draining = self.shutdown.is_draining();
-                        let framing = fields.response_framing(f.method, status);
-                        let persist =
-                            client_head(&mut self.wbuf, &resp, &fields, framing, f, draining);
-                        return Ok(ResponseHead {
-                            len: n,
-                            status,
-                            http10: resp.version == Some(0),
-                            fields,
-                            framing,
-                            persist,
-                        });
-                    }
-                    Ok(httparse::Status::Partial) if conn.buf.len() <= h1::MAX_HEAD => {}
-                    Ok(httparse::Status::Partial) => {
-                        return Err(Upstream::Failed(format!(
-                            "response: {}",
-                            Malformed::TooLarge
-                        )))
-                    }
-                    Err(e) => return Err(Upstream::Failed(format!("response: {e}"))),
-                }
-            }
-            conn.buf.reserve(READ_BUF);
-            let r = tokio::select! {
-                r = conn.stream.read_buf(&mut conn.buf) => r,
-                _ = self.timer.fired() => return Err(Upstream::TimedOut),
-            };
-            match r {
-                Ok(0) if !got_any => return Err(Upstream::Closed),
-                Ok(0) => return Err(Upstream::Failed("response cut short".to_owned())),
-                Err(e) if !got_any && is_closed(&e) => return Err(Upstream::Closed),
-                Err(e) => return Err(Upstream::Failed(format!("read: {e}"))),
-                Ok(_) => got_any = true,
-            }
-        }
-    }
-
-    /// Copies the response to the client; the upstream connection goes
-    /// back to this client connection if it can carry another request. A
-    /// chunked body that breaks the coding before anything was sent to the
-    /// client becomes a `502` (`status` says so); once bytes went out, the
-    /// client connection is closed.
+    /// Copies the response to the client (its head is in `wbuf`); the
+    /// upstream connection goes back to this client connection if it can
+    /// carry another request. A chunked body that breaks the coding before
+    /// anything was sent to the client becomes a `502` (`status` says so);
+    /// once bytes went out, the client connection is closed.
     async fn relay_response(
         &mut self,
         mut conn: UpstreamConn,
         head: ResponseHead,
+        (persist, framing): (bool, Framing),
         f: &Forwarded<'_>,
         status: &mut u16,
     ) -> Outcome {
-        let persist = head.persist;
-        let framing = head.framing;
         let upstream_keep = if head.http10 {
             head.fields.keep_alive
         } else {
             !head.fields.close
         };
-        // The body: what came with the head goes out in the same write.
-        let complete = match framing {
-            Framing::None => {
-                if self.stream.write_all(&self.wbuf).await.is_err() {
-                    return Outcome::Close;
+        drop(head);
+        let copied = body::copy_response(
+            &mut conn.stream,
+            &mut conn.buf,
+            &mut self.stream,
+            &mut self.wbuf,
+            framing,
+            f.http10,
+        )
+        .await;
+        let complete = match copied {
+            Ok(complete) => complete,
+            Err(BodyError::UpstreamMalformed { sent_any }) => {
+                tracing::warn!(server = %conn.addr, sent_any, "upstream sent a malformed chunked body");
+                if !sent_any {
+                    *status = 502;
+                    self.close_with(StatusCode::BAD_GATEWAY, b"bad gateway\n")
+                        .await;
                 }
-                true
+                return Outcome::Close;
             }
-            Framing::Length(n) => {
-                let have = usize::try_from(n).unwrap_or(usize::MAX).min(conn.buf.len());
-                self.wbuf.extend_from_slice(&conn.buf[..have]);
-                conn.buf.advance(have);
-                let mut left = n - have as u64;
-                if self.stream.write_all(&self.wbuf).await.is_err() {
-                    return Outcome::Close;
-                }
-                while left > 0 {
-                    conn.buf.reserve(COPY_BUF);
-                    let got = match conn.stream.read_buf(&mut conn.buf).await {
-                        Ok(0) | Err(_) => return Outcome::Close,
-                        Ok(g) => g,
-                    };
-                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(got);
-                    if self.stream.write_all(&conn.buf[..take]).await.is_err() {
-                        return Outcome::Close;
-                    }
-                    conn.buf.advance(take);
-                    left -= take as u64;
-                }
-                true
-            }
-            Framing::Chunked => {
-                let decode = f.http10;
-                let mut scanner = ChunkedScanner::default();
-                let mut sent_any = false;
-                loop {
-                    let avail = conn.buf.len();
-                    let used = if decode {
-                        let out = &mut self.wbuf;
-                        scanner.feed(&conn.buf[..avail], |d| out.extend_from_slice(d))
-                    } else {
-                        let used = scanner.feed(&conn.buf[..avail], |_| {});
-                        if let Ok(u) = used {
-                            self.wbuf.extend_from_slice(&conn.buf[..u]);
-                        }
-                        used
-                    };
-                    let Ok(used) = used else {
-                        tracing::warn!(server = %conn.addr, sent_any, "upstream sent a malformed chunked body");
-                        if !sent_any {
-                            *status = 502;
-                            self.close_with(StatusCode::BAD_GATEWAY, b"bad gateway\n")
-                                .await;
-                        }
-                        return Outcome::Close;
-                    };
-                    conn.buf.advance(used);
-                    if self.stream.write_all(&self.wbuf).await.is_err() {
-                        return Outcome::Close;
-                    }
-                    sent_any = true;
-                    self.wbuf.clear();
-                    if scanner.is_done() {
-                        break;
-                    }
-                    conn.buf.reserve(COPY_BUF);
-                    match conn.stream.read_buf(&mut conn.buf).await {
-                        Ok(0) | Err(_) => return Outcome::Close,
-                        Ok(_) => {}
-                    }
-                }
-                true
-            }
-            Framing::Close => {
-                self.wbuf.extend_from_slice(&conn.buf);
-                conn.buf.clear();
-                if self.stream.write_all(&self.wbuf).await.is_err() {
-                    return Outcome::Close;
-                }
-                loop {
-                    conn.buf.reserve(COPY_BUF);
-                    match conn.stream.read_buf(&mut conn.buf).await {
-                        Ok(0) => break,
-                        Err(_) => return Outcome::Close,
-                        Ok(_) => {}
-                    }
-                    if self.stream.write_all(&conn.buf).await.is_err() {
-                        return Outcome::Close;
-                    }
-                    conn.buf.clear();
-                }
-                false
-            }
+            Err(_) => return Outcome::Close,
         };
         // Bytes past the response mean the upstream is out of step.
         if complete && upstream_keep && conn.buf.is_empty() {
@@ -996,94 +677,6 @@ impl Client {
     }
 }
 
-/// Writes the client's response head into `out`; returns whether the
-/// client connection persists after the response (`101`: the head keeps
-/// `Upgrade` and says `Connection: upgrade`).
-fn client_head(
-    out: &mut Vec<u8>,
-    resp: &httparse::Response<'_, '_>,
-    fields: &Fields,
-    framing: Framing,
-    f: &Forwarded<'_>,
-    draining: bool,
-) -> bool {
-    let status = resp.code.unwrap_or(0);
-    out.clear();
-    h1::put_status_line(out, status, resp.reason.unwrap_or(""));
-    let switching = status == 101;
-    // Allocates only when `Connection` names other fields.
-    let listed = h1::connection_listed(resp.headers);
-    for h in resp.headers.iter() {
-        let name = h.name;
-        if switching && name.eq_ignore_ascii_case("upgrade") {
-            h1::put_header(out, name.as_bytes(), h.value);
-            continue;
-        }
-        // Transfer codings go on as they came to an HTTP/1.1 client (an
-        // HTTP/1.0 one gets the chunked coding taken off).
-        if name.eq_ignore_ascii_case("transfer-encoding") {
-            if !f.http10 && !switching {
-                h1::put_header(out, name.as_bytes(), h.value);
-            }
-            continue;
-        }
-        if h1::is_hop_by_hop(name)
-            || (fields.transfer_encoding && name.eq_ignore_ascii_case("content-length"))
-            || listed
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
-        {
-            continue;
-        }
-        h1::put_header(out, name.as_bytes(), h.value);
-    }
-    if switching {
-        out.extend_from_slice(b"connection: upgrade\r\n\r\n");
-        return false;
-    }
-    let persist = f.client_keep
-        && !draining
-        && match framing {
-            Framing::Close => false,
-            Framing::Chunked => !f.http10,
-            _ => true,
-        };
-    h1::put_connection(out, persist, f.http10);
-    out.extend_from_slice(b"\r\n");
-    persist
-}
-
-fn is_closed(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::BrokenPipe
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::UnexpectedEof
-    )
-}
-
-/// A request being forwarded, as read from the client.
-struct Forwarded<'a> {
-    method: &'a str,
-    /// The request target as sent.
-    target: &'a str,
-    path: &'a str,
-    query: Option<&'a str>,
-    /// The target was in absolute form.
-    absolute: bool,
-    /// `path` is the target's path normalised, not as sent.
-    path_changed: bool,
-    host: Option<&'a str>,
-    /// The client sent a `Host` field.
-    host_field: bool,
-    http10: bool,
-    /// The client wants the connection kept.
-    client_keep: bool,
-    framing: Framing,
-    fields: &'a Fields,
-}
-
 /// How forwarding went.
 struct Forwarding {
     outcome: Outcome,
@@ -1091,18 +684,6 @@ struct Forwarding {
     used: usize,
     status: u16,
     server: Option<SocketAddr>,
-}
-
-/// An upstream response head, parsed (its bytes lead `conn.buf`).
-struct ResponseHead {
-    len: usize,
-    status: u16,
-    http10: bool,
-    fields: Fields,
-    /// How its body is delimited (for the request it answers).
-    framing: Framing,
-    /// The client connection persists after the response.
-    persist: bool,
 }
 
 /// What a request gets.
@@ -1131,40 +712,136 @@ enum Upstream {
     Failed(String),
 }
 
-/// One timer per client connection, moved lazily: setting a later
-/// deadline does not touch the timer wheel (the timer fires early, sees
-/// the deadline has moved, and sleeps again), so a request costs no timer
-/// operation in the common case.
-struct Timer {
-    sleep: Pin<Box<Sleep>>,
-    want: Instant,
+impl From<ReadHeadError> for Upstream {
+    fn from(e: ReadHeadError) -> Self {
+        match e {
+            ReadHeadError::Closed => Upstream::Closed,
+            ReadHeadError::TimedOut => Upstream::TimedOut,
+            e => Upstream::Failed(e.to_string()),
+        }
+    }
 }
 
-impl Timer {
-    fn new(deadline: Instant) -> Self {
-        Timer {
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
-            want: deadline,
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The context of listener `web` of a configuration that sends every
+    /// path to the upstream at `upstream`.
+    fn context(upstream: SocketAddr) -> Arc<HttpContext> {
+        let text = format!(
+            "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\n\
+             [upstreams.app]\nservers = [\"{upstream}\"]\n\n\
+             [[routes]]\nlistener = \"web\"\npath_prefix = \"/\"\nupstream = \"app\"\n"
+        );
+        let config = crate::config::parse(&text, None).unwrap();
+        let pools = crate::proxy::build_pools(&config, &crate::upstream::Registry::default());
+        let mut tables: HashMap<String, RouteTable> = RouteTable::build_all(&config.routes, &pools);
+        let l = &config.listeners[0];
+        Arc::new(HttpContext {
+            listener: l.name.clone(),
+            routes: ArcSwap::from_pointee(tables.remove("web").unwrap()),
+            stats: crate::stats::for_listener(l, l.address),
+            idle: Arc::new(IdlePool::default()),
+        })
     }
 
-    /// Fires at `deadline` from now on.
-    fn set(&mut self, deadline: Instant) {
-        self.want = deadline;
-        if deadline < self.sleep.deadline() {
-            self.sleep.as_mut().reset(deadline);
-        }
-    }
-
-    /// Resolves once the deadline has passed.
-    async fn fired(&mut self) {
-        loop {
-            self.sleep.as_mut().await;
-            if Instant::now() >= self.want {
-                return;
+    /// An upstream on 127.0.0.1 that answers `ok` to each request of one
+    /// connection until it closes, and returns the heads it got.
+    async fn upstream() -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = up.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let Ok((mut s, _)) = up.accept().await else {
+                return seen;
+            };
+            loop {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return seen;
+                    }
+                    head.push(b[0]);
+                }
+                seen.push(String::from_utf8_lossy(&head).into_owned());
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
             }
-            let want = self.want;
-            self.sleep.as_mut().reset(want);
-        }
+        });
+        (addr, server)
+    }
+
+    /// Serves `requests` on an in-memory client connection to `ctx`, and
+    /// returns what the client got once the proxy closed it.
+    async fn exchange(ctx: &Arc<HttpContext>, requests: &[u8]) -> Vec<u8> {
+        let drain = baton::Drain::new(Duration::from_secs(1));
+        let guard = ctx.stats.connection();
+        let (mut client, ours) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let serving = tokio::spawn(serve(ours, peer, ctx.clone(), drain.handle(), guard));
+        client.write_all(requests).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .unwrap()
+            .unwrap();
+        got
+    }
+
+    /// The engine serves any stream: here an in-memory one, two requests
+    /// on one connection to a real upstream on 127.0.0.1.
+    #[tokio::test]
+    async fn the_loop_serves_an_in_memory_client_stream() {
+        let (addr, server) = upstream().await;
+        let ctx = context(addr);
+        let got = exchange(
+            &ctx,
+            b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        drop(ctx.idle.take(addr));
+        let got = String::from_utf8(got).unwrap();
+        assert_eq!(
+            got,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
+             HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+        );
+        let seen = server.await.unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[0].starts_with("GET /a HTTP/1.1\r\n"), "{}", seen[0]);
+        assert!(
+            seen[0].contains("\r\nx-forwarded-for: 127.0.0.1\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[1].starts_with("GET /b HTTP/1.1\r\n"), "{}", seen[1]);
+        assert_eq!(ctx.stats.open(), 0);
+    }
+
+    /// A `Host` that is not text was forwarded beside the proxy's own
+    /// `host` (the upstream saw two); it is refused.
+    #[tokio::test]
+    async fn a_host_field_that_is_not_text_gets_400() {
+        let (addr, server) = upstream().await;
+        let ctx = context(addr);
+        let got = exchange(
+            &ctx,
+            b"GET / HTTP/1.1\r\nhost: \xff\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        drop(ctx.idle.take(addr));
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
+        // The proxy's own answer: the upstream got nothing.
+        server.abort();
     }
 }

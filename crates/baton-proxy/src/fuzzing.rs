@@ -61,6 +61,78 @@ pub fn response_head(data: &[u8]) {
     }
 }
 
+/// A request head rewritten for an upstream as the proxy does (with and
+/// without a prefix stripped): the rewritten head parses whole, has exactly
+/// one `Host`, none of the fields the client's `Connection` named (other
+/// than the protected ones, which a token never removes), and the same
+/// body framing as the original.
+pub fn rewrite(data: &[u8]) {
+    use crate::rewrite::{self, Forwarded, Peer, RequestTarget};
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let Ok(httparse::Status::Complete(_)) = req.parse_with_uninit_headers(data, &mut headers)
+    else {
+        return;
+    };
+    // What the proxy refuses before rewriting.
+    let Ok(fields) = Fields::of(req.headers) else {
+        return;
+    };
+    let Ok(framing) = fields.request_framing(req.version == Some(0)) else {
+        return;
+    };
+    if req.method == Some("CONNECT") {
+        return;
+    }
+    let Ok(target) = RequestTarget::parse(req.path.unwrap_or("/")) else {
+        return;
+    };
+    let Ok(f) = Forwarded::new(&req, &target, &fields, framing) else {
+        return;
+    };
+    let listed = h1::connection_listed(req.headers);
+    let upgrade = rewrite::upgrade(req.headers, &fields);
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
+    let peer = Peer::new(server.ip());
+    let prefix = f
+        .path
+        .get(..f.path[1..].find('/').map_or(f.path.len(), |i| i + 1));
+    for strip in [None, prefix] {
+        let mut out = Vec::new();
+        rewrite::request_head(&mut out, req.headers, &f, strip, upgrade, server, &peer);
+        let mut headers =
+            [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS + 8];
+        let mut again = httparse::Request::new(&mut []);
+        match again.parse_with_uninit_headers(&out, &mut headers) {
+            Ok(httparse::Status::Complete(n)) if n == out.len() => {}
+            other => panic!("the rewritten head does not parse whole: {other:?}"),
+        }
+        let hosts = again
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"))
+            .count();
+        if hosts != 1 {
+            panic!("the rewritten head has {hosts} host fields");
+        }
+        for h in again.headers.iter() {
+            if listed
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(h.name.as_bytes()))
+            {
+                panic!("{:?} is listed in Connection yet forwarded", h.name);
+            }
+        }
+        let Ok(refields) = Fields::of(again.headers) else {
+            panic!("the rewritten head's fields are refused");
+        };
+        match refields.request_framing(false) {
+            Ok(same) if same == framing => {}
+            other => panic!("framing {framing:?} became {other:?}"),
+        }
+    }
+}
+
 /// The chunked scanner on its own: the first byte picks where the input is
 /// split in two reads.
 pub fn chunked(data: &[u8]) {
@@ -243,6 +315,11 @@ mod tests {
     #[test]
     fn corpus_request_head() {
         replay("request_head", request_head);
+    }
+
+    #[test]
+    fn corpus_rewrite() {
+        replay("rewrite", rewrite);
     }
 
     #[test]

@@ -11,14 +11,14 @@ use std::fmt;
 
 /// Longest request or response head accepted (nginx's
 /// `large_client_header_buffers` default is 4 × 8 KiB).
-pub const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// Most header fields in one head.
-pub const MAX_HEADERS: usize = 128;
+pub(crate) const MAX_HEADERS: usize = 128;
 
 /// Why a message cannot be proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Malformed {
+pub(crate) enum Malformed {
     /// The head does not parse.
     Head,
     /// The head is larger than [`MAX_HEAD`] or has more than [`MAX_HEADERS`]
@@ -51,7 +51,7 @@ impl fmt::Display for Malformed {
 
 /// How a message body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// No body.
     None,
     /// Exactly this many bytes.
@@ -64,23 +64,23 @@ pub enum Framing {
 
 /// What the proxy needs to know of a head's fields.
 #[derive(Debug, Default)]
-pub struct Fields {
+pub(crate) struct Fields {
     /// `Content-Length`, if given (once).
-    pub content_length: Option<u64>,
+    pub(crate) content_length: Option<u64>,
     /// How many `Host` fields there are.
-    pub hosts: u8,
+    pub(crate) hosts: u8,
     /// `Transfer-Encoding` given.
-    pub transfer_encoding: bool,
+    pub(crate) transfer_encoding: bool,
     /// The last transfer coding is `chunked`.
-    pub chunked: bool,
+    pub(crate) chunked: bool,
     /// `Connection: close`.
-    pub close: bool,
+    pub(crate) close: bool,
     /// `Connection: keep-alive`.
-    pub keep_alive: bool,
+    pub(crate) keep_alive: bool,
     /// `Connection: upgrade`.
-    pub upgrade: bool,
+    pub(crate) upgrade: bool,
     /// `Expect: 100-continue`.
-    pub expect_continue: bool,
+    pub(crate) expect_continue: bool,
 }
 
 impl Fields {
@@ -88,7 +88,7 @@ impl Fields {
     /// `Content-Length` given twice is refused even with the same value
     /// (senders that repeat it are rare; recipients that merge repeated
     /// fields into `5, 5` and then read it differently are not).
-    pub fn of(headers: &[httparse::Header<'_>]) -> Result<Fields, Malformed> {
+    pub(crate) fn of(headers: &[httparse::Header<'_>]) -> Result<Fields, Malformed> {
         let mut f = Fields::default();
         for h in headers {
             let name = h.name.as_bytes();
@@ -128,7 +128,7 @@ impl Fields {
     /// that does not end in `chunked`, with `Transfer-Encoding` from an
     /// HTTP/1.0 client (`http10`), or with two `Host` fields is refused
     /// (the classic request smuggling vectors).
-    pub fn request_framing(&self, http10: bool) -> Result<Framing, Malformed> {
+    pub(crate) fn request_framing(&self, http10: bool) -> Result<Framing, Malformed> {
         if self.hosts > 1 {
             return Err(Malformed::Host);
         }
@@ -145,7 +145,7 @@ impl Fields {
     }
 
     /// The framing of a response body to a request with `method`.
-    pub fn response_framing(&self, method: &str, status: u16) -> Framing {
+    pub(crate) fn response_framing(&self, method: &str, status: u16) -> Framing {
         if method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304 {
             return Framing::None;
         }
@@ -176,7 +176,7 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 
 /// The comma-separated tokens of a field value, trimmed, empty ones left
 /// out.
-pub fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',').map(trim).filter(|t| !t.is_empty())
 }
 
@@ -195,7 +195,7 @@ fn trim(v: &[u8]) -> &[u8] {
 /// Hop-by-hop fields (RFC 9110 §7.6.1) that a proxy never forwards, plus
 /// the ones the proxy writes itself (`Transfer-Encoding` is written again
 /// when the body stays chunked).
-pub fn is_hop_by_hop(name: &str) -> bool {
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     const HOP: [&str; 9] = [
         "connection",
         "keep-alive",
@@ -215,7 +215,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// ignored (the field is handled as if it were not listed), in requests
 /// and responses alike: `Connection: content-length` would otherwise make
 /// the proxy frame a body by a length the next hop never sees.
-pub fn is_protected(name: &[u8]) -> bool {
+pub(crate) fn is_protected(name: &[u8]) -> bool {
     const PROTECTED: [&[u8]; 6] = [
         b"content-length",
         b"transfer-encoding",
@@ -230,7 +230,7 @@ pub fn is_protected(name: &[u8]) -> bool {
 /// The field names listed in the `Connection` fields of `headers` (other
 /// than the ones with a meaning of their own and the [protected
 /// ones](is_protected)), which are hop-by-hop too.
-pub fn connection_listed<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
+pub(crate) fn connection_listed<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
     let mut listed = Vec::new();
     for h in headers {
         if h.name.eq_ignore_ascii_case("connection") {
@@ -249,7 +249,7 @@ pub fn connection_listed<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> 
 }
 
 /// Writes `name: value\r\n`.
-pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -259,7 +259,7 @@ pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Writes a complete short response: status line, `Content-Type`,
 /// `Content-Length`, `Connection` as [`put_connection`] says, and `body`
 /// unless `with_body` is false (an answer to `HEAD`).
-pub fn put_response(
+pub(crate) fn put_response(
     out: &mut Vec<u8>,
     status: http::StatusCode,
     content_type: &[u8],
@@ -285,7 +285,7 @@ pub fn put_response(
 /// `Connection` for a client: `close` if the connection ends after the
 /// response, `keep-alive` for an HTTP/1.0 client it persists for, nothing
 /// otherwise (HTTP/1.1 persists by default).
-pub fn put_connection(out: &mut Vec<u8>, keep: bool, http10: bool) {
+pub(crate) fn put_connection(out: &mut Vec<u8>, keep: bool, http10: bool) {
     if !keep {
         out.extend_from_slice(b"connection: close\r\n");
     } else if http10 {
@@ -294,7 +294,7 @@ pub fn put_connection(out: &mut Vec<u8>, keep: bool, http10: bool) {
 }
 
 /// Writes `HTTP/1.1 CODE REASON\r\n`.
-pub fn put_status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
+pub(crate) fn put_status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa(u64::from(code)).as_bytes());
     out.push(b' ');
@@ -303,7 +303,7 @@ pub fn put_status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
 }
 
 /// A number as decimal text, without allocating.
-pub fn itoa(mut n: u64) -> Digits {
+pub(crate) fn itoa(mut n: u64) -> Digits {
     let mut d = Digits {
         buf: [0; 20],
         start: 20,
@@ -320,14 +320,14 @@ pub fn itoa(mut n: u64) -> Digits {
 
 /// Decimal digits of a `u64`.
 #[derive(Debug)]
-pub struct Digits {
+pub(crate) struct Digits {
     buf: [u8; 20],
     start: usize,
 }
 
 impl Digits {
     /// The digits.
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.buf[self.start..]
     }
 }
@@ -335,7 +335,7 @@ impl Digits {
 /// Finds the end of a chunked body in a byte stream fed piece by piece,
 /// and tells which bytes are chunk data.
 #[derive(Debug, Clone, Default)]
-pub struct ChunkedScanner {
+pub(crate) struct ChunkedScanner {
     state: ChunkState,
     size: u64,
     /// Digits seen in the current size line.
@@ -385,7 +385,7 @@ fn is_ctl(b: u8) -> bool {
 
 impl ChunkedScanner {
     /// Whether the body has ended.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.state == ChunkState::Done
     }
 
@@ -399,7 +399,11 @@ impl ChunkedScanner {
     /// error), a size line is hex digits, optional blanks, then `;`
     /// extensions without control characters, and a trailer line is a
     /// field (`name: value`, no obs-fold, no control characters).
-    pub fn feed(&mut self, buf: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, Malformed> {
+    pub(crate) fn feed(
+        &mut self,
+        buf: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<usize, Malformed> {
         let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
@@ -504,11 +508,6 @@ impl ChunkedScanner {
         }
         Ok(i)
     }
-}
-
-/// The HTTP/1.1 chunk header for `len` bytes of data.
-pub fn chunk_header(len: usize) -> Vec<u8> {
-    format!("{len:x}\r\n").into_bytes()
 }
 
 #[cfg(test)]

@@ -29,26 +29,62 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::exit)
 )]
 
+mod body;
 pub mod config;
-pub mod conn;
-pub mod forward;
+mod conn;
+mod forward;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod h1;
-pub mod listener;
+mod h1;
+mod listener;
 mod proxy;
-pub mod router;
-pub mod upstream;
-pub mod websocket;
+mod rewrite;
+mod router;
+mod stats;
+mod tcp;
+mod timer;
+mod upstream;
+mod websocket;
+
+/// What a reload builds, for `examples/reload_cost.rs` to time phase by
+/// phase; not an interface.
+#[doc(hidden)]
+pub mod reload_cost {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use crate::router::RouteTable;
+    use crate::upstream::{Pool, Registry};
+    use crate::Config;
+
+    /// The pools of a configuration.
+    #[derive(Debug)]
+    pub struct Pools(HashMap<String, Arc<Pool>>);
+
+    /// The route tables of a configuration, by listener.
+    #[derive(Debug)]
+    pub struct Tables(HashMap<String, RouteTable>);
+
+    /// Builds the pools of `config`, as a reload does.
+    pub fn pools(config: &Config) -> Pools {
+        Pools(crate::proxy::build_pools(config, &Registry::default()))
+    }
+
+    /// Builds the route tables of `config` over `pools`, as a reload does.
+    pub fn tables(config: &Config, pools: &Pools) -> Tables {
+        Tables(RouteTable::build_all(&config.routes, &pools.0))
+    }
+
+    impl Tables {
+        /// How many routes `listener` has.
+        pub fn routes(&self, listener: &str) -> usize {
+            self.0.get(listener).map_or(0, RouteTable::len)
+        }
+    }
+}
 
 pub use crate::config::{Config, ConfigError, Position, Problem};
 pub use crate::proxy::{prepare_control_dir, Proxy, ProxyError};
 
-use std::sync::{Mutex, MutexGuard};
-
-/// Short locks over plain data: a panic elsewhere leaves it consistent, so
-/// keep going rather than poison the process.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use baton::sync::lock;

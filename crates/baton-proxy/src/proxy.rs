@@ -13,9 +13,10 @@ use tokio::net::TcpListener;
 use crate::config::{self, Config, ConfigError, ListenerConfig, Position, Protocol};
 use crate::conn::IdlePool;
 use crate::forward::HttpContext;
-use crate::listener::{self, Dispatch, DrainSettings, ListenerStats, Running};
+use crate::listener::{self, Dispatch, DrainSettings, Running};
 use crate::lock;
 use crate::router::RouteTable;
+use crate::stats::{self, ListenerStats};
 use crate::upstream::{Pool, Registry};
 
 /// Why the proxy could not start or a reload was refused.
@@ -218,7 +219,7 @@ impl Proxy {
         for l in &config.listeners {
             let tcp = bind_listener(&baton, l).await?;
             let bound = tcp.local_addr().unwrap_or(l.address);
-            let stats = listener::stats(l, bound);
+            let stats = stats::for_listener(l, bound);
             let table = tables.remove(&l.name).unwrap_or_default();
             let dispatch = make_dispatch(l, table, &pools, &stats, &idle);
             pending.push((l.clone(), tcp, stats, dispatch));
@@ -493,7 +494,7 @@ impl Proxy {
         }
         for (l, tcp) in bound {
             let b = tcp.local_addr().unwrap_or(l.address);
-            let stats = listener::stats(&l, b);
+            let stats = stats::for_listener(&l, b);
             let table = tables.remove(&l.name).unwrap_or_default();
             let dispatch = make_dispatch(&l, table, &pools, &stats, &self.inner.idle);
             let running = listener::spawn(
@@ -589,7 +590,7 @@ async fn bind_listener(
         })
 }
 
-fn build_pools(config: &Config, registry: &Registry) -> HashMap<String, Arc<Pool>> {
+pub(crate) fn build_pools(config: &Config, registry: &Registry) -> HashMap<String, Arc<Pool>> {
     config
         .upstreams
         .values()

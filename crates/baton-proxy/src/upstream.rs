@@ -19,9 +19,9 @@ use crate::lock;
 
 /// What is known about one server.
 #[derive(Debug)]
-pub struct ServerState {
+pub(crate) struct ServerState {
     /// Its address.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Requests or connections in flight to it.
     active: AtomicUsize,
     /// Result of the last active check (true until a check fails).
@@ -46,13 +46,13 @@ impl ServerState {
     }
 
     /// Whether the server is taking requests now.
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.check_ok.load(Ordering::Relaxed)
             && !matches!(*lock(&self.down_until), Some(t) if Instant::now() < t)
     }
 
     /// Marks a failed request: the server is left out for `fail_timeout`.
-    pub fn mark_failed(&self, fail_timeout: Duration, error: &str) {
+    pub(crate) fn mark_failed(&self, fail_timeout: Duration, error: &str) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         *lock(&self.down_until) = Some(Instant::now() + fail_timeout);
         *lock(&self.last_error) = Some(error.to_owned());
@@ -77,7 +77,7 @@ impl ServerState {
     }
 
     /// Counts a request or connection in flight until the guard drops.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.active.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -95,7 +95,7 @@ impl ServerState {
 
 /// A request or connection in flight to a server.
 #[derive(Debug)]
-pub struct InFlight(Arc<ServerState>);
+pub(crate) struct InFlight(Arc<ServerState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -105,7 +105,7 @@ impl Drop for InFlight {
 
 /// Server states that survive reloads.
 #[derive(Debug, Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     servers: Mutex<HashMap<(String, SocketAddr), Arc<ServerState>>>,
 }
 
@@ -118,28 +118,28 @@ impl Registry {
     }
 
     /// Forgets servers no longer configured.
-    pub fn retain(&self, keep: &dyn Fn(&str, SocketAddr) -> bool) {
+    pub(crate) fn retain(&self, keep: &dyn Fn(&str, SocketAddr) -> bool) {
         lock(&self.servers).retain(|(u, a), _| keep(u, *a));
     }
 }
 
 /// One upstream pool as configured by one configuration.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     /// The upstream's name.
-    pub name: String,
+    pub(crate) name: String,
     /// Its servers.
-    pub servers: Vec<Arc<ServerState>>,
+    pub(crate) servers: Vec<Arc<ServerState>>,
     balance: Balance,
     next: AtomicUsize,
     /// How long a failed server is left out.
-    pub fail_timeout: Duration,
+    pub(crate) fail_timeout: Duration,
     health: Option<HealthCheck>,
 }
 
 impl Pool {
     /// Builds the pool for `cfg`, reusing known server states.
-    pub fn new(cfg: &UpstreamConfig, registry: &Registry) -> Pool {
+    pub(crate) fn new(cfg: &UpstreamConfig, registry: &Registry) -> Pool {
         Pool {
             name: cfg.name.clone(),
             servers: cfg
@@ -158,7 +158,7 @@ impl Pool {
     /// are down. If every server is down, picks among all of them rather
     /// than refusing (fail open: a pool marked down by a transient error
     /// recovers on the next success).
-    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<ServerState>> {
+    pub(crate) fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<ServerState>> {
         let candidates: Vec<&Arc<ServerState>> = self
             .servers
             .iter()
@@ -194,7 +194,7 @@ impl Pool {
     }
 
     /// The pool in the `status` answer.
-    pub fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> Value {
         json!({
             "balance": self.balance.as_str(),
             "health_check": self.health.is_some(),
@@ -204,7 +204,7 @@ impl Pool {
 
     /// Starts this pool's active health checks (if configured). The task
     /// ends once the pool is dropped (replaced by a reload) or `stop` fires.
-    pub fn start_health_checks(self: &Arc<Self>, stop: baton::Shutdown) {
+    pub(crate) fn start_health_checks(self: &Arc<Self>, stop: baton::Shutdown) {
         let Some(check) = self.health.clone() else {
             return;
         };

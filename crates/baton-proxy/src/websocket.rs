@@ -26,7 +26,7 @@ fn close_to_server() -> [u8; 8] {
 /// Copies both ways until both sides are done, or `expired`. `to_upstream`
 /// and `to_client` are bytes already read from the other side (sent after
 /// the handshake), written first.
-pub async fn splice<C, U>(
+pub(crate) async fn splice<C, U>(
     client: C,
     upstream: U,
     websocket: bool,
@@ -110,19 +110,19 @@ where
 
 /// Tracks WebSocket frame boundaries in a byte stream.
 #[derive(Debug, Default)]
-pub struct FrameCursor {
+pub(crate) struct FrameCursor {
     header: Vec<u8>,
     remaining: u64,
 }
 
 impl FrameCursor {
     /// Whether the bytes fed so far end exactly at the end of a frame.
-    pub fn at_boundary(&self) -> bool {
+    pub(crate) fn at_boundary(&self) -> bool {
         self.header.is_empty() && self.remaining == 0
     }
 
     /// Accounts for `data`.
-    pub fn feed(&mut self, mut data: &[u8]) {
+    pub(crate) fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let k = (self.remaining.min(data.len() as u64)) as usize;

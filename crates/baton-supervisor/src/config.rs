@@ -122,23 +122,9 @@ pub struct Options {
     pub pid_file: Option<PathBuf>,
 }
 
-/// Parses `HUP`, `SIGHUP`, `1`.
+/// Parses `HUP`, `SIGHUP`, `sigterm`, `1` ([`baton::signals::parse`]).
 pub fn parse_signal(s: &str) -> Result<i32, String> {
-    if let Ok(n) = s.parse::<i32>() {
-        return Ok(n);
-    }
-    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
-    Ok(match name.as_str() {
-        "HUP" => libc::SIGHUP,
-        "INT" => libc::SIGINT,
-        "QUIT" => libc::SIGQUIT,
-        "KILL" => libc::SIGKILL,
-        "USR1" => libc::SIGUSR1,
-        "USR2" => libc::SIGUSR2,
-        "TERM" => libc::SIGTERM,
-        "WINCH" => libc::SIGWINCH,
-        _ => return Err(format!("{s:?}: unknown signal")),
-    })
+    baton::signals::parse(s).ok_or_else(|| format!("{s:?}: unknown signal"))
 }
 
 impl Options {
@@ -155,11 +141,8 @@ impl Options {
             let (name, addr) = l
                 .split_once('=')
                 .ok_or_else(|| bad(format!("--listen {l:?}: expected NAME=ADDR")))?;
-            if name.is_empty() || name.contains(':') {
-                return Err(bad(format!(
-                    "--listen {l:?}: the name must be non-empty, without ':'"
-                )));
-            }
+            baton::env::check_listener_name(name)
+                .map_err(|e| bad(format!("--listen {l:?}: {}", e.reason())))?;
             if listeners.iter().any(|x| x.name == name) {
                 return Err(bad(format!("--listen {l:?}: duplicate name {name:?}")));
             }

@@ -173,7 +173,10 @@ fn holder(pid: u32) -> Holder {
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         })
     };
-    let run_generation = match (var("BATON_GENERATION"), var(baton::env::BATON_PARENT_PID)) {
+    let run_generation = match (
+        var(baton::env::BATON_GENERATION),
+        var(baton::env::BATON_PARENT_PID),
+    ) {
         (Some(g), None) => Some(g),
         _ => None,
     };

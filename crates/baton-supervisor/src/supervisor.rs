@@ -6,11 +6,12 @@ use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use baton::process::{Child, ExitStatus, Spawn};
-use baton::{control, Drain};
+use baton::sync::lock;
+use baton::{control, env, pidfile, Drain};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream, UnixDatagram};
 use tokio::sync::watch;
@@ -91,10 +92,6 @@ impl std::fmt::Debug for Supervisor {
             )
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -187,7 +184,8 @@ impl Supervisor {
             ));
         }
         if let Some(path) = &sup.inner.config.pid_file {
-            write_pid_file(path).map_err(setup(format!("pid file {}", path.display())))?;
+            pidfile::write(path, std::process::id())
+                .map_err(setup(format!("pid file {}", path.display())))?;
         }
         let _ = baton::sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
         tracing::info!(
@@ -208,7 +206,7 @@ impl Supervisor {
         };
         let mut spawn = Spawn::new(&program)
             .argv(command.iter().cloned())
-            .env("BATON_GENERATION", number.to_string())
+            .env(env::BATON_GENERATION, number.to_string())
             .env_remove("NOTIFY_SOCKET")
             .capture_stderr(true);
         for (name, fd) in &self.inner.passed {
@@ -511,9 +509,9 @@ impl Supervisor {
         loop {
             let (client, _) = tokio::select! {
                 _ = shutdown.draining() => break,
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => { tracing::warn!(error = %e, "accept"); tokio::time::sleep(Duration::from_millis(20)).await; continue; }
+                a = listener.accept() => match baton::accept::accepted(a, &var).await {
+                    Some(a) => a,
+                    None => continue,
                 },
             };
             let s = self.clone();
@@ -718,10 +716,4 @@ fn resolve(program: &Path) -> PathBuf {
         }
     }
     program.to_path_buf()
-}
-
-fn write_pid_file(path: &Path) -> std::io::Result<()> {
-    let tmp = path.with_extension("pid.tmp");
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
-    std::fs::rename(&tmp, path)
 }

@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
@@ -23,6 +23,7 @@ use crate::handoff::{
 use crate::listeners::{self, Held, Inherited, InheritedFd, ListenerInfo, ListenerKind, Want};
 use crate::notify;
 use crate::pidfile;
+use crate::sync::lock;
 use crate::sys;
 
 /// Where a generation is in its life. Watch it with [`Baton::state`].
@@ -237,12 +238,6 @@ impl std::fmt::Debug for Baton {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these short locks leaves plain data that
-    // is still consistent; keep going rather than poisoning the process.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Baton {
     /// Settings with defaults; finish with [`Builder::from_env`].
     pub fn builder() -> Builder {
@@ -346,16 +341,10 @@ impl Baton {
     }
 
     fn check_name(&self, name: &str) -> Result<(), Error> {
-        if name.is_empty() || name.contains(':') || name.len() > 255 {
+        if let Err(bad) = env::check_listener_name(name) {
             return Err(Error::ListenerName {
                 name: name.to_owned(),
-                reason: "names must be 1 to 255 characters without ':'",
-            });
-        }
-        if name == env::CONTROL_FD_NAME {
-            return Err(Error::ListenerName {
-                name: name.to_owned(),
-                reason: "reserved for the control socket",
+                reason: bad.reason(),
             });
         }
         if lock(&self.inner.held).iter().any(|(h, _)| h.name == name) {

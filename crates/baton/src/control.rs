@@ -72,13 +72,8 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: H, shutdown: Shu
             _ = shutdown.draining() => break,
             a = listener.accept() => a,
         };
-        let (stream, _) = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "control socket accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some((stream, _)) = crate::accept::accepted(accepted, "control socket").await else {
+            continue;
         };
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == my_uid => {}

@@ -28,6 +28,38 @@ pub const BATON_PARENT_PID: &str = "BATON_PARENT_PID";
 /// Application listener names may not use it.
 pub const CONTROL_FD_NAME: &str = "baton-control";
 
+/// Why a name cannot name a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadListenerName {
+    /// Empty, longer than 255 bytes, or containing `:` (the separator of
+    /// `LISTEN_FDNAMES`).
+    Form,
+    /// [`CONTROL_FD_NAME`].
+    Reserved,
+}
+
+impl BadListenerName {
+    /// What is wrong, as a phrase.
+    pub fn reason(self) -> &'static str {
+        match self {
+            BadListenerName::Form => "names must be 1 to 255 characters without ':'",
+            BadListenerName::Reserved => "reserved for the control socket",
+        }
+    }
+}
+
+/// The listener-name rule, the one home of it: listener names travel in
+/// `LISTEN_FDNAMES`, colon-separated, beside the control socket's.
+pub fn check_listener_name(name: &str) -> Result<(), BadListenerName> {
+    if name.is_empty() || name.contains(':') || name.len() > 255 {
+        return Err(BadListenerName::Form);
+    }
+    if name == CONTROL_FD_NAME {
+        return Err(BadListenerName::Reserved);
+    }
+    Ok(())
+}
+
 /// Names of the variables a generation must not pass on unchanged: they are
 /// recomputed for every child.
 pub(crate) const RECOMPUTED: &[&str] = &[

@@ -134,19 +134,9 @@ where
                 }
                 None => break,
             },
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) if is_transient(&e) => {
-                    // Out of fds or memory: back off instead of spinning;
-                    // connections wait in the kernel's queue meanwhile.
-                    tracing::warn!(error = %e, "accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "accept error");
-                    continue;
-                }
+            accepted = listener.accept() => match crate::accept::accepted(accepted, "http").await {
+                Some(accepted) => accepted,
+                None => continue,
             },
         };
         let svc = WithPeer {
@@ -160,13 +150,6 @@ where
     drop(listener);
     tracing::debug!("stopped accepting");
     Ok(())
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 /// Serves one connection with the keep-alive wind-down. Exposed for servers

@@ -58,6 +58,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::exit)
 )]
 
+pub mod accept;
 mod baton;
 pub mod control;
 mod drain;
@@ -71,10 +72,11 @@ pub mod http;
 mod line;
 mod listeners;
 mod notify;
-mod pidfile;
+pub mod pidfile;
 pub mod process;
 mod reload;
 pub mod signals;
+pub mod sync;
 mod sys;
 
 pub use crate::baton::{Baton, Builder, State, StopReason};

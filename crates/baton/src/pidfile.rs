@@ -1,4 +1,5 @@
-//! The pid file: written atomically by the generation that becomes active.
+//! The pid file: written atomically by the generation that becomes active
+//! (and by `baton run` for itself): the one writer of the workspace.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -6,7 +7,7 @@ use std::path::Path;
 /// Writes `pid` to `path` atomically: a temporary file in the same directory,
 /// flushed, then renamed over the old one. A reader sees the old pid or the
 /// new one, never a partial file.
-pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
+pub fn write(path: &Path, pid: u32) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -26,6 +26,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncReadExt;
 
 use crate::env;
+use crate::sync::lock;
 use crate::sys;
 
 /// How a child ended.
@@ -218,7 +219,7 @@ impl Child {
 
     /// Reaps it if it has exited.
     pub fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
-        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut status = lock(&self.status);
         if status.is_none() {
             *status = sys::try_reap(self.spawned.pidfd.as_fd())?.map(ExitStatus::from);
         }
@@ -249,11 +250,7 @@ impl Child {
 
     /// Whether it has exited (reaped or not).
     pub fn has_exited(&self) -> bool {
-        let reaped = self
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
+        let reaped = lock(&self.status).is_some();
         reaped || sys::has_exited(self.spawned.pidfd.as_fd())
     }
 
@@ -299,7 +296,7 @@ impl Child {
     /// reap): once it is, its pid may belong to another process, so only its
     /// status is returned and nothing is scanned.
     pub async fn kill_tree_and_reap(&self) -> Option<ExitStatus> {
-        let reaped = *self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let reaped = *lock(&self.status);
         if reaped.is_some() {
             return reaped;
         }
@@ -366,11 +363,7 @@ impl Child {
     /// the capture pipe (a process that inherited its write end and
     /// outlived it does not keep our end open).
     pub async fn stderr_tail(&self) -> String {
-        let forwarder = self
-            .forwarder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let forwarder = lock(&self.forwarder).take();
         if let Some(mut f) = forwarder {
             if matches!(self.try_wait(), Ok(Some(_))) {
                 if tokio::time::timeout(Duration::from_millis(500), &mut f)
@@ -380,7 +373,7 @@ impl Child {
                     f.abort();
                 }
             } else {
-                *self.forwarder.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+                *lock(&self.forwarder) = Some(f);
             }
         }
         self.tail.text()
@@ -402,7 +395,7 @@ static SUBREAPER: Mutex<(usize, bool)> = Mutex::new((0, false));
 impl Subreaper {
     /// Becomes a child subreaper (`PR_SET_CHILD_SUBREAPER`) until dropped.
     pub fn acquire() -> io::Result<Subreaper> {
-        let mut held = SUBREAPER.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = lock(&SUBREAPER);
         if held.0 == 0 {
             let was = sys::is_child_subreaper()?;
             if !was {
@@ -417,7 +410,7 @@ impl Subreaper {
 
 impl Drop for Subreaper {
     fn drop(&mut self) {
-        let mut held = SUBREAPER.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = lock(&SUBREAPER);
         held.0 = held.0.saturating_sub(1);
         if held.0 == 0 && !held.1 {
             if let Err(e) = sys::set_child_subreaper(false) {
@@ -510,14 +503,14 @@ struct Tail(Arc<Mutex<VecDeque<u8>>>);
 
 impl Tail {
     fn push(&self, bytes: &[u8]) {
-        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = lock(&self.0);
         t.extend(bytes);
         let excess = t.len().saturating_sub(TAIL_BYTES);
         t.drain(..excess);
     }
 
     fn text(&self) -> String {
-        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let t = lock(&self.0);
         let (a, b) = t.as_slices();
         let mut v = a.to_vec();
         v.extend_from_slice(b);

@@ -1,0 +1,107 @@
+//! Counters of one listener (open, upgraded and accepted connections,
+//! requests, draining), shown in `status`. The connection engines count
+//! through it; the listener module owns it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::config::{ListenerConfig, Protocol};
+
+/// Counters of one listener, shown in `status`.
+#[derive(Debug)]
+pub(crate) struct ListenerStats {
+    /// Its name.
+    pub(crate) name: String,
+    /// What it speaks.
+    pub(crate) protocol: Protocol,
+    /// The address it is bound to.
+    pub(crate) bound: SocketAddr,
+    connections: AtomicUsize,
+    upgraded: AtomicUsize,
+    accepted: AtomicU64,
+    requests: AtomicU64,
+    draining: AtomicBool,
+}
+
+/// Counts an open connection until dropped.
+#[derive(Debug)]
+pub(crate) struct ConnGuard(Arc<ListenerStats>, bool);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.upgraded.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ListenerStats {
+    fn new(name: &str, protocol: Protocol, bound: SocketAddr) -> Self {
+        ListenerStats {
+            name: name.to_owned(),
+            protocol,
+            bound,
+            connections: AtomicUsize::new(0),
+            upgraded: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn connection(self: &Arc<Self>) -> ConnGuard {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        ConnGuard(self.clone(), false)
+    }
+
+    /// Counts an upgraded (WebSocket) connection until the guard drops.
+    pub(crate) fn upgraded(self: &Arc<Self>) -> ConnGuard {
+        self.upgraded.fetch_add(1, Ordering::Relaxed);
+        ConnGuard(self.clone(), true)
+    }
+
+    /// Counts a request.
+    pub(crate) fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Open connections (including upgraded ones).
+    pub(crate) fn open(&self) -> usize {
+        self.connections.load(Ordering::Relaxed) + self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// Marks the listener draining.
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this listener is draining.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The listener in the `status` answer.
+    pub(crate) fn status(&self) -> Value {
+        json!({
+            "name": self.name,
+            "protocol": self.protocol.as_str(),
+            "address": self.bound.to_string(),
+            "draining": self.is_draining(),
+            "connections": self.connections.load(Ordering::Relaxed),
+            "upgraded": self.upgraded.load(Ordering::Relaxed),
+            "accepted": self.accepted.load(Ordering::Relaxed),
+            "requests": self.requests.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Counters for a listener bound at `bound`.
+pub(crate) fn for_listener(config: &ListenerConfig, bound: SocketAddr) -> Arc<ListenerStats> {
+    Arc::new(ListenerStats::new(&config.name, config.protocol, bound))
+}
