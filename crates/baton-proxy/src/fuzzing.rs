@@ -94,9 +94,11 @@ pub fn rewrite(data: &[u8]) {
     let upgrade = rewrite::upgrade(req.headers, &fields);
     let server = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
     let peer = Peer::new(server.ip());
-    let prefix = f
-        .path
-        .get(..f.path[1..].find('/').map_or(f.path.len(), |i| i + 1));
+    // The first segment as a prefix to strip.
+    let prefix = f.path.get(1..).map(|rest| {
+        let end = rest.find('/').map_or(f.path.len(), |i| i + 1);
+        &f.path[..end]
+    });
     for strip in [None, prefix] {
         let mut out = Vec::new();
         rewrite::request_head(&mut out, req.headers, &f, strip, upgrade, server, &peer);

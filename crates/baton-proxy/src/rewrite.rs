@@ -109,8 +109,9 @@ pub(crate) struct RequestTarget<'a> {
 /// Why a request target is refused (`400`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum BadTarget {
-    /// Neither origin form (`/path?query`), `*`, nor absolute form with an
-    /// authority.
+    /// Neither origin form (`/path?query`), `*`, nor absolute form
+    /// (`http://` or `https://` and an authority). Authority form
+    /// (`host:port`) belongs to `CONNECT`, which is refused anyway.
     #[error("unsupported request target form")]
     Form,
     /// The path does not normalise.
@@ -136,7 +137,7 @@ impl<'a> RequestTarget<'a> {
             });
         }
         let uri = match target.parse::<http::Uri>() {
-            Ok(u) if u.authority().is_some() => u,
+            Ok(u) if u.authority().is_some() && is_http_scheme(u.scheme_str()) => u,
             _ => return Err(BadTarget::Form),
         };
         let path = router::normalize_path(uri.path())?;
@@ -147,6 +148,10 @@ impl<'a> RequestTarget<'a> {
             authority: uri.authority().map(|a| Cow::Owned(a.as_str().to_owned())),
         })
     }
+}
+
+fn is_http_scheme(scheme: Option<&str>) -> bool {
+    scheme.is_some_and(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"))
 }
 
 /// A `Host` field whose value is not text (bytes of obs-text that are
@@ -482,6 +487,25 @@ mod tests {
         // No `Host` at all: the server's address.
         let out = rewrite_request(b"GET /x HTTP/1.0\r\n\r\n", None);
         assert_eq!(field_values(&out, "host"), ["127.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn only_http_absolute_forms_are_targets() {
+        // Authority form (found by the rewrite fuzz target: it was routed
+        // by `+a` and forwarded as `/`), other schemes, no authority.
+        for t in [
+            "+a",
+            "example.test:80",
+            "example.test",
+            "ftp://a/x",
+            "http:/x",
+            "mailto:a@b",
+        ] {
+            assert_eq!(RequestTarget::parse(t).err(), Some(BadTarget::Form), "{t}");
+        }
+        let t = RequestTarget::parse("HTTPS://a.test").unwrap();
+        assert_eq!(t.authority.as_deref(), Some("a.test"));
+        assert_eq!(t.path, "/");
     }
 
     #[test]
