@@ -236,6 +236,11 @@ fn init_logging(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,baton_bench=warn"));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped: a new generation
+        // whose old one died before it started logs into the old one's
+        // capture pipe until it switches to the real stderr, and reporting
+        // that failure (with `eprintln!`, on the same dead pipe) would panic.
+        .log_internal_errors(false)
         .with_env_filter(filter);
     if format == "json" {
         builder.json().init();

@@ -3,18 +3,27 @@
 //!
 //! Each listener has a drain of its own ([`baton::Drain`]) so that a reload
 //! can remove one listener (stop accepting, wind its connections down) while
-//! the process keeps serving on the others. The listener's task holds a
-//! handle of the process drain ([`baton::Baton::shutdown`]) until its own
-//! drain has finished, so the process does not exit under its connections;
-//! it starts its own drain when the process drains or when a reload removes
-//! it, and closes what is left when either drain expires.
+//! the process keeps serving on the others. A listener serves in periods:
+//! each period has a fresh drain of the listener's, started when the
+//! process drains or when a reload removes the listener. A task holds a
+//! handle of the process drain ([`baton::Baton::shutdown`]) until the
+//! period's drain has finished, so the process does not exit under its
+//! connections, and closes what is left when either drain expires.
+//!
+//! When the process drains after an upgrade, the accept loop keeps the
+//! listening socket and waits in [`baton::Shutdown::resumed`]: if the new
+//! generation dies within the settle period, the process takes the service
+//! back and the listener serves a new period (with a new drain; the
+//! connections of the old period go on draining); otherwise (`None`, or the
+//! listener removed) it drops the socket. A listener removed by a reload
+//! never serves again.
 
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
@@ -84,101 +93,132 @@ pub(crate) fn spawn(
         remove: remove.clone(),
         closed: closed.clone(),
     };
-    tokio::spawn(async move {
-        let drain = baton::Drain::new(settings.idle_grace);
-        let handle = drain.handle();
-        let name = stats.name.clone();
-        match dispatch {
-            Dispatch::Http(ctx) => {
-                tokio::spawn(async move {
-                    let _closed = closed.drop_guard();
-                    accept_http(listener, ctx, handle).await
-                });
-            }
-            Dispatch::Tcp(pool) => {
-                let stats = stats.clone();
-                tokio::spawn(async move {
-                    let _closed = closed.drop_guard();
-                    accept_tcp(listener, pool, stats, handle).await
-                });
-            }
-        }
-        tokio::select! {
-            _ = process.draining() => {}
-            _ = remove.cancelled() => {
-                tracing::info!(listener = %name, "listener removed by reload; draining it");
-            }
-        }
-        stats.set_draining();
-        let outcome = tokio::select! {
-            o = drain.drain(settings.drain_timeout) => o,
-            _ = process.expired() => {
-                drain.expire();
-                drain.drain(Duration::ZERO).await
-            }
-        };
-        match outcome {
-            baton::DrainOutcome::Complete => tracing::info!(listener = %name, "listener drained"),
-            baton::DrainOutcome::TimedOut { remaining } => tracing::warn!(
-                listener = %name,
-                remaining,
-                "listener drain timeout reached; remaining connections closed"
-            ),
-        }
-        // Only now may the process exit (as far as this listener goes).
-        drop(process);
-    });
+    tokio::spawn(serve(
+        process, listener, dispatch, stats, settings, remove, closed,
+    ));
     running
 }
 
-/// The next connection (its accept errors handled by
-/// [`baton::accept::accepted`]), or `None` once `shutdown` drains.
-async fn accept(
-    listener: &TcpListener,
-    name: &str,
-    shutdown: &baton::Shutdown,
-) -> Option<(TcpStream, SocketAddr)> {
+/// Serves `listener` period after period (see the module's documentation)
+/// until the process stops for good or a reload removes it; then closes the
+/// listening socket (`closed` fires).
+async fn serve(
+    mut process: baton::Shutdown,
+    listener: TcpListener,
+    dispatch: Dispatch,
+    stats: Arc<ListenerStats>,
+    settings: DrainSettings,
+    remove: CancellationToken,
+    closed: CancellationToken,
+) {
+    let _closed = closed.drop_guard();
+    let name = stats.name.clone();
     loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.draining() => return None,
-            a = listener.accept() => a,
+        let drain = baton::Drain::new(settings.idle_grace);
+        stats.set_draining(false);
+        let stop = async {
+            tokio::select! {
+                _ = process.draining() => false,
+                _ = remove.cancelled() => true,
+            }
         };
-        if let Some((s, peer)) = baton::accept::accepted(accepted, name).await {
-            let _ = s.set_nodelay(true);
-            return Some((s, peer));
+        let removed = accept_until(&listener, &dispatch, &stats, &drain.handle(), stop).await;
+        if removed {
+            tracing::info!(listener = %name, "listener removed by reload; draining it");
         }
-    }
-}
-
-async fn accept_http(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: baton::Shutdown) {
-    while let Some((io, peer)) = accept(&listener, &ctx.listener, &shutdown).await {
-        let guard = ctx.stats.connection();
-        let ctx = ctx.clone();
-        let handle = shutdown.clone();
-        shutdown.spawn(crate::forward::serve(io, peer, ctx, handle, guard));
+        stats.set_draining(true);
+        drain.start();
+        tokio::spawn(finish_period(
+            drain,
+            process.clone(),
+            settings.drain_timeout,
+            name.clone(),
+        ));
+        if removed {
+            break;
+        }
+        // The listening socket is kept: the process may take the service
+        // back (the new generation died within the settle period).
+        let next = tokio::select! {
+            next = process.resumed() => next,
+            _ = remove.cancelled() => None,
+        };
+        match next {
+            Some(next) => {
+                tracing::info!(listener = %name, "the service was taken back; accepting again");
+                process = next;
+            }
+            None => break,
+        }
     }
     // The listening socket closes here.
     drop(listener);
-    tracing::debug!(listener = %ctx.listener, "stopped accepting");
+    tracing::debug!(listener = %name, "stopped accepting");
 }
 
-async fn accept_tcp(
-    listener: TcpListener,
-    pool: Arc<ArcSwap<Pool>>,
-    stats: Arc<ListenerStats>,
-    shutdown: baton::Shutdown,
+/// Drains one serving period's connections (bounded by `drain_timeout`, or
+/// at once when the process's drain expires), holding `process` until done
+/// so that the process does not exit under them.
+async fn finish_period(
+    drain: baton::Drain,
+    process: baton::Shutdown,
+    drain_timeout: Duration,
+    name: String,
 ) {
-    while let Some((client, peer)) = accept(&listener, &stats.name, &shutdown).await {
-        let guard = stats.connection();
-        let pool = pool.load_full();
-        let handle = shutdown.clone();
-        let name = stats.name.clone();
-        shutdown.spawn(async move {
-            let _guard = guard;
-            crate::tcp::serve(client, peer, &pool, &handle, &name).await;
-        });
+    let outcome = tokio::select! {
+        o = drain.drain(drain_timeout) => o,
+        _ = process.expired() => {
+            drain.expire();
+            drain.drain(Duration::ZERO).await
+        }
+    };
+    match outcome {
+        baton::DrainOutcome::Complete => tracing::info!(listener = %name, "listener drained"),
+        baton::DrainOutcome::TimedOut { remaining } => tracing::warn!(
+            listener = %name,
+            remaining,
+            "listener drain timeout reached; remaining connections closed"
+        ),
     }
-    drop(listener);
-    tracing::debug!(listener = %stats.name, "stopped accepting");
+    // Only now may the process exit (as far as this period goes).
+    drop(process);
+}
+
+/// Accepts connections (accept errors handled by
+/// [`baton::accept::accepted`]) and serves each with a clone of `shutdown`
+/// until `stop` resolves; returns what it resolved to.
+async fn accept_until(
+    listener: &TcpListener,
+    dispatch: &Dispatch,
+    stats: &Arc<ListenerStats>,
+    shutdown: &baton::Shutdown,
+    stop: impl Future<Output = bool>,
+) -> bool {
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            stopped = &mut stop => return stopped,
+            a = listener.accept() => a,
+        };
+        let Some((io, peer)) = baton::accept::accepted(accepted, &stats.name).await else {
+            continue;
+        };
+        let _ = io.set_nodelay(true);
+        let guard = stats.connection();
+        let handle = shutdown.clone();
+        match dispatch {
+            Dispatch::Http(ctx) => {
+                shutdown.spawn(crate::forward::serve(io, peer, ctx.clone(), handle, guard));
+            }
+            Dispatch::Tcp(pool) => {
+                let pool = pool.load_full();
+                let name = stats.name.clone();
+                shutdown.spawn(async move {
+                    let _guard = guard;
+                    crate::tcp::serve(io, peer, &pool, &handle, &name).await;
+                });
+            }
+        }
+    }
 }

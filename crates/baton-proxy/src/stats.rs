@@ -76,9 +76,9 @@ impl ListenerStats {
         self.connections.load(Ordering::Relaxed) + self.upgraded.load(Ordering::Relaxed)
     }
 
-    /// Marks the listener draining.
-    pub(crate) fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+    /// Marks the listener draining, or serving again (a take-back).
+    pub(crate) fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
     }
 
     /// Whether this listener is draining.

@@ -203,8 +203,10 @@ impl Pool {
     }
 
     /// Starts this pool's active health checks (if configured). The task
-    /// ends once the pool is dropped (replaced by a reload) or `stop` fires.
-    pub(crate) fn start_health_checks(self: &Arc<Self>, stop: baton::Shutdown) {
+    /// ends once the pool is dropped (replaced by a reload) or the process
+    /// stops for good; while `stop` drains it pauses, and goes on if the
+    /// process serves again ([`baton::Shutdown::resumed`]: a take-back).
+    pub(crate) fn start_health_checks(self: &Arc<Self>, mut stop: baton::Shutdown) {
         let Some(check) = self.health.clone() else {
             return;
         };
@@ -214,7 +216,13 @@ impl Pool {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = stop.draining() => break,
+                    _ = stop.draining() => match stop.resumed().await {
+                        Some(next) => {
+                            stop = next;
+                            continue;
+                        }
+                        None => break,
+                    },
                     _ = tick.tick() => {}
                 }
                 let Some(pool) = weak.upgrade() else { break };

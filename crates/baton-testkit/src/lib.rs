@@ -657,3 +657,83 @@ pub fn send_signal(pid: u32, signal: rustix::process::Signal) {
     let p = Pid::from_raw(pid as i32).expect("a real pid");
     rustix::process::kill_process(p, signal).expect("kill");
 }
+
+/// New connections, one `GET /` each, counting refused connects apart from
+/// every other failure (the [`Load`] clients keep only the first 50
+/// failures). Bounded by `max_duration`; [`stop`](Self::stop) ends it sooner.
+#[derive(Debug)]
+pub struct Prober {
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+    ok: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    /// Starts `threads` probing threads against `addr`.
+    pub fn start(addr: SocketAddr, threads: usize, max_duration: Duration) -> Prober {
+        use std::io::ErrorKind;
+        use std::net::TcpStream;
+        let stop = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let ok = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + max_duration;
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, refused, ok) = (stop.clone(), refused.clone(), ok.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => {}
+                            Ok(mut s) => {
+                                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                                let mut resp = Vec::new();
+                                if s.write_all(
+                                    b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                                )
+                                .is_ok()
+                                    && s.read_to_end(&mut resp).is_ok()
+                                    && resp.starts_with(b"HTTP/1.1 200")
+                                {
+                                    ok.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Prober {
+            stop,
+            refused,
+            ok,
+            threads,
+        }
+    }
+
+    /// Connections answered with 200 so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stops and returns (answered with 200, refused).
+    pub fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.refused.load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}

@@ -8,6 +8,7 @@ mod health;
 mod http1;
 mod reload;
 mod routing;
+mod settle;
 mod smuggling;
 mod tcp;
 mod upgrade;

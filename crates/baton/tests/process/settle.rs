@@ -7,85 +7,13 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_testkit::{assert_eventually, children_of, send_signal, socket_inodes, tcp_listen_inode};
-use baton_testkit::{Load, LoadReport, Target};
+use baton_testkit::{Load, LoadReport, Prober, Target};
 use rustix::process::Signal;
 
 use crate::Running;
-
-/// New connections, one request each, counting refused connects apart from
-/// every other failure (the load clients keep only the first 50 failures).
-struct Prober {
-    stop: Arc<AtomicBool>,
-    refused: Arc<AtomicU64>,
-    ok: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Prober {
-    fn start(addr: SocketAddr, threads: usize, max: Duration) -> Prober {
-        let stop = Arc::new(AtomicBool::new(false));
-        let refused = Arc::new(AtomicU64::new(0));
-        let ok = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + max;
-        let threads = (0..threads)
-            .map(|_| {
-                let (stop, refused, ok) = (stop.clone(), refused.clone(), ok.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(_) => {}
-                            Ok(mut s) => {
-                                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                                let mut resp = Vec::new();
-                                if s.write_all(
-                                    b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-                                )
-                                .is_ok()
-                                    && s.read_to_end(&mut resp).is_ok()
-                                    && resp.starts_with(b"HTTP/1.1 200")
-                                {
-                                    ok.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Prober {
-            stop,
-            refused,
-            ok,
-            threads,
-        }
-    }
-
-    /// Stops and returns (answered, refused).
-    fn stop(mut self) -> (u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        (
-            self.ok.load(Ordering::SeqCst),
-            self.refused.load(Ordering::SeqCst),
-        )
-    }
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
 
 fn refused(report: &LoadReport) -> Vec<&String> {
     report
