@@ -99,33 +99,14 @@ pub(crate) fn is_local_error(e: &std::io::Error) -> bool {
     })
 }
 
-/// An upstream response head, read whole.
+/// What the proxy keeps of an upstream response head once it is read (the
+/// head's bytes are consumed: whatever needs its fields is done while it is
+/// parsed, see [`UpstreamConn::read_head`]).
 #[derive(Debug)]
 pub(crate) struct ResponseHead {
-    /// Its bytes (parse them again with [`ResponseHead::parse`]).
-    pub(crate) bytes: BytesMut,
     pub(crate) status: u16,
     pub(crate) http10: bool,
     pub(crate) fields: Fields,
-}
-
-impl ResponseHead {
-    /// Parses the head's bytes into `resp` (which borrows `headers`).
-    pub(crate) fn parse<'h, 'b>(
-        &'b self,
-        resp: &mut httparse::Response<'h, 'b>,
-        headers: &'h mut [std::mem::MaybeUninit<httparse::Header<'b>>],
-    ) -> Result<(), ReadHeadError> {
-        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            resp,
-            &self.bytes,
-            headers,
-        ) {
-            Ok(httparse::Status::Complete(_)) => Ok(()),
-            Ok(httparse::Status::Partial) => Err(ReadHeadError::Malformed(Malformed::Head)),
-            Err(e) => Err(ReadHeadError::Parse(e)),
-        }
-    }
 }
 
 /// Why no response head could be read.
@@ -165,11 +146,14 @@ pub(crate) fn is_closed(e: &std::io::Error) -> bool {
 impl UpstreamConn {
     /// Reads the next response head, skipping `100 Continue` and the other
     /// interim responses (not `101`), by the time `timer` fires; what
-    /// follows the head stays in `buf`.
-    pub(crate) async fn read_head(
+    /// follows the head stays in `buf`. `on_head` sees the parsed head and
+    /// its fields (to write the client's head from it) before its bytes are
+    /// consumed, so the head is parsed once.
+    pub(crate) async fn read_head<T>(
         &mut self,
         timer: &mut Timer,
-    ) -> Result<ResponseHead, ReadHeadError> {
+        mut on_head: impl FnMut(&httparse::Response<'_, '_>, &Fields) -> T,
+    ) -> Result<(ResponseHead, T), ReadHeadError> {
         let mut got_any = false;
         loop {
             if !self.buf.is_empty() {
@@ -190,12 +174,14 @@ impl UpstreamConn {
                         }
                         let fields = Fields::of(resp.headers).map_err(ReadHeadError::Malformed)?;
                         let http10 = resp.version == Some(0);
-                        return Ok(ResponseHead {
-                            bytes: self.buf.split_to(n),
+                        let made = on_head(&resp, &fields);
+                        self.buf.advance(n);
+                        let head = ResponseHead {
                             status,
                             http10,
                             fields,
-                        });
+                        };
+                        return Ok((head, made));
                     }
                     Ok(httparse::Status::Partial) if self.buf.len() <= h1::MAX_HEAD => {}
                     Ok(httparse::Status::Partial) => {

@@ -412,7 +412,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         );
         let mut tried: Vec<SocketAddr> = Vec::new();
-        let (conn, server, in_flight, resp_head) = loop {
+        let (conn, server, in_flight, (resp_head, persist)) = loop {
             let Some(server) = pool.pick(&tried) else {
                 return self.fail(done, StatusCode::BAD_GATEWAY).await;
             };
@@ -458,9 +458,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                         // request body: a slow upload is the client's
                         // timeout's business.
                         self.timer.set(Instant::now() + route.timeout);
-                        conn.read_head(&mut self.timer)
-                            .await
-                            .map_err(Upstream::from)
+                        // The client's head for the response goes into
+                        // `wbuf` while the upstream's is parsed.
+                        let client = ClientSide {
+                            http10: f.http10,
+                            keep: f.client_keep,
+                            draining: self.shutdown.is_draining(),
+                        };
+                        let wbuf = &mut self.wbuf;
+                        conn.read_head(&mut self.timer, |resp, fields| {
+                            let framing = fields.response_framing(f.method, resp.code.unwrap_or(0));
+                            let persist =
+                                rewrite::response_head(wbuf, resp, fields, framing, client);
+                            (persist, framing)
+                        })
+                        .await
+                        .map_err(Upstream::from)
                     }
                     Err(e) => Err(e),
                 };
@@ -505,27 +518,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         };
         drop(server);
         done.status = resp_head.status;
-        // The client's head for the response goes into `wbuf`.
-        let persist = {
-            let mut headers =
-                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut []);
-            if let Err(error) = resp_head.parse(&mut resp, &mut headers) {
-                tracing::warn!(server = %conn.addr, %error, "upstream request failed");
-                return self.fail(done, StatusCode::BAD_GATEWAY).await;
-            }
-            let framing = resp_head
-                .fields
-                .response_framing(f.method, resp_head.status);
-            let client = ClientSide {
-                http10: f.http10,
-                keep: f.client_keep,
-                draining: self.shutdown.is_draining(),
-            };
-            let persist =
-                rewrite::response_head(&mut self.wbuf, &resp, &resp_head.fields, framing, client);
-            (persist, framing)
-        };
         if resp_head.status == 101 {
             if upgrade.is_none() {
                 tracing::warn!(server = %conn.addr, "upstream switched protocols unasked");
@@ -637,7 +629,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         } else {
             !head.fields.close
         };
-        drop(head);
         let copied = body::copy_response(
             &mut conn.stream,
             &mut conn.buf,

@@ -19,8 +19,6 @@ pub(crate) const MAX_HEADERS: usize = 128;
 /// Why a message cannot be proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Malformed {
-    /// The head does not parse.
-    Head,
     /// The head is larger than [`MAX_HEAD`] or has more than [`MAX_HEADERS`]
     /// fields.
     TooLarge,
@@ -39,7 +37,6 @@ pub(crate) enum Malformed {
 impl fmt::Display for Malformed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Malformed::Head => "malformed head",
             Malformed::TooLarge => "head too large",
             Malformed::ContentLength => "invalid content-length",
             Malformed::TransferEncoding => "unsupported transfer-encoding",

@@ -658,6 +658,24 @@ pub fn send_signal(pid: u32, signal: rustix::process::Signal) {
     rustix::process::kill_process(p, signal).expect("kill");
 }
 
+/// Stops `load` and `probe` and asserts that no connection was refused
+/// (the listening socket was always held): the prober got answers and no
+/// refusal, and no load failure is a refused connect. Returns the load's
+/// report for the caller's own bound on other failures.
+pub fn assert_none_refused(load: Load, probe: Prober) -> LoadReport {
+    let report = load.stop();
+    let (answered, refused) = probe.stop();
+    assert!(answered > 0, "the prober got no answer");
+    assert_eq!(refused, 0, "connections refused");
+    let refused: Vec<&String> = report
+        .failures
+        .iter()
+        .filter(|f| f.contains("refused"))
+        .collect();
+    assert!(refused.is_empty(), "{:?}", report.failures);
+    report
+}
+
 /// New connections, one `GET /` each, counting refused connects apart from
 /// every other failure (the [`Load`] clients keep only the first 50
 /// failures). Bounded by `max_duration`; [`stop`](Self::stop) ends it sooner.

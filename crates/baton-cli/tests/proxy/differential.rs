@@ -11,7 +11,7 @@ use crate::smuggling::{probe, Probe};
 
 const SMUGGLED: &str = "GET /admin HTTP/1.1\r\nHost: x\r\n\r\n";
 
-/// The hand-written probes: the review's, and the classic ones.
+/// The hand-written probes: the known smuggling vectors and the classic ones.
 fn base() -> Vec<String> {
     let s = SMUGGLED;
     let n = s.len();

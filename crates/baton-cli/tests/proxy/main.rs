@@ -48,18 +48,14 @@ pub fn run_bounded(
     baton_testkit::become_subreaper();
     let dir = TempDir::new("bounded");
     let mut server = Server::spawn(&baton(), args, &dir, envs);
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = server.first_exit() {
-            return (status.code(), server.stderr());
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "baton {args:?} still running after {timeout:?}; stderr:\n{}",
-            server.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    baton_testkit::assert_eventually!(
+        timeout,
+        server.first_exit().is_some(),
+        "baton {args:?} still running; stderr:\n{}",
+        server.stderr()
+    );
+    let status = server.first_exit().unwrap();
+    (status.code(), server.stderr())
 }
 
 /// An upstream process (`examples/upstream`), killed on drop.

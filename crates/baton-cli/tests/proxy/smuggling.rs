@@ -14,7 +14,7 @@ use crate::http1::{
     answers, closed, connect, lenient_requests, read_response, recording, scripted, Message,
     Scripted, TIMEOUT,
 };
-use crate::{upstream_toml, Proxy};
+use crate::{upstream_toml, web_to, Proxy};
 
 /// The probe upstream's answer: the request line back, and a close (each
 /// upstream connection carries one request, so what it received is one
@@ -131,7 +131,7 @@ pub fn probe_proxy(tag: &str) -> (Scripted, Proxy) {
     (up, p)
 }
 
-/// Item: `Connection: content-length` made the proxy frame the body by its
+/// `Connection: content-length` made the proxy frame the body by its
 /// length and then drop the length, so the upstream read the body as a
 /// second request that skipped routing, the deny route and the
 /// `X-Forwarded-For` rewrite; `Connection: host` dropped `Host`.
@@ -177,7 +177,7 @@ fn connection_cannot_remove_the_fields_that_frame_or_route_a_request() {
     }
 }
 
-/// Item: a bare LF in a chunked trailer (`0\r\nX: y\n\n<request>`) was
+/// a bare LF in a chunked trailer (`0\r\nX: y\n\n<request>`) was
 /// passed on as one body, which nginx ends at `\n\n`, running the rest.
 /// A bare LF anywhere in the chunked framing is a 400, nothing forwarded.
 #[test]
@@ -204,7 +204,7 @@ fn a_bare_lf_in_chunked_framing_is_400_and_nothing_reaches_the_upstream() {
     assert_eq!(got.upstream_requests(), 1, "{got:?}");
 }
 
-/// Items: two `Host` fields, HTTP/1.0 with `Transfer-Encoding`, duplicate
+/// two `Host` fields, HTTP/1.0 with `Transfer-Encoding`, duplicate
 /// `Content-Length` lines are 400; an absolute-form target's authority
 /// replaces `Host`; `Transfer-Encoding: gzip, chunked` goes on as it came.
 #[test]
@@ -264,7 +264,7 @@ fn ambiguous_hosts_and_framings_are_refused_and_the_rest_passed_on_unambiguously
     assert!(text.ends_with("\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "{text}");
 }
 
-/// Item: routes matched the raw path, so `/x/../admin`, `/%61dmin` and
+/// routes matched the raw path, so `/x/../admin`, `/%61dmin` and
 /// `//admin` passed an `/admin` deny route. The path is normalised before
 /// routing and forwarded normalised.
 #[test]
@@ -308,7 +308,7 @@ fn paths_are_normalised_before_routing_and_forwarded_so() {
     }
 }
 
-/// Item 12: a response with `Connection: content-length` kept its length
+/// a response with `Connection: content-length` kept its length
 /// (the client no longer hangs, the connection is reused); a chunked
 /// response that breaks the coding before anything was sent is a 502, not
 /// an end of file; `gzip, chunked` reaches the client as it came.
@@ -341,7 +341,7 @@ fn responses_keep_their_framing_and_a_broken_chunked_one_is_502() {
     assert!(closed(&mut r));
 }
 
-/// Item 5: the route timeout ran while the client was still uploading, so
+/// the route timeout ran while the client was still uploading, so
 /// a slow body got 504. It counts from the end of the body.
 #[test]
 fn the_route_timeout_counts_from_the_end_of_the_request_body() {
@@ -372,7 +372,7 @@ fn the_route_timeout_counts_from_the_end_of_the_request_body() {
     assert_eq!(got.body, b"POST /upload HTTP/1.1");
 }
 
-/// Item 8: running out of file descriptors locally (`EMFILE` on connect)
+/// running out of file descriptors locally (`EMFILE` on connect)
 /// marked a healthy upstream down. The request gets 503 and the server
 /// stays up: with a dead second server in the pool, a wrong mark would
 /// send the next requests (with bodies, so never retried) to the dead one.
@@ -383,22 +383,13 @@ fn running_out_of_local_fds_does_not_mark_the_upstream_down() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let body = format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-
-{}
-[[routes]]
-listener = "web"
-upstream = "a"
-"#,
-        upstream_toml(
+    let body = web_to(
+        "a",
+        &upstream_toml(
             "a",
             &[up.addr, dead],
-            "fail_timeout = \"60s\"\nhealth_check = { interval = \"60s\", timeout = \"2s\" }"
-        )
+            "fail_timeout = \"60s\"\nhealth_check = { interval = \"60s\", timeout = \"2s\" }",
+        ),
     );
     const LIMIT: usize = 64;
     let p = Proxy::start_limited("smuggle-emfile", "", &body, Some(LIMIT as u32));

@@ -10,18 +10,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use baton_testkit::{assert_eventually, children_of, send_signal, socket_inodes, tcp_listen_inode};
-use baton_testkit::{Load, LoadReport, Prober, Target};
+use baton_testkit::{assert_none_refused, Load, Prober, Target};
 use rustix::process::Signal;
 
 use crate::Running;
-
-fn refused(report: &LoadReport) -> Vec<&String> {
-    report
-        .failures
-        .iter()
-        .filter(|f| f.contains("refused"))
-        .collect()
-}
 
 fn get(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -81,11 +73,7 @@ fn new_generation_killed_right_after_ok_old_one_takes_the_service_back() {
     load.wait_for_progress(500, Duration::from_secs(10));
     assert!(get(r.addr()).contains(&format!("pid {newer}")));
 
-    let report = load.stop();
-    let (answered, refused_probes) = probe.stop();
-    assert!(answered > 0);
-    assert_eq!(refused_probes, 0, "connections refused");
-    assert!(refused(&report).is_empty(), "{:?}", report.failures);
+    let report = assert_none_refused(load, probe);
     // Only connections already on the killed generation may have failed.
     assert!(report.failed < 50, "{:?}", report.failures);
 }
@@ -134,11 +122,7 @@ fn old_generation_killed_before_new_one_is_ready_new_one_takes_over() {
     assert_eq!(b["ok"], true, "{b}");
     load.wait_for_progress(200, Duration::from_secs(10));
 
-    let report = load.stop();
-    let (answered, refused_probes) = probe.stop();
-    assert!(answered > 0);
-    assert_eq!(refused_probes, 0, "connections refused");
-    assert!(refused(&report).is_empty(), "{:?}", report.failures);
+    let report = assert_none_refused(load, probe);
     assert!(report.failed < 50, "{:?}", report.failures);
 }
 
