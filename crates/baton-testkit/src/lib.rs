@@ -358,6 +358,21 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// What each of `pid`'s fds points at, for failure messages.
+pub fn fd_list(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in rd.flatten() {
+            let target = std::fs::read_link(e.path())
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push(format!("{}:{target}", e.file_name().to_string_lossy()));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Socket inodes `pid` holds open.
 pub fn socket_inodes(pid: u32) -> BTreeSet<u64> {
     let mut out = BTreeSet::new();

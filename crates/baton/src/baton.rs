@@ -540,7 +540,18 @@ impl Baton {
                 .send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
                 .await;
             if result.is_ok() {
+                let closed = link.as_ref().map(crate::handoff::ParentLink::closed);
                 *lock(&self.inner.parent_link) = link;
+                if let Some(closed) = closed {
+                    // The previous generation let go: drop our end too.
+                    let inner = Arc::downgrade(&self.inner);
+                    tokio::spawn(async move {
+                        closed.await;
+                        if let Some(inner) = inner.upgrade() {
+                            lock(&inner.parent_link).take();
+                        }
+                    });
+                }
                 // A stop that arrived while taking over: announce it now.
                 if !matches!(*self.inner.state.borrow(), State::Active) {
                     if let Some(link) = lock(&self.inner.parent_link).take() {

@@ -334,28 +334,48 @@ impl Confirm {
             tracing::warn!(error = %e, "could not confirm to the previous generation");
             return None;
         }
-        let std = self.0.into_std().ok()?;
-        // Written from synchronous code (a stop), one short line.
-        std.set_nonblocking(false).ok()?;
-        Some(ParentLink(std))
+        Some(ParentLink(std::sync::Arc::new(self.0)))
     }
 }
 
 /// The new generation's end of the handshake, kept after it became active
 /// for as long as the previous generation may be watching it.
 #[derive(Debug)]
-pub(crate) struct ParentLink(std::os::unix::net::UnixStream);
+pub(crate) struct ParentLink(std::sync::Arc<tokio::net::UnixStream>);
 
 impl ParentLink {
+    /// Resolves when the previous generation has closed its end (its settle
+    /// period is over or it exited): the link is of no more use then, and
+    /// dropping it keeps the fd set of every generation the same.
+    pub(crate) fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stream = std::sync::Arc::downgrade(&self.0);
+        async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let Some(s) = stream.upgrade() else { return };
+                if s.readable().await.is_err() {
+                    return;
+                }
+                // Nothing is sent after `ack`: EOF or an error ends it.
+                match s.try_read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
     /// Tells the previous generation that this one stops or hands over on
-    /// purpose (best effort, bounded).
+    /// purpose (best effort, never blocks).
     pub(crate) fn leaving(self) {
-        let _ = self.0.set_write_timeout(Some(Duration::from_millis(100)));
-        // One short line; no SIGPIPE if the previous generation is gone.
+        // One short line into an idle socket; no SIGPIPE if the previous
+        // generation is gone.
         let _ = rustix::net::send(
-            &self.0,
+            &*self.0,
             &Message::Leaving.line(),
-            rustix::net::SendFlags::NOSIGNAL,
+            rustix::net::SendFlags::NOSIGNAL | rustix::net::SendFlags::DONTWAIT,
         );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use baton_testkit::{assert_eventually, fd_count, our_zombies, Load, Target};
+use baton_testkit::{assert_eventually, fd_count, fd_list, our_zombies, Load, Target};
 
 use crate::Running;
 
@@ -12,6 +12,7 @@ fn twenty_upgrades_under_load_lose_no_request() {
     let mut r = Running::start("hello", &["--drain-timeout", "10s"]);
     let first = r.pid();
     let fds_at_start = fd_count(first);
+    let fd_list_at_start = fd_list(first);
 
     let load = Load::start(Target::Tcp(r.addr()), 4, 4, Duration::from_secs(120));
     load.wait_for_progress(200, Duration::from_secs(10));
@@ -70,8 +71,9 @@ fn twenty_upgrades_under_load_lose_no_request() {
     assert_eventually!(
         Duration::from_secs(5),
         fd_count(last) <= fds_at_start,
-        "fd count grew: first generation had {fds_at_start}, last has {}",
-        fd_count(last)
+        "fd count grew: first generation had {fds_at_start} {fd_list_at_start:?}, last has {} {:?}",
+        fd_count(last),
+        fd_list(last)
     );
 }
 
