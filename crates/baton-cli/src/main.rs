@@ -56,10 +56,11 @@ enum Command {
     /// Talk to a running server's control socket.
     Ctl {
         /// The control socket [default: $XDG_RUNTIME_DIR/baton/proxy.sock, else /tmp/baton-UID/proxy.sock].
-        #[arg(long)]
+        /// Accepted before or after the action.
+        #[arg(long, global = true)]
         socket: Option<PathBuf>,
-        /// Print the server's JSON answer as is.
-        #[arg(long)]
+        /// Print the server's JSON answer as is (before or after the action).
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         action: CtlAction,
@@ -67,14 +68,21 @@ enum Command {
     /// Run the reverse proxy (config reloads in-process; upgrades lose no request).
     Proxy {
         /// The configuration file [default: a built-in one: 127.0.0.1:8080, a welcome page].
-        #[arg(long)]
+        #[arg(long, short = 'c')]
         config: Option<PathBuf>,
+        /// Only validate the configuration and exit, as `baton check` does (nginx's `-t`).
+        #[arg(long, short = 't', requires = "config")]
+        test: bool,
     },
     /// Validate a proxy configuration: exit 0, or 1 with FILE:LINE:COL: message for every problem.
+    #[command(group(clap::ArgGroup::new("file").args(["path", "config"]).required(true)))]
     Check {
         /// The configuration file.
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(value_name = "FILE")]
+        path: Option<PathBuf>,
+        /// The configuration file (the same as FILE).
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
     },
     /// A tiny HTTP server that answers "hello from generation G pid P" (what `baton demo` upgrades).
     Hello {
@@ -231,6 +239,15 @@ enum CtlAction {
     Stop,
 }
 
+/// `baton check`'s exit code: 0 when `file` is valid, 1 otherwise.
+fn check_exit(file: &std::path::Path) -> ExitCode {
+    if proxy::check(file) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,baton_bench=warn"));
@@ -349,15 +366,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        Command::Proxy { config } => {
+        Command::Proxy {
+            config: Some(config),
+            test: true,
+        } => Ok(check_exit(&config)),
+        Command::Proxy { config, .. } => {
             proxy::run(config).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { config } => Ok(if proxy::check(&config) {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        }),
+        Command::Check { path, config } => match path.or(config) {
+            Some(file) => Ok(check_exit(&file)),
+            None => anyhow::bail!("baton check needs a configuration FILE"),
+        },
         Command::Hello {
             listen,
             control_socket,

@@ -255,6 +255,30 @@ fn ctl_speaks_the_control_protocol_with_exit_codes() {
     );
 }
 
+#[test]
+fn ctl_takes_socket_and_json_before_or_after_the_action() {
+    let dir = TempDir::new("cli-ctl-args");
+    let (_server, _listen, control) = hello(&dir);
+    let socket = control.to_str().unwrap();
+    for args in [
+        vec!["ctl", "--socket", socket, "--json", "status"],
+        vec!["ctl", "status", "--socket", socket, "--json"],
+        vec!["ctl", "--json", "status", "--socket", socket],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+        let answer: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", text(&out)));
+        assert_eq!(answer["generation"], 1, "{args:?}: {answer}");
+    }
+    // Without --json, wherever --socket is: the text form.
+    let out = run(&["ctl", "status", "--socket", socket]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("generation 1"), "{}", text(&out));
+    assert!(serde_json::from_str::<Value>(&stdout).is_err(), "{stdout}");
+}
+
 /// A proxy configuration without `control_socket` (the default is used):
 /// one listener on an ephemeral port.
 const DEFAULT_SOCKET_CONFIG: &str = "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nlistener = \"web\"\nrespond = { status = 200 }\n";

@@ -7,7 +7,7 @@ use baton_testkit::TempDir;
 
 use crate::{baton, run_bounded, text};
 
-const ISSUE_EXAMPLE: &str = include_str!("../../../baton-proxy/proxy.example.toml");
+const EXAMPLE: &str = include_str!("../../../baton-proxy/proxy.example.toml");
 
 fn check(text_: &str) -> (std::process::Output, String) {
     let dir = TempDir::new("check");
@@ -22,7 +22,7 @@ fn check(text_: &str) -> (std::process::Output, String) {
 
 #[test]
 fn check_accepts_the_example_configuration() {
-    let (out, path) = check(ISSUE_EXAMPLE);
+    let (out, path) = check(EXAMPLE);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with(&format!("{path}: ok")), "{}", text(&out));
@@ -278,4 +278,33 @@ fn startup_bind_failure_names_the_listeners_address_in_the_file() {
         )),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_takes_the_file_as_an_argument_and_proxy_t_checks_as_nginx_t_does() {
+    let dir = TempDir::new("check-args");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, EXAMPLE).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[[listeners]]\nname = \"web\"\naddress = 8080\n").unwrap();
+    let (good, bad) = (good.to_str().unwrap(), bad.to_str().unwrap());
+    for args in [
+        vec!["check", good],
+        vec!["check", "-c", good],
+        vec!["proxy", "-t", "-c", good],
+        vec!["proxy", "--test", "--config", good],
+    ] {
+        let (code, stderr) = run_bounded(&args, &[], Duration::from_secs(10));
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    }
+    for args in [vec!["check", bad], vec!["proxy", "-t", "-c", bad]] {
+        let (code, stderr) = run_bounded(&args, &[], Duration::from_secs(10));
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&format!("{bad}:3:")), "{args:?}: {stderr}");
+    }
+    // No file at all is a usage error, not a check of nothing.
+    let (code, stderr) = run_bounded(&["check"], &[], Duration::from_secs(10));
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, stderr) = run_bounded(&["proxy", "-t"], &[], Duration::from_secs(10));
+    assert_eq!(code, Some(2), "{stderr}");
 }
