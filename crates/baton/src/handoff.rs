@@ -275,6 +275,27 @@ enum Failure {
     Io(io::Error),
 }
 
+/// The child exited before a handshake line was read: an error it reported
+/// just before exiting may still be in the channel (or half read into
+/// `line`); it names the failure better than the exit status does.
+async fn exit_failure(
+    reader: &mut BufReader<tokio::net::UnixStream>,
+    line: &mut Vec<u8>,
+) -> Failure {
+    let read = tokio::time::timeout(
+        Duration::from_millis(100),
+        line::read_line(reader, line, MAX_LINE, None),
+    )
+    .await;
+    match read {
+        Ok(Ok(true)) => match Message::parse(line) {
+            Ok(Message::Error { message }) => Failure::Reported(message),
+            _ => Failure::Exited,
+        },
+        _ => Failure::Exited,
+    }
+}
+
 fn tokio_stream(s: std::os::unix::net::UnixStream) -> io::Result<tokio::net::UnixStream> {
     s.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(s)
@@ -306,7 +327,7 @@ async fn wait_ready(
                 Err(LineError::Io(e)) => Err(Failure::Io(e)),
                 Err(e) => Err(Failure::Protocol(e.to_string())),
             },
-            _ = child.exited() => Err(Failure::Exited),
+            _ = child.exited() => Err(exit_failure(reader, &mut line).await),
             _ = abort.cancelled() => Err(Failure::Aborted),
         }
     })

@@ -84,6 +84,11 @@ impl Args {
 pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A line that cannot be written is dropped. Until a new generation
+        // is active its stderr is a pipe the previous one reads; if that one
+        // dies first, the default (report the failure with `eprintln!`,
+        // which panics on a broken pipe) would kill the new generation.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
