@@ -374,10 +374,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             proxy::run(config).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { path, config } => match path.or(config) {
-            Some(file) => Ok(check_exit(&file)),
-            None => anyhow::bail!("baton check needs a configuration FILE"),
-        },
+        Command::Check { path, config } => {
+            // clap's group makes one of them required.
+            let file = path
+                .or(config)
+                .ok_or_else(|| anyhow::anyhow!("baton check needs a configuration FILE"))?;
+            Ok(check_exit(&file))
+        }
         Command::Hello {
             listen,
             control_socket,

@@ -358,37 +358,38 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// What each of `pid`'s fds points at, for failure messages.
-pub fn fd_list(pid: u32) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for e in rd.flatten() {
-            let target = std::fs::read_link(e.path())
-                .map(|t| t.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            out.push(format!("{}:{target}", e.file_name().to_string_lossy()));
-        }
-    }
+/// Each of `pid`'s open fds with what it points at (`socket:[INODE]`,
+/// a path, ...), by fd number.
+fn fd_targets(pid: u32) -> Vec<(u32, String)> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u32, String)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, target.to_string_lossy().into_owned()))
+        })
+        .collect();
     out.sort();
     out
 }
 
+/// What each of `pid`'s fds points at, as `FD:TARGET`, for failure messages.
+pub fn fd_list(pid: u32) -> Vec<String> {
+    fd_targets(pid)
+        .into_iter()
+        .map(|(fd, target)| format!("{fd}:{target}"))
+        .collect()
+}
+
 /// Socket inodes `pid` holds open.
 pub fn socket_inodes(pid: u32) -> BTreeSet<u64> {
-    let mut out = BTreeSet::new();
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for e in rd.flatten() {
-            if let Ok(target) = std::fs::read_link(e.path()) {
-                let t = target.to_string_lossy().into_owned();
-                if let Some(ino) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
-                    if let Ok(ino) = ino.parse() {
-                        out.insert(ino);
-                    }
-                }
-            }
-        }
-    }
-    out
+    fd_targets(pid)
+        .into_iter()
+        .filter_map(|(_, t)| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+        .collect()
 }
 
 /// The inode of the TCP socket listening on 127.0.0.1:`port`, from

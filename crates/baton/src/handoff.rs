@@ -275,6 +275,10 @@ enum Failure {
     Io(io::Error),
 }
 
+/// How long the line a child wrote before exiting may take to read: it is
+/// in the channel already, unless something the child left holds its end.
+const EXIT_LINE_WAIT: Duration = Duration::from_millis(100);
+
 /// The child exited before a handshake line was read: an error it reported
 /// just before exiting may still be in the channel (or half read into
 /// `line`); it names the failure better than the exit status does.
@@ -283,7 +287,7 @@ async fn exit_failure(
     line: &mut Vec<u8>,
 ) -> Failure {
     let read = tokio::time::timeout(
-        Duration::from_millis(100),
+        EXIT_LINE_WAIT,
         line::read_line(reader, line, MAX_LINE, None),
     )
     .await;
@@ -369,20 +373,15 @@ impl ParentLink {
     /// period is over or it exited): the link is of no more use then, and
     /// dropping it keeps the fd set of every generation the same.
     pub(crate) fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let stream = std::sync::Arc::downgrade(&self.0);
+        let stream = std::sync::Arc::clone(&self.0);
         async move {
             let mut buf = [0u8; 64];
-            loop {
-                let Some(s) = stream.upgrade() else { return };
-                if s.readable().await.is_err() {
-                    return;
-                }
-                // Nothing is sent after `ack`: EOF or an error ends it.
-                match s.try_read(&mut buf) {
+            // Nothing is sent after `ack`: EOF or an error ends it.
+            while stream.readable().await.is_ok() {
+                match stream.try_read(&mut buf) {
                     Ok(0) => return,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
+                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => return,
+                    _ => {}
                 }
             }
         }
