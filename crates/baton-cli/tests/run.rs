@@ -44,7 +44,9 @@ impl Run {
         };
         assert_eventually!(
             Duration::from_secs(20),
-            run.control.exists() || run.server.first_exit().is_some(),
+            // Listening, not just bound: the path exists from bind() on.
+            std::os::unix::net::UnixStream::connect(&run.control).is_ok()
+                || run.server.first_exit().is_some(),
             "baton run did not come up"
         );
         assert!(
