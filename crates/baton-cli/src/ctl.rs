@@ -45,6 +45,8 @@ fn print_human(req: &Request, a: &serde_json::Value) {
         ),
         Request::Reload {} => println!("reloaded"),
         Request::Stop {} => println!("stopping pid {}", a["pid"]),
+        // `baton ctl` has no take-over action (a process takes over itself).
+        Request::Takeover {} => println!("{a}"),
         Request::Status {} => {
             println!(
                 "pid {}  generation {}  state {}  uptime {:.1}s",

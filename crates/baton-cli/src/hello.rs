@@ -13,13 +13,15 @@ pub struct HelloOptions {
     pub pid_file: Option<PathBuf>,
     pub drain_timeout: Duration,
     pub upgrade_timeout: Duration,
+    pub takeover: bool,
 }
 
 /// Serves `hello from generation G pid P` until stopped or upgraded.
 pub async fn run(opts: HelloOptions) -> anyhow::Result<()> {
     let mut b = baton::Baton::builder()
         .drain_timeout(opts.drain_timeout)
-        .upgrade_timeout(opts.upgrade_timeout);
+        .upgrade_timeout(opts.upgrade_timeout)
+        .takeover(opts.takeover);
     if let Some(p) = &opts.control_socket {
         b = b.control_socket(p);
     }

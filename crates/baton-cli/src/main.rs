@@ -96,6 +96,9 @@ enum Command {
         drain_timeout: Duration,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
         upgrade_timeout: Duration,
+        /// Take over from the process serving --control-socket, if any.
+        #[arg(long)]
+        takeover: bool,
     },
 }
 
@@ -387,6 +390,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             pid_file,
             drain_timeout,
             upgrade_timeout,
+            takeover,
         } => {
             hello::run(hello::HelloOptions {
                 listen,
@@ -394,6 +398,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 pid_file,
                 drain_timeout,
                 upgrade_timeout,
+                takeover,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

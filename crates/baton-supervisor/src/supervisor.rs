@@ -667,6 +667,9 @@ impl control::Handler for Supervisor {
                 tokio::spawn(async move { s.stop().await });
                 json!({"ok": true, "pid": std::process::id()})
             }
+            control::Request::Takeover {} => {
+                json!({"ok": false, "error": "a take-over is answered on its own connection"})
+            }
         }
     }
 }

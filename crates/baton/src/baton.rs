@@ -79,6 +79,23 @@ struct InFlight {
     pass_on: Option<StopReason>,
 }
 
+/// Where the next generation comes from.
+enum How {
+    /// Started by this one (fork + exec), from this binary or another.
+    Spawn(Option<PathBuf>),
+    /// Started by someone else; it asked on this connection.
+    TakeOver(tokio::net::UnixStream),
+}
+
+impl How {
+    fn label(&self) -> &'static str {
+        match self {
+            How::Spawn(_) => "upgrade",
+            How::TakeOver(_) => "take-over",
+        }
+    }
+}
+
 /// How long the old generation waits for the new one to confirm that it is
 /// active, after telling it to take over.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,6 +115,7 @@ pub struct Builder {
     settle: Duration,
     pid_file: Option<PathBuf>,
     control_socket: Option<PathBuf>,
+    takeover: bool,
 }
 
 impl Default for Builder {
@@ -110,6 +128,7 @@ impl Default for Builder {
             settle: Duration::from_secs(2),
             pid_file: None,
             control_socket: None,
+            takeover: false,
         }
     }
 }
@@ -170,6 +189,24 @@ impl Builder {
         self
     }
 
+    /// Take over from the generation that serves the control socket, if one
+    /// does (default off; needs [`control_socket`](Self::control_socket)).
+    /// For a process started by someone else (a deploy script, a service
+    /// manager, a new container): [`from_env`](Self::from_env) asks the
+    /// running generation for its listeners and control socket, and
+    /// [`ready`](Baton::ready) runs the same handshake as after an upgrade.
+    /// If nothing listens on the control socket, this process starts on its
+    /// own (binds), so one command line serves the first start and every
+    /// deploy. If something answers there but does not hand over (refused,
+    /// timed out after the upgrade timeout), `from_env` fails with
+    /// [`Error::Takeover`] and nothing is bound. Not attempted by a
+    /// generation started by an upgrade, or one given sockets by a service
+    /// manager (`LISTEN_FDS`).
+    pub fn takeover(mut self, yes: bool) -> Self {
+        self.takeover = yes;
+        self
+    }
+
     /// Reads the environment (inherited fds, handshake, generation) and
     /// builds the handle. Call once per process, inside a tokio runtime.
     pub fn from_env(self) -> Result<Baton, Error> {
@@ -186,6 +223,8 @@ pub(crate) struct Inner {
     exe: PathBuf,
     args: Vec<OsString>,
     first_start: bool,
+    /// Started by someone else, it took over over the control socket.
+    taken_over: bool,
     inherited: Mutex<Inherited>,
     held: Mutex<Vec<(Held, bool)>>,
     control: Mutex<Option<(PathBuf, OwnedFd, bool)>>,
@@ -258,7 +297,29 @@ impl Baton {
             })?,
             None => 1,
         };
-        let (inherited, handshake) = adopt_inherited(pid)?;
+        let (mut inherited, mut handshake) = adopt_inherited(pid)?;
+        let mut generation = generation;
+        let mut taken_over = false;
+        if settings.takeover && handshake.is_none() && inherited.is_empty() {
+            if let Some(offered) = take_over_from(&settings)? {
+                generation = offered.generation;
+                for (name, fd) in offered.fds {
+                    let (kind, addr) = listeners::describe(&fd).map_err(|e| Error::Takeover {
+                        path: settings.control_socket.clone().unwrap_or_default(),
+                        reason: format!("received socket {name:?}: {e}"),
+                    })?;
+                    inherited.push(InheritedFd {
+                        name,
+                        fd,
+                        kind,
+                        addr,
+                    });
+                }
+                offered.handshake.watch_parent();
+                handshake = Some(offered.handshake);
+                taken_over = true;
+            }
+        }
         let first_start = handshake.is_none();
         let exe = current_exe();
         let args: Vec<OsString> = std::env::args_os().collect();
@@ -274,6 +335,7 @@ impl Baton {
                 exe,
                 args,
                 first_start,
+                taken_over,
                 inherited: Mutex::new(Inherited::new(inherited)),
                 held: Mutex::new(Vec::new()),
                 control: Mutex::new(None),
@@ -592,7 +654,7 @@ impl Baton {
             );
             return Ok(());
         }
-        if self.inner.first_start || orphaned {
+        if self.inner.first_start || orphaned || self.inner.taken_over {
             notify::notify_logged(&format!("READY=1\nMAINPID={}", self.inner.pid));
         }
         self.start_control()?;
@@ -641,7 +703,31 @@ impl Baton {
     /// session and descendants) and reaped, and this generation carries on
     /// as if nothing happened. Only one upgrade may be in flight.
     pub async fn upgrade(&self, binary: Option<PathBuf>) -> Result<Upgraded, UpgradeError> {
-        let abort = {
+        let abort = self.begin_upgrade()?;
+        self.hand_over(abort, How::Spawn(binary)).await
+    }
+
+    /// Answers a take-over request on the control socket: the process on
+    /// `conn` gets our sockets and, once ready, the service, as a new
+    /// generation after [`upgrade`](Self::upgrade) would. Refused when an
+    /// upgrade is in flight or this generation is not active.
+    pub(crate) async fn take_over(&self, conn: tokio::net::UnixStream) {
+        match self.begin_upgrade() {
+            Ok(abort) => {
+                // The outcome is logged and kept for `status`; the process
+                // that asked learns it from the handshake.
+                let _ = self.hand_over(abort, How::TakeOver(conn)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "take-over refused");
+                control::refuse(conn, e.to_string()).await;
+            }
+        }
+    }
+
+    /// Marks an upgrade in flight, if one may start now.
+    fn begin_upgrade(&self) -> Result<tokio_util::sync::CancellationToken, UpgradeError> {
+        {
             let mut in_flight = lock(&self.inner.in_flight);
             let state = self.inner.state.borrow().label();
             if state != "active" {
@@ -657,8 +743,17 @@ impl Baton {
                 pass_on: None,
             });
             self.inner.upgrading.send_replace(true);
-            abort
-        };
+            Ok(abort)
+        }
+    }
+
+    /// Carries out an upgrade marked by [`begin_upgrade`](Self::begin_upgrade).
+    async fn hand_over(
+        &self,
+        abort: tokio_util::sync::CancellationToken,
+        how: How,
+    ) -> Result<Upgraded, UpgradeError> {
+        let what = how.label();
         struct Reset<'a>(&'a Inner);
         impl Drop for Reset<'_> {
             fn drop(&mut self) {
@@ -673,30 +768,32 @@ impl Baton {
             sys::monotonic_usec()
         ));
         let mut watch = None;
-        let result = self.start_next(binary, abort, &mut watch).await;
+        let result = self.start_next(how, abort, &mut watch).await;
         match &result {
             Ok(up) => {
                 tracing::info!(
                     pid = up.pid,
                     generation = up.generation,
                     elapsed_ms = up.elapsed.as_secs_f64() * 1000.0,
-                    "upgrade succeeded"
+                    "{what} succeeded"
                 );
                 notify::notify_logged(&format!("MAINPID={}\nREADY=1", up.pid));
             }
             Err(e @ UpgradeError::Aborted { .. }) => {
-                tracing::info!(error = %e, "upgrade aborted; this generation stops");
+                tracing::info!(error = %e, "{what} aborted; this generation stops");
             }
             Err(e) => {
-                tracing::error!(error = %e, "upgrade failed; this generation keeps serving");
+                tracing::error!(error = %e, "{what} failed; this generation keeps serving");
                 notify::notify_logged("READY=1");
             }
         }
         *lock(&self.inner.last_upgrade) = Some(match &result {
             Ok(up) => {
-                json!({"ok": true, "pid": up.pid, "generation": up.generation, "elapsed_ms": up.elapsed.as_secs_f64() * 1000.0})
+                json!({"ok": true, "kind": what, "pid": up.pid, "generation": up.generation, "elapsed_ms": up.elapsed.as_secs_f64() * 1000.0, "at_unix_ms": unix_ms(SystemTime::now())})
             }
-            Err(e) => json!({"ok": false, "error": e.to_string()}),
+            Err(e) => {
+                json!({"ok": false, "kind": what, "error": e.to_string(), "at_unix_ms": unix_ms(SystemTime::now())})
+            }
         });
         if let Some((child, up)) = watch {
             // Before the in-flight flag clears, so that `wait` sees one or
@@ -806,7 +903,7 @@ impl Baton {
     /// once it took over (also when it did not confirm: it may have died).
     async fn start_next(
         &self,
-        binary: Option<PathBuf>,
+        how: How,
         abort: tokio_util::sync::CancellationToken,
         watch: &mut Option<(ReadyChild, Upgraded)>,
     ) -> Result<Upgraded, UpgradeError> {
@@ -820,15 +917,33 @@ impl Baton {
                 fd.try_clone().map_err(UpgradeError::Io)?,
             ));
         }
-        let next = NextGeneration {
-            binary: binary.unwrap_or_else(|| self.inner.exe.clone()),
-            args: self.inner.args.clone(),
-            generation: self.inner.generation + 1,
-            fds,
-            timeout: self.inner.settings.upgrade_timeout,
-            abort,
+        let generation = self.inner.generation + 1;
+        let timeout = self.inner.settings.upgrade_timeout;
+        let mut child = match how {
+            How::Spawn(binary) => {
+                handoff::start(NextGeneration {
+                    binary: binary.unwrap_or_else(|| self.inner.exe.clone()),
+                    args: self.inner.args.clone(),
+                    generation,
+                    fds,
+                    timeout,
+                    abort,
+                })
+                .await?
+            }
+            How::TakeOver(conn) => {
+                handoff::accept_takeover(
+                    conn,
+                    handoff::TakeoverOffer {
+                        generation,
+                        fds,
+                        timeout,
+                        abort,
+                    },
+                )
+                .await?
+            }
         };
-        let mut child = handoff::start(next).await?;
         let upgraded = child.upgraded.clone();
         // The hand-over, or a stop that got here first: decided under the
         // lock a stop takes, so exactly one of them wins.
@@ -850,7 +965,7 @@ impl Baton {
         if !handed {
             // A stop arrived while it was getting ready: it never hears the
             // ack, and this generation stops as asked.
-            child.child.kill_and_reap().await;
+            child.child.abandon().await;
             return Err(UpgradeError::Aborted { pid: upgraded.pid });
         }
         // From here on this generation is draining whatever happens: the
@@ -1143,6 +1258,9 @@ impl Baton {
                 self.stop(true);
                 json!({"ok": true, "pid": self.inner.pid})
             }
+            Request::Takeover {} => {
+                json!({"ok": false, "error": "a take-over is answered on its own connection (control::Handler::takeover)"})
+            }
         }
     }
 }
@@ -1181,6 +1299,19 @@ fn current_exe() -> PathBuf {
             .map(PathBuf::from)
             .unwrap_or_default(),
     }
+}
+
+/// Asks the generation serving the control socket to hand over (see
+/// [`Builder::takeover`]).
+fn take_over_from(settings: &Builder) -> Result<Option<crate::takeover::Offered>, Error> {
+    let Some(path) = settings.control_socket.clone() else {
+        return Err(Error::Takeover {
+            path: PathBuf::new(),
+            reason: "a take-over needs a control socket (Builder::control_socket)".to_owned(),
+        });
+    };
+    crate::takeover::request(&path, settings.upgrade_timeout)
+        .map_err(|reason| Error::Takeover { path, reason })
 }
 
 /// Adopts the fds described by `LISTEN_FDS`/`LISTEN_FDNAMES` when
@@ -1252,6 +1383,8 @@ fn adopt_inherited(pid: u32) -> Result<(Vec<InheritedFd>, Option<ChildHandshake>
             let h = ChildHandshake {
                 stream: std::os::unix::net::UnixStream::from(fd),
                 real_stderr: Arc::new(Mutex::new(real_stderr)),
+                parent: Arc::new(handoff::Parent::Spawned),
+                ready_started: Arc::default(),
             };
             h.watch_parent();
             Some(h)

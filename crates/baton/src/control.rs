@@ -1,7 +1,8 @@
 //! The control socket: one JSON object per line, in each direction.
 //!
 //! Requests: `{"command":"upgrade"}` (optionally `"binary":"PATH"`),
-//! `{"command":"reload"}`, `{"command":"status"}`, `{"command":"stop"}`.
+//! `{"command":"reload"}`, `{"command":"status"}`, `{"command":"stop"}`,
+//! and `{"command":"takeover"}` from a process that takes over.
 //! Each is answered with exactly one line, once the outcome is known, with
 //! `"ok":true` and command-specific fields, or `"ok":false` and `"error"`.
 //! The full protocol is in `docs/CONTROL.md`.
@@ -36,6 +37,10 @@ pub enum Request {
     Status {},
     /// Stop gracefully (drain, then exit).
     Stop {},
+    /// Hand every listener and the control socket over to the asking
+    /// process (with `SCM_RIGHTS`), then run the readiness handshake with it
+    /// on the same connection; see `docs/HANDOFF.md`.
+    Takeover {},
 }
 
 /// How long the server waits for a complete request line: from the
@@ -53,11 +58,29 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// Carries out one request and returns the answer (an object with
     /// `"ok"`), once the outcome is known.
     fn handle(&self, request: Request) -> impl std::future::Future<Output = Value> + Send;
+
+    /// Answers `{"command":"takeover"}`, which needs the connection itself:
+    /// the sockets go over it and the handshake follows on it. The default
+    /// refuses with an `"ok":false` line.
+    fn takeover(&self, conn: UnixStream) -> impl std::future::Future<Output = ()> + Send {
+        refuse(conn, "this server does not support take-over".to_owned())
+    }
+}
+
+/// Answers a take-over request with `{"ok":false,"error":reason}`.
+pub async fn refuse(mut conn: UnixStream, reason: String) {
+    let _ = conn
+        .write_all(&line(&json!({"ok": false, "error": reason})))
+        .await;
 }
 
 impl Handler for Baton {
     async fn handle(&self, request: Request) -> Value {
         Baton::handle(self, request).await
+    }
+
+    async fn takeover(&self, conn: UnixStream) {
+        self.take_over(conn).await;
     }
 }
 
@@ -131,6 +154,21 @@ async fn connection<H: Handler>(handler: H, stream: UnixStream, shutdown: Shutdo
         let answer = match std::str::from_utf8(&buf) {
             Ok(text) if text.trim().is_empty() => continue,
             Ok(text) => match serde_json::from_str::<Request>(text.trim()) {
+                Ok(Request::Takeover {}) => {
+                    tracing::info!("control request: takeover");
+                    let pending = reader.buffer().len();
+                    match reader.into_inner().reunite(w) {
+                        Ok(conn) if pending == 0 => handler.takeover(conn).await,
+                        Ok(conn) => refuse(
+                            conn,
+                            "bad request: nothing may follow a takeover request before its answer"
+                                .to_owned(),
+                        )
+                        .await,
+                        Err(_) => {}
+                    }
+                    return;
+                }
                 Ok(req) => {
                     tracing::info!(request = ?req, "control request");
                     handler.handle(req).await

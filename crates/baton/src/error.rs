@@ -58,6 +58,21 @@ pub enum Error {
     /// to stop); this process should exit.
     #[error("the previous generation rolled this upgrade back")]
     RolledBack,
+    /// The generation this one takes over from gave up on it (it missed the
+    /// upgrade timeout, or that generation is stopping); this process
+    /// should exit.
+    #[error("the running generation gave up on this take-over: {0}")]
+    Refused(String),
+    /// A take-over ([`Builder::takeover`](crate::Builder::takeover)) could
+    /// not be done: something answers on the control socket but did not hand
+    /// its sockets over. Nothing was bound; this process should exit.
+    #[error("take-over over {path}: {reason}")]
+    Takeover {
+        /// The control socket.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// `ready` was called twice.
     #[error("already ready")]
     AlreadyReady,

@@ -17,7 +17,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::env;
 use crate::error::{LineError, UpgradeError};
+use crate::fdpass;
 use crate::line::{self, MAX_LINE};
 use crate::process::{Child, Spawn, Subreaper};
 use crate::sys;
@@ -108,9 +109,9 @@ pub(crate) struct NextGeneration {
 /// call [`ReadyChild::ack`].
 pub(crate) struct ReadyChild {
     pub upgraded: Upgraded,
-    /// The new generation itself: killed if a stop wins before the ack,
-    /// signalled if a stop arrives after it.
-    pub child: Child,
+    /// The new generation itself: killed (or, when it took over, told no)
+    /// if a stop wins before the ack, signalled if a stop arrives after it.
+    pub child: Peer,
     /// One reader for the whole channel, so that no line read ahead (a
     /// `leaving` right after `active`) is lost between `ack` and `watch`.
     handshake: BufReader<tokio::net::UnixStream>,
@@ -170,6 +171,86 @@ impl ReadyChild {
     }
 }
 
+/// The new generation, as the old one watches it: a child it started, or
+/// an independently started process that asked to take over.
+#[derive(Debug)]
+pub(crate) enum Peer {
+    Child(Child),
+    TakingOver(TakingOver),
+}
+
+/// A process that asked to take over over the control socket: not our
+/// child, so it is watched through a pidfd and never killed or reaped here.
+#[derive(Debug)]
+pub(crate) struct TakingOver {
+    pidfd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl TakingOver {
+    fn open(pid: u32) -> io::Result<TakingOver> {
+        let raw = rustix::process::Pid::from_raw(pid as i32)
+            .ok_or_else(|| io::Error::other("peer pid 0"))?;
+        let fd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())?;
+        Ok(TakingOver {
+            pidfd: sys::async_pidfd(fd)?,
+        })
+    }
+}
+
+impl Peer {
+    pub(crate) async fn exited(&self) {
+        match self {
+            Peer::Child(c) => c.exited().await,
+            // A pidfd becomes readable, for good, when the process exits.
+            Peer::TakingOver(t) => {
+                let _ = t.pidfd.readable().await;
+            }
+        }
+    }
+
+    pub(crate) fn has_exited(&self) -> bool {
+        match self {
+            Peer::Child(c) => c.has_exited(),
+            Peer::TakingOver(t) => sys::pidfd_exited(t.pidfd.get_ref().as_fd()),
+        }
+    }
+
+    /// A child: kill what it started and reap it. A process that took
+    /// over is not ours to kill; it has exited when this is called.
+    pub(crate) async fn kill_tree_and_reap(&self) -> Option<crate::process::ExitStatus> {
+        match self {
+            Peer::Child(c) => c.kill_tree_and_reap().await,
+            Peer::TakingOver(_) => None,
+        }
+    }
+
+    /// A stop won before the ack: a child is killed; a process that asked
+    /// to take over is told no when the connection closes (it exits).
+    pub(crate) async fn abandon(&self) {
+        if let Peer::Child(c) = self {
+            c.kill_and_reap().await;
+        }
+    }
+
+    async fn stderr_tail(&self) -> String {
+        match self {
+            Peer::Child(c) => c.stderr_tail().await,
+            Peer::TakingOver(_) => String::new(),
+        }
+    }
+
+    pub(crate) fn signal(&self, signal: i32) -> io::Result<()> {
+        match self {
+            Peer::Child(c) => c.signal(signal),
+            Peer::TakingOver(t) => {
+                let sig = rustix::process::Signal::from_named_raw(signal)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown signal"))?;
+                Ok(rustix::process::pidfd_send_signal(t.pidfd.get_ref(), sig)?)
+            }
+        }
+    }
+}
+
 /// How the watch on an active new generation ended.
 #[derive(Debug)]
 pub(crate) enum Watched {
@@ -212,6 +293,7 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
         source,
     })?;
     let pid = child.pid();
+    let child = Peer::Child(child);
     tracing::info!(pid, generation = next.generation, binary = %next.binary.display(), "started new generation");
 
     let mut reader = match tokio_stream(ours) {
@@ -238,30 +320,120 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
             let status = child.kill_tree_and_reap().await;
             drop(reader);
             let stderr_tail = child.stderr_tail().await;
-            Err(match failure {
-                Failure::Exited => UpgradeError::Exited {
-                    pid,
-                    status: status.map_or_else(|| "exited".to_owned(), |s| s.to_string()),
-                    stderr_tail,
-                },
-                Failure::Reported(message) => UpgradeError::Reported {
-                    pid,
-                    message,
-                    stderr_tail,
-                },
-                Failure::Timeout => UpgradeError::Timeout {
-                    pid,
-                    timeout: next.timeout,
-                    stderr_tail,
-                },
-                Failure::Aborted => UpgradeError::Aborted { pid },
-                Failure::Protocol(reason) => UpgradeError::Handshake {
-                    pid,
-                    reason,
-                    stderr_tail,
-                },
-                Failure::Io(e) => UpgradeError::Io(e),
-            })
+            let status = status.map_or_else(|| "exited".to_owned(), |s| s.to_string());
+            Err(failure.into_error(pid, status, next.timeout, stderr_tail))
+        }
+    }
+}
+
+/// What the old generation offers a process that asked to take over.
+pub(crate) struct TakeoverOffer {
+    pub generation: u64,
+    /// (name, fd): every listener, then the control socket.
+    pub fds: Vec<(String, OwnedFd)>,
+    pub timeout: Duration,
+    pub abort: tokio_util::sync::CancellationToken,
+}
+
+/// How long the old generation tries to tell a refused take-over why.
+const TELL_WHY: Duration = Duration::from_secs(1);
+
+/// The old generation's side of a take-over over the control socket: sends
+/// the answer line with every fd attached, then waits, as for a child, until
+/// the new process is ready, reports an error, exits or misses the timeout.
+/// On failure it is told why (an `error` line) and the connection closes;
+/// the process is not ours to kill, it exits on its own.
+pub(crate) async fn accept_takeover(
+    stream: tokio::net::UnixStream,
+    offer: TakeoverOffer,
+) -> Result<ReadyChild, UpgradeError> {
+    let started = Instant::now();
+    let pid = stream
+        .peer_cred()
+        .map_err(UpgradeError::Io)?
+        .pid()
+        .and_then(|p| u32::try_from(p).ok())
+        .ok_or_else(|| UpgradeError::Io(io::Error::other("the peer's pid is unknown")))?;
+    let peer = Peer::TakingOver(TakingOver::open(pid).map_err(UpgradeError::Io)?);
+    let names: Vec<&str> = offer.fds.iter().map(|(n, _)| n.as_str()).collect();
+    let mut answer = serde_json::to_vec(&serde_json::json!({
+        "ok": true,
+        "generation": offer.generation,
+        "pid": std::process::id(),
+        "fds": names,
+    }))
+    .map_err(|e| UpgradeError::Io(io::Error::other(e)))?;
+    answer.push(b'\n');
+    let fds: Vec<_> = offer.fds.iter().map(|(_, fd)| fd.as_fd()).collect();
+    fdpass::send_all(&stream, &answer, &fds)
+        .await
+        .map_err(UpgradeError::Io)?;
+    drop(fds);
+    // Our copies go now: the new process holds its own.
+    drop(offer.fds);
+    tracing::info!(
+        pid,
+        generation = offer.generation,
+        "sent the sockets to a process taking over"
+    );
+    let mut reader = BufReader::new(stream);
+    match wait_ready(&mut reader, &peer, offer.timeout, &offer.abort).await {
+        Ok(()) => Ok(ReadyChild {
+            upgraded: Upgraded {
+                pid,
+                generation: offer.generation,
+                elapsed: started.elapsed(),
+            },
+            child: peer,
+            handshake: reader,
+        }),
+        Err(failure) => {
+            let why = match &failure {
+                Failure::Timeout => Some(format!("not ready within {:?}", offer.timeout)),
+                Failure::Aborted => Some("the running generation is stopping".to_owned()),
+                Failure::Protocol(reason) => Some(reason.clone()),
+                Failure::Exited | Failure::Reported(_) | Failure::Io(_) => None,
+            };
+            if let Some(message) = why {
+                let line = Message::Error { message }.line();
+                let _ = tokio::time::timeout(TELL_WHY, reader.get_mut().write_all(&line)).await;
+            }
+            Err(failure.into_error(pid, "exited".to_owned(), offer.timeout, String::new()))
+        }
+    }
+}
+
+impl Failure {
+    fn into_error(
+        self,
+        pid: u32,
+        status: String,
+        timeout: Duration,
+        stderr_tail: String,
+    ) -> UpgradeError {
+        match self {
+            Failure::Exited => UpgradeError::Exited {
+                pid,
+                status,
+                stderr_tail,
+            },
+            Failure::Reported(message) => UpgradeError::Reported {
+                pid,
+                message,
+                stderr_tail,
+            },
+            Failure::Timeout => UpgradeError::Timeout {
+                pid,
+                timeout,
+                stderr_tail,
+            },
+            Failure::Aborted => UpgradeError::Aborted { pid },
+            Failure::Protocol(reason) => UpgradeError::Handshake {
+                pid,
+                reason,
+                stderr_tail,
+            },
+            Failure::Io(e) => UpgradeError::Io(e),
         }
     }
 }
@@ -307,7 +479,7 @@ fn tokio_stream(s: std::os::unix::net::UnixStream) -> io::Result<tokio::net::Uni
 
 async fn wait_ready(
     reader: &mut BufReader<tokio::net::UnixStream>,
-    child: &Child,
+    child: &Peer,
     timeout: Duration,
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<(), Failure> {
@@ -415,23 +587,99 @@ pub(crate) enum Handover {
 /// reparents its children).
 const ORPHAN_CHECK: Duration = Duration::from_secs(1);
 
-/// Whether the previous generation (our parent, `BATON_PARENT_PID`) is
-/// gone: we were reparented. Waits up to [`ORPHAN_CHECK`] for it.
-async fn orphaned() -> bool {
-    let Some(parent) = env::var(env::BATON_PARENT_PID).and_then(|p| p.parse::<i32>().ok()) else {
-        return false;
+/// Who the previous generation is to a new one.
+#[derive(Debug)]
+pub(crate) enum Parent {
+    /// It started this one (`BATON_PARENT_PID`).
+    Spawned,
+    /// This one asked it to take over over its control socket; a pidfd
+    /// tells when it exits.
+    TakenOver {
+        /// Its pid.
+        pid: u32,
+        /// A pidfd of it.
+        pidfd: OwnedFd,
+    },
+}
+
+/// Whether the previous generation is gone: our parent (we were
+/// reparented), or the process we took over from (it exited). Waits up to
+/// [`ORPHAN_CHECK`] for it.
+async fn orphaned(parent: &Parent) -> bool {
+    let gone = || match parent {
+        Parent::Spawned => {
+            let pid = env::var(env::BATON_PARENT_PID).and_then(|p| p.parse::<i32>().ok())?;
+            let ppid = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+            Some(ppid != pid)
+        }
+        Parent::TakenOver { pidfd, .. } => Some(sys::pidfd_exited(pidfd.as_fd())),
     };
     let deadline = Instant::now() + ORPHAN_CHECK;
     loop {
-        let ppid = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
-        if ppid != parent {
-            return true;
+        match gone() {
+            None => return false,
+            Some(true) => return true,
+            Some(false) if Instant::now() >= deadline => return false,
+            Some(false) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A process taking over was given up on (or its old generation died)
+/// before it called `ready`. A child in that case is killed by the old
+/// generation; a process that took over is not the old one's to kill, so it
+/// ends itself here, after saying why on its stderr, with status 1 (its
+/// application may be stuck in its own start-up). If the old generation
+/// died instead, this one takes over alone once ready.
+async fn gave_up(
+    stream: &tokio::net::UnixStream,
+    pid: u32,
+    parent: &Parent,
+    started: &std::sync::atomic::AtomicBool,
+) {
+    let mut buf = [0u8; 1024];
+    let peeked = rustix::net::recv(
+        stream,
+        &mut buf[..],
+        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+    );
+    let reason = match peeked {
+        Ok((0, _)) | Err(_) => {
+            if orphaned(parent).await {
+                tracing::warn!(
+                    pid,
+                    "the generation this one takes over from exited; this one will take over alone once ready"
+                );
+                return;
+            }
+            "it closed the connection".to_owned()
+        }
+        Ok((n, _)) => match Message::parse(&buf[..n.min(buf.len())]) {
+            Ok(Message::Error { message }) => message,
+            _ => unexpected(&String::from_utf8_lossy(&buf[..n.min(buf.len())])),
+        },
+    };
+    if started.load(std::sync::atomic::Ordering::SeqCst) {
+        // `ready` reads the same answer and returns it as an error.
+        return;
+    }
+    tracing::error!(
+        pid,
+        reason,
+        "the running generation gave up on this take-over before it was ready; exiting"
+    );
+    eprintln_best_effort(&format!(
+        "baton: take-over from pid {pid} failed: {reason}\n"
+    ));
+    // See the function's comment: the equivalent of the kill a child gets.
+    #[allow(clippy::exit)]
+    std::process::exit(1);
+}
+
+/// Writes to stderr, ignoring a failure (no panic on a closed stderr).
+fn eprintln_best_effort(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(text.as_bytes());
 }
 
 /// The new generation's side of the handshake.
@@ -441,6 +689,9 @@ pub(crate) struct ChildHandshake {
     /// Taken by whoever switches stderr first: `ready`, or the watch on a
     /// previous generation that dies while this one starts.
     pub real_stderr: std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>,
+    pub parent: std::sync::Arc<Parent>,
+    /// Set when [`ChildHandshake::ready`] begins.
+    pub ready_started: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Moves the real stderr onto fd 2, once.
@@ -470,11 +721,21 @@ impl ChildHandshake {
             return;
         };
         let real = self.real_stderr.clone();
+        let parent = self.parent.clone();
+        let started = self.ready_started.clone();
         tokio::spawn(async move {
             let Ok(ready) = stream.ready(tokio::io::Interest::READABLE).await else {
                 return;
             };
-            if ready.is_read_closed() && orphaned().await {
+            if let Parent::TakenOver { pid, .. } = &*parent {
+                // Before `ready`, the process we take over from sends
+                // nothing unless it gives up on us.
+                if !started.load(std::sync::atomic::Ordering::SeqCst) {
+                    gave_up(&stream, *pid, &parent, &started).await;
+                }
+                return;
+            }
+            if ready.is_read_closed() && orphaned(&parent).await {
                 if let Err(e) = switch_stderr(&real) {
                     tracing::warn!(error = %e, "cannot switch to the real stderr");
                 }
@@ -493,7 +754,10 @@ impl ChildHandshake {
     /// were reparented), this one has every socket and takes over alone:
     /// stderr is switched all the same and `Orphaned` returned.
     pub(crate) async fn ready(self) -> Result<Handover, crate::Error> {
+        self.ready_started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let real_stderr = self.real_stderr;
+        let parent = self.parent;
         let mut stream = tokio_stream(self.stream).map_err(crate::Error::Handshake)?;
         let read = match stream.write_all(&Message::Ready.line()).await {
             Err(e) => Err(LineError::Io(e)),
@@ -507,7 +771,7 @@ impl ChildHandshake {
         };
         let line = match read {
             Ok(Some(line)) => line,
-            Ok(None) | Err(LineError::Io(_)) if orphaned().await => {
+            Ok(None) | Err(LineError::Io(_)) if orphaned(&parent).await => {
                 // Nobody reads the capture pipe any more.
                 switch_stderr(&real_stderr).map_err(crate::Error::Handshake)?;
                 tracing::warn!(
@@ -520,6 +784,8 @@ impl ChildHandshake {
         };
         match Message::parse(&line) {
             Ok(Message::Ack) => {}
+            // The process this one takes over from gave up on it.
+            Ok(Message::Error { message }) => return Err(crate::Error::Refused(message)),
             Ok(_) => {
                 return Err(crate::Error::Handshake(io::Error::new(
                     io::ErrorKind::InvalidData,

@@ -64,6 +64,7 @@ pub mod control;
 mod drain;
 pub mod env;
 mod error;
+mod fdpass;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -78,6 +79,7 @@ mod reload;
 pub mod signals;
 pub mod sync;
 mod sys;
+mod takeover;
 
 pub use crate::baton::{Baton, Builder, State, StopReason};
 pub use crate::drain::{Drain, DrainOutcome, Shutdown};

@@ -422,3 +422,17 @@ pub(crate) fn kill_group(pid: Pid, pidfd: BorrowedFd<'_>) {
     let _ = rustix::process::kill_process_group(pid, Signal::KILL);
     let _ = rustix::process::pidfd_send_signal(pidfd, Signal::KILL);
 }
+
+/// Whether the process behind `pidfd` (a child or not) has exited: a pidfd
+/// polls readable once it has.
+pub(crate) fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+}

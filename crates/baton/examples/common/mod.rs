@@ -44,6 +44,10 @@ pub struct Args {
     /// Report this startup error to the previous generation, then exit 1.
     #[arg(long)]
     pub report_error: Option<String>,
+    /// Take over from the generation serving the control socket, if one
+    /// does; else start on our own.
+    #[arg(long)]
+    pub takeover: bool,
 }
 
 impl Args {
@@ -52,7 +56,8 @@ impl Args {
             .drain_timeout(self.drain_timeout)
             .upgrade_timeout(self.upgrade_timeout)
             .idle_grace(self.idle_grace)
-            .settle(self.settle);
+            .settle(self.settle)
+            .takeover(self.takeover);
         if let Some(p) = &self.pid_file {
             b = b.pid_file(p);
         }
