@@ -159,12 +159,24 @@ impl Server {
 
     /// Spawns without waiting for readiness.
     pub fn spawn(program: &Path, args: &[&str], dir: &TempDir, envs: &[(&str, &str)]) -> Server {
-        let stderr_path = dir.join(&format!(
-            "stderr-{}.log",
-            program.file_name().unwrap().to_string_lossy()
-        ));
+        let name = program.file_name().unwrap().to_string_lossy().into_owned();
+        Self::spawn_logged(program, args, dir, envs, &name, |_| {})
+    }
+
+    /// Like [`spawn`](Self::spawn), with stderr in `dir/stderr-LOG.log` and
+    /// `setup` applied to the command (a uid, say).
+    pub fn spawn_logged(
+        program: &Path,
+        args: &[&str],
+        dir: &TempDir,
+        envs: &[(&str, &str)],
+        log: &str,
+        setup: impl FnOnce(&mut Command),
+    ) -> Server {
+        let stderr_path = dir.join(&format!("stderr-{log}.log"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(program);
+        setup(&mut cmd);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -395,7 +407,16 @@ pub fn socket_inodes(pid: u32) -> BTreeSet<u64> {
 /// The inode of the TCP socket listening on 127.0.0.1:`port`, from
 /// `/proc/net/tcp`.
 pub fn tcp_listen_inode(port: u16) -> Option<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    tcp_listen_inodes(port).into_iter().next()
+}
+
+/// The inodes of every TCP socket listening on `port` (more than one means
+/// a second socket was bound beside the first, with `SO_REUSEPORT`).
+pub fn tcp_listen_inodes(port: u16) -> Vec<u64> {
+    let mut out = Vec::new();
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return out;
+    };
     for line in table.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 10 {
@@ -406,10 +427,12 @@ pub fn tcp_listen_inode(port: u16) -> Option<u64> {
             .next()
             .and_then(|p| u16::from_str_radix(p, 16).ok());
         if local_port == Some(port) && f[3] == "0A" {
-            return f[9].parse().ok();
+            if let Ok(inode) = f[9].parse() {
+                out.push(inode);
+            }
         }
     }
-    None
+    out
 }
 
 /// Sends one request to a control socket and returns the answer (bounded).

@@ -38,6 +38,8 @@ struct Answer {
     #[serde(default)]
     generation: Option<u64>,
     #[serde(default)]
+    pid: Option<u32>,
+    #[serde(default)]
     fds: Vec<String>,
 }
 
@@ -76,11 +78,6 @@ pub(crate) fn request(socket: &Path, timeout: Duration) -> Result<Option<Offered
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(io("setting up the connection"))?;
-    let peer = rustix::net::sockopt::socket_peercred(&stream)
-        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
-    let pid = peer.pid.as_raw_nonzero().get() as u32;
-    let pidfd = rustix::process::pidfd_open(peer.pid, rustix::process::PidfdFlags::empty())
-        .map_err(|e| format!("cannot watch pid {pid}: {e}"))?;
     {
         use std::io::Write as _;
         stream
@@ -98,10 +95,21 @@ pub(crate) fn request(socket: &Path, timeout: Duration) -> Result<Option<Offered
     })?;
     if !answer.ok {
         return Err(format!(
-            "refused by pid {pid}: {}",
+            "refused: {}",
             answer.error.as_deref().unwrap_or("no reason given")
         ));
     }
+    // The pid in the answer, not the socket's peer credentials: those name
+    // whichever generation called listen(), long gone after a take-over.
+    let pid = answer
+        .pid
+        .ok_or_else(|| "the answer has no pid".to_owned())?;
+    let pidfd = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| format!("bad pid {pid} in the answer"))
+        .and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                .map_err(|e| format!("cannot watch pid {pid}: {e}"))
+        })?;
     let generation = answer
         .generation
         .ok_or_else(|| "the answer has no generation".to_owned())?;

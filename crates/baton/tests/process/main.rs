@@ -9,6 +9,7 @@ mod lifecycle;
 mod rollback;
 mod settle;
 mod sockets;
+mod takeover;
 mod upgrade_races;
 
 use std::net::SocketAddr;
