@@ -73,6 +73,9 @@ enum Command {
         /// Only validate the configuration and exit, as `baton check` does (nginx's `-t`).
         #[arg(long, short = 't', requires = "config")]
         test: bool,
+        /// Take over the sockets of the proxy serving the configured control socket, if one runs; else start on its own.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a proxy configuration: exit 0, or 1 with FILE:LINE:COL: message for every problem.
     #[command(group(clap::ArgGroup::new("file").args(["path", "config"]).required(true)))]
@@ -372,9 +375,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Proxy {
             config: Some(config),
             test: true,
+            ..
         } => Ok(check_exit(&config)),
-        Command::Proxy { config, .. } => {
-            proxy::run(config).await?;
+        Command::Proxy {
+            config, takeover, ..
+        } => {
+            proxy::run(config, takeover).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { path, config } => {

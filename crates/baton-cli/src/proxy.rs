@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 /// Runs the proxy with the configuration at `config` (or the built-in one)
-/// until it is stopped or upgraded away.
-pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+/// until it is stopped or upgraded away; `takeover`: from the proxy that
+/// serves the configured control socket, if one does.
+pub async fn run(config: Option<PathBuf>, takeover: bool) -> anyhow::Result<()> {
     // Absolute, so `status` names the file unambiguously.
     let config = config.map(|p| std::path::absolute(&p).unwrap_or(p));
     let cfg = match &config {
@@ -21,7 +22,8 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         .drain_timeout(cfg.server.drain_timeout)
         .upgrade_timeout(cfg.server.upgrade_timeout)
         .idle_grace(cfg.server.idle_grace)
-        .settle(cfg.server.settle);
+        .settle(cfg.server.settle)
+        .takeover(takeover);
     if let Some(pid_file) = &cfg.server.pid_file {
         builder = builder.pid_file(pid_file);
     }

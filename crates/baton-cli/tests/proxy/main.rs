@@ -10,6 +10,7 @@ mod reload;
 mod routing;
 mod settle;
 mod smuggling;
+mod takeover;
 mod tcp;
 mod upgrade;
 mod websocket;
