@@ -224,6 +224,9 @@ struct RunArgs {
     /// After a reload, how long the new child must stay up once ready before the old one is stopped and the reload reported ok.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     settle: Duration,
+    /// Take the sockets over from the `baton run` serving --control-socket, if one runs (its child is stopped once ours is ready); else bind them.
+    #[arg(long, requires = "control_socket")]
+    takeover: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<std::ffi::OsString>,
@@ -345,6 +348,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 settle: Some(a.settle),
                 control_socket: a.control_socket,
                 pid_file: a.pid_file,
+                takeover: a.takeover,
             })
             .await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))

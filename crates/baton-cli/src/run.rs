@@ -15,7 +15,9 @@ pub async fn run(options: baton_supervisor::Options) -> anyhow::Result<i32> {
         Ok(sup) => sup,
         // The program itself failed: that is the operation failing (1),
         // not bad usage (2).
-        Err(e @ baton_supervisor::Error::FirstChild(_)) => {
+        Err(
+            e @ (baton_supervisor::Error::FirstChild(_) | baton_supervisor::Error::Takeover(_)),
+        ) => {
             eprintln!("baton run: {e}");
             return Ok(1);
         }

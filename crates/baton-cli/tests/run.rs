@@ -708,3 +708,178 @@ fn a_new_child_dying_within_the_settle_period_fails_the_reload() {
     let mut server = run.server;
     assert!(server.first_exit().is_none(), "the supervisor exited");
 }
+
+/// `baton run --takeover ARGS -- COMMAND` for the control socket of `run`,
+/// started through a shell as a deploy script would.
+fn deploy_supervisor(run: &Run, tag: &str, args: &[&str], command: &[&str]) -> Server {
+    let b = baton();
+    let mut all = vec![
+        "-c",
+        r#"exec "$0" "$@""#,
+        b.to_str().unwrap(),
+        "run",
+        "--control-socket",
+        run.control.to_str().unwrap(),
+        "--takeover",
+    ];
+    all.extend_from_slice(args);
+    all.push("--");
+    all.extend_from_slice(command);
+    Server::spawn_logged(
+        Path::new("/bin/sh"),
+        &all,
+        &run.dir,
+        &[("RUST_LOG", "info")],
+        tag,
+        |_| {},
+    )
+}
+
+/// Takes over `count` times from the supervisor `run` started; every old
+/// supervisor and its child exit; returns the last supervisor.
+fn supervisor_takeovers(run: &mut Run, count: usize, args: &[&str], command: &[&str]) -> Server {
+    let mut current: Option<Server> = None;
+    for i in 0..count {
+        let status = run.status();
+        let (old_sup, old_child) = (
+            status["supervisor_pid"].as_u64().unwrap() as u32,
+            status["pid"].as_u64().unwrap() as u32,
+        );
+        let generation = status["generation"].as_u64().unwrap();
+        let mut next = deploy_supervisor(run, &format!("takeover-{i}"), args, command);
+        let pid = next.first_pid();
+        // The control socket answers from the new supervisor once it took
+        // over; the old one stops its child and exits 0.
+        assert_eventually!(
+            Duration::from_secs(30),
+            run.status()["supervisor_pid"] == pid || next.first_exit().is_some(),
+            "take-over {i} did not happen"
+        );
+        assert!(next.first_exit().is_none(), "{}", next.stderr());
+        let status = run.status();
+        assert_eq!(status["generation"], generation + 1, "{status}");
+        next.track(status["pid"].as_u64().unwrap() as u32);
+        let old_exit = match current.as_mut() {
+            Some(s) => {
+                assert_eventually!(
+                    Duration::from_secs(20),
+                    s.first_exit().is_some(),
+                    "old supervisor {old_sup} still running"
+                );
+                s.first_exit().unwrap()
+            }
+            None => {
+                assert_eventually!(
+                    Duration::from_secs(20),
+                    run.server.first_exit().is_some(),
+                    "first supervisor still running"
+                );
+                run.server.first_exit().unwrap()
+            }
+        };
+        assert_eq!(old_exit.code(), Some(0), "take-over {i}: old supervisor");
+        assert_eventually!(
+            Duration::from_secs(20),
+            baton_testkit::proc_state(old_child).is_none(),
+            "take-over {i}: old child {old_child} still there"
+        );
+        current = Some(next);
+    }
+    current.unwrap()
+}
+
+#[test]
+fn a_new_supervisor_takes_over_under_load_and_a_failing_one_changes_nothing() {
+    let fx = fixture();
+    let args = [
+        "--listen",
+        "http=127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--drain-timeout",
+        "10s",
+        "--settle",
+        "200ms",
+    ];
+    let command = ["python3", fx.to_str().unwrap()];
+    let mut all = vec!["--takeover"];
+    all.extend_from_slice(&args);
+    let mut run = Run::start(&all, &command);
+    let addr = run.addr();
+    let inode = baton_testkit::tcp_listen_inodes(addr.port());
+    let load = Load::start(Target::Tcp(addr), 4, 4, Duration::from_secs(120));
+    load.wait_for_progress(100, Duration::from_secs(10));
+
+    let last = supervisor_takeovers(&mut run, 3, &args, &command);
+    load.wait_for_progress(100, Duration::from_secs(10));
+    assert_eq!(
+        baton_testkit::tcp_listen_inodes(addr.port()),
+        inode,
+        "the same socket throughout"
+    );
+
+    // A new supervisor whose child fails: the running one and its child
+    // are untouched; the new one exits 1 saying why.
+    let status = run.status();
+    let mut bad = deploy_supervisor(&run, "bad", &args, &["sh", "-c", "echo broken >&2; exit 3"]);
+    assert_eventually!(
+        Duration::from_secs(30),
+        bad.first_exit().is_some(),
+        "the failing supervisor is still running"
+    );
+    assert_eq!(
+        bad.first_exit().unwrap().code(),
+        Some(1),
+        "{}",
+        bad.stderr()
+    );
+    assert!(
+        bad.stderr().contains("exited with status 3"),
+        "{}",
+        bad.stderr()
+    );
+    let after = run.status();
+    assert_eq!(after["supervisor_pid"], last.first_pid(), "{after}");
+    assert_eq!(after["pid"], status["pid"], "{after}");
+    assert_eq!(after["last_takeover"]["ok"], false, "{after}");
+    load.wait_for_progress(100, Duration::from_secs(10));
+
+    let report = load.stop();
+    assert_no_loss(&report);
+    assert!(
+        report
+            .bodies
+            .iter()
+            .any(|b| b.contains("python generation 4")),
+        "the last child served: {:?}",
+        report.bodies.iter().rev().take(3).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_new_supervisor_takes_over_port_env_forwarding() {
+    let www = TempDir::new("www-takeover");
+    std::fs::write(www.join("index.html"), "hello from http.server\n").unwrap();
+    let cmd = format!(
+        "exec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory {}",
+        www.path().display()
+    );
+    let args = [
+        "--listen",
+        "web=127.0.0.1:0",
+        "--port-env",
+        "web=PORT",
+        "--drain-timeout",
+        "10s",
+    ];
+    let command = ["sh", "-c", cmd.as_str()];
+    let mut all = vec!["--takeover"];
+    all.extend_from_slice(&args);
+    let mut run = Run::start(&all, &command);
+    let load = Load::start(Target::Tcp(run.addr()), 2, 2, Duration::from_secs(120));
+    load.wait_for_progress(100, Duration::from_secs(10));
+    let _last = supervisor_takeovers(&mut run, 1, &args, &command);
+    load.wait_for_progress(100, Duration::from_secs(10));
+    let report = load.stop();
+    assert_no_loss(&report);
+}

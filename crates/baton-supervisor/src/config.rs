@@ -92,6 +92,9 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Pid file path (the supervisor's pid).
     pub pid_file: Option<PathBuf>,
+    /// Take the sockets over from the supervisor serving the control
+    /// socket, if one does.
+    pub takeover: bool,
 }
 
 /// Raw options, as given on the command line.
@@ -120,6 +123,8 @@ pub struct Options {
     pub control_socket: Option<PathBuf>,
     /// `--pid-file`.
     pub pid_file: Option<PathBuf>,
+    /// `--takeover`.
+    pub takeover: bool,
 }
 
 /// Parses `HUP`, `SIGHUP`, `sigterm`, `1` ([`baton::signals::parse`]).
@@ -180,6 +185,11 @@ impl Options {
                 None => ReadyMode::Delay(Duration::from_secs(1)),
             },
         };
+        if self.takeover && self.control_socket.is_none() {
+            return Err(bad(
+                "--takeover needs --control-socket (where the running supervisor is asked)".into(),
+            ));
+        }
         let stop_signal = match self.stop_signal {
             Some(s) => parse_signal(&s).map_err(|e| bad(format!("--stop-signal {e}")))?,
             None => libc::SIGTERM,
@@ -195,6 +205,7 @@ impl Options {
             settle: self.settle.unwrap_or(Duration::from_secs(2)),
             control_socket: self.control_socket,
             pid_file: self.pid_file,
+            takeover: self.takeover,
         })
     }
 }

@@ -57,4 +57,8 @@ pub enum Error {
     /// The first child did not start or did not become ready.
     #[error("the first child failed: {0}")]
     FirstChild(String),
+    /// `--takeover`: a supervisor answers on the control socket but did not
+    /// hand its sockets over, or gave up on this one. Nothing was bound.
+    #[error("{0}")]
+    Takeover(#[source] baton::Error),
 }

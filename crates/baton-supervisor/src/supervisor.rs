@@ -59,6 +59,12 @@ struct Inner {
     command: Mutex<Vec<OsString>>,
     /// Sockets handed to each child as fds: (name, socket).
     passed: Vec<(String, OwnedFd)>,
+    /// Copies of the `--port-env` listeners and of the control socket's
+    /// listening socket, for a supervisor that takes over from this one.
+    kept: Vec<(String, OwnedFd)>,
+    /// Set once another supervisor took over: the paths are its now.
+    handed_over: AtomicBool,
+    last_takeover: Mutex<Option<Value>>,
     current: watch::Sender<Option<Arc<Generation>>>,
     generations: AtomicU64,
     crash_restarts: AtomicU64,
@@ -102,13 +108,34 @@ fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 impl Supervisor {
     /// Binds the sockets, starts the first child and waits until it is
     /// ready, then serves the control socket and writes the pid file.
+    ///
+    /// With `--takeover`, the sockets come from the supervisor serving the
+    /// control socket, if one does (listeners it does not have are bound):
+    /// once the first child is ready, that supervisor is told, stops its
+    /// own child gracefully and exits; only then does this one serve the
+    /// control socket and write the pid file.
     pub async fn start(config: Config) -> Result<Supervisor, Error> {
+        let mut offer = match (&config.control_socket, config.takeover) {
+            (Some(path), true) => {
+                baton::takeover::request(path, config.ready_timeout).map_err(Error::Takeover)?
+            }
+            _ => None,
+        };
+        let mut offered = offer
+            .as_mut()
+            .map(|o| std::mem::take(&mut o.fds))
+            .unwrap_or_default();
         let mut passed = Vec::new();
         let mut forwarded = Vec::new();
+        let mut kept = Vec::new();
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let what = format!("--listen {}={}", l.name, l.spec);
-            let fd = l.spec.bind().map_err(|source| {
+            let fd = match take(&mut offered, &l.name) {
+                Some(fd) => Ok(fd),
+                None => l.spec.bind(),
+            };
+            let fd = fd.map_err(|source| {
                 if source.kind() == std::io::ErrorKind::AddrInUse {
                     Error::InUse {
                         holders: holders::describe(l.spec.kind, &l.spec.address),
@@ -126,9 +153,31 @@ impl Supervisor {
             tracing::info!(name = %l.name, address = %addr, port_env = ?l.port_env, "listening");
             listeners.push(json!({"name": l.name, "kind": l.spec.kind, "address": addr.to_string(), "port_env": l.port_env}));
             match &l.port_env {
-                Some(var) => forwarded.push((var.clone(), fd)),
+                Some(var) => {
+                    let copy = fd.try_clone().map_err(setup(what.clone()))?;
+                    kept.push((l.name.clone(), copy));
+                    forwarded.push((var.clone(), fd));
+                }
                 None => passed.push((l.name.clone(), fd)),
             }
+        }
+        let control_fd = match &config.control_socket {
+            Some(path) => {
+                let fd = match take(&mut offered, env::CONTROL_FD_NAME) {
+                    Some(fd) => fd,
+                    None => control::bind(path)
+                        .map_err(setup(format!("control socket {}", path.display())))?,
+                };
+                let copy = fd
+                    .try_clone()
+                    .map_err(setup(format!("control socket {}", path.display())))?;
+                kept.push((env::CONTROL_FD_NAME.to_owned(), copy));
+                Some(fd)
+            }
+            None => None,
+        };
+        for (name, _) in offered {
+            tracing::info!(name, "closing a taken-over socket nobody asked for");
         }
         let notify_dir = std::env::temp_dir().join(format!("baton-run-{}", std::process::id()));
         {
@@ -145,10 +194,16 @@ impl Supervisor {
         let sup = Supervisor {
             inner: Arc::new(Inner {
                 command: Mutex::new(config.command.clone()),
-                config,
                 passed,
+                kept,
+                handed_over: AtomicBool::new(false),
+                last_takeover: Mutex::new(None),
                 current,
-                generations: AtomicU64::new(0),
+                // A take-over continues the numbering of the children.
+                generations: AtomicU64::new(
+                    offer.as_ref().map_or(0, |o| o.generation.saturating_sub(1)),
+                ),
+                config,
                 crash_restarts: AtomicU64::new(0),
                 transition: tokio::sync::Mutex::new(()),
                 backoff: Mutex::new(Duration::ZERO),
@@ -162,7 +217,27 @@ impl Supervisor {
                 background: Mutex::new(Vec::new()),
             }),
         };
-        let first = sup.start_generation().await.map_err(Error::FirstChild)?;
+        let first = match sup.start_generation().await {
+            Ok(first) => first,
+            Err(reason) => {
+                if let Some(offer) = offer {
+                    offer.fail(&reason);
+                }
+                return Err(Error::FirstChild(reason));
+            }
+        };
+        let acked = match offer {
+            None => None,
+            Some(offer) => match offer.ready().await {
+                Ok(acked) => Some(acked),
+                Err(e) => {
+                    let (signal, drain) =
+                        (sup.inner.config.stop_signal, sup.inner.config.drain_timeout);
+                    stop_gracefully(&first.child, signal, drain).await;
+                    return Err(Error::Takeover(e));
+                }
+            },
+        };
         sup.inner.current.send_replace(Some(first.clone()));
         sup.monitor(first.clone());
         for (var, fd) in forwarded {
@@ -171,9 +246,7 @@ impl Supervisor {
             let s = sup.clone();
             tokio::spawn(async move { s.forward(listener, var).await });
         }
-        if let Some(path) = &sup.inner.config.control_socket {
-            let fd =
-                control::bind(path).map_err(setup(format!("control socket {}", path.display())))?;
+        if let (Some(path), Some(fd)) = (&sup.inner.config.control_socket, control_fd) {
             let std = std::os::unix::net::UnixListener::from(fd);
             let listener = tokio::net::UnixListener::from_std(std)
                 .map_err(setup(format!("control socket {}", path.display())))?;
@@ -188,6 +261,10 @@ impl Supervisor {
                 .map_err(setup(format!("pid file {}", path.display())))?;
         }
         let _ = baton::sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+        if let Some(acked) = acked {
+            acked.confirm(Ok(())).await;
+            tracing::info!("took over from the previous supervisor");
+        }
         tracing::info!(
             pid = first.child.pid(),
             generation = first.number,
@@ -564,7 +641,9 @@ impl Supervisor {
         if self.inner.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        let _ = baton::sd_notify("STOPPING=1");
+        if !self.inner.handed_over.load(Ordering::SeqCst) {
+            let _ = baton::sd_notify("STOPPING=1");
+        }
         self.inner.drain.start();
         // No transition runs past this point (they all check `stopping`).
         let _one = self.inner.transition.lock().await;
@@ -607,13 +686,17 @@ impl Supervisor {
             }
         };
         self.inner.drain.start();
+        let _ = std::fs::remove_dir_all(&self.inner.notify_dir);
+        if self.inner.handed_over.load(Ordering::SeqCst) {
+            // The paths belong to the supervisor that took over.
+            return code;
+        }
         if let Some(p) = &self.inner.config.pid_file {
             let _ = std::fs::remove_file(p);
         }
         if let Some(p) = &self.inner.config.control_socket {
             let _ = std::fs::remove_file(p);
         }
-        let _ = std::fs::remove_dir_all(&self.inner.notify_dir);
         for l in &self.inner.config.listeners {
             if l.spec.kind == baton::ListenerKind::Unix {
                 let _ = std::fs::remove_file(&l.spec.address);
@@ -638,8 +721,86 @@ impl Supervisor {
             "command": lock(&self.inner.command).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
             "listeners": self.inner.listeners,
             "last_reload": *lock(&self.inner.last_reload),
+            "last_takeover": *lock(&self.inner.last_takeover),
         })
     }
+
+    /// Another supervisor asked for our sockets: hand them over, and once
+    /// its child is ready, stop ours gracefully and exit.
+    async fn hand_over(&self, conn: tokio::net::UnixStream) {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return control::refuse(conn, "the supervisor is stopping".into()).await;
+        }
+        // No reload or crash restart while the sockets change hands.
+        let Ok(one) = self.inner.transition.try_lock() else {
+            return control::refuse(conn, "a reload is already in progress".into()).await;
+        };
+        let mut fds = Vec::new();
+        for (name, fd) in self.inner.passed.iter().chain(&self.inner.kept) {
+            match fd.try_clone() {
+                Ok(dup) => fds.push((name.clone(), dup)),
+                Err(e) => {
+                    return control::refuse(conn, format!("cannot duplicate {name}: {e}")).await
+                }
+            }
+        }
+        let generation = self.inner.generations.load(Ordering::SeqCst) + 1;
+        let started = Instant::now();
+        let cfg = &self.inner.config;
+        let result = match baton::takeover::offer(conn, generation, fds, cfg.ready_timeout).await {
+            Err(e) => Err(e.to_string()),
+            Ok(mut successor) => {
+                let pid = successor.pid();
+                self.inner.handed_over.store(true, Ordering::SeqCst);
+                // No more forwarding or control answers here: the new
+                // supervisor does both now.
+                self.inner.drain.start();
+                if let Err(reason) = successor.confirm(CONFIRM_TIMEOUT).await {
+                    tracing::warn!(pid, %reason, "the new supervisor did not confirm");
+                }
+                Ok(pid)
+            }
+        };
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        *lock(&self.inner.last_takeover) = Some(match &result {
+            Ok(pid) => json!({"ok": true, "pid": pid, "elapsed_ms": elapsed_ms}),
+            Err(e) => json!({"ok": false, "error": e, "elapsed_ms": elapsed_ms}),
+        });
+        drop(one);
+        match result {
+            Err(reason) => {
+                tracing::error!(%reason, "take-over failed; this supervisor and its child keep serving");
+            }
+            Ok(pid) => {
+                tracing::info!(
+                    pid,
+                    elapsed_ms,
+                    "a new supervisor took over; stopping our child"
+                );
+                // Forwarded connections finish on our child first.
+                let current = self.inner.current.borrow().clone();
+                if let Some(gen) = current {
+                    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
+                    while gen.conns.load(Ordering::SeqCst) > 0
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                self.stop().await;
+            }
+        }
+    }
+}
+
+/// How long a supervisor that handed over waits for the new one to confirm
+/// that it is active.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Removes and returns the fd named `name` from a take-over's fds.
+fn take(fds: &mut Vec<(String, OwnedFd)>, name: &str) -> Option<OwnedFd> {
+    let i = fds.iter().position(|(n, _)| n == name)?;
+    Some(fds.remove(i).1)
 }
 
 impl control::Handler for Supervisor {
@@ -671,6 +832,10 @@ impl control::Handler for Supervisor {
                 json!({"ok": false, "error": "a take-over is answered on its own connection"})
             }
         }
+    }
+
+    async fn takeover(&self, conn: tokio::net::UnixStream) {
+        self.hand_over(conn).await;
     }
 }
 

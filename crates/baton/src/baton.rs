@@ -1303,7 +1303,7 @@ fn current_exe() -> PathBuf {
 
 /// Asks the generation serving the control socket to hand over (see
 /// [`Builder::takeover`]).
-fn take_over_from(settings: &Builder) -> Result<Option<crate::takeover::Offered>, Error> {
+fn take_over_from(settings: &Builder) -> Result<Option<crate::takeover::Offer>, Error> {
     let Some(path) = settings.control_socket.clone() else {
         return Err(Error::Takeover {
             path: PathBuf::new(),
@@ -1311,7 +1311,6 @@ fn take_over_from(settings: &Builder) -> Result<Option<crate::takeover::Offered>
         });
     };
     crate::takeover::request(&path, settings.upgrade_timeout)
-        .map_err(|reason| Error::Takeover { path, reason })
 }
 
 /// Adopts the fds described by `LISTEN_FDS`/`LISTEN_FDNAMES` when

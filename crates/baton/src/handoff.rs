@@ -107,6 +107,7 @@ pub(crate) struct NextGeneration {
 
 /// A new generation that is ready; the old one must stop accepting, then
 /// call [`ReadyChild::ack`].
+#[derive(Debug)]
 pub(crate) struct ReadyChild {
     pub upgraded: Upgraded,
     /// The new generation itself: killed (or, when it took over, told no)

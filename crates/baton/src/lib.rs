@@ -79,7 +79,7 @@ mod reload;
 pub mod signals;
 pub mod sync;
 mod sys;
-mod takeover;
+pub mod takeover;
 
 pub use crate::baton::{Baton, Builder, State, StopReason};
 pub use crate::drain::{Drain, DrainOutcome, Shutdown};

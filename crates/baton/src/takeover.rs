@@ -1,5 +1,12 @@
-//! Take-over by an independently started process, its side: ask the
-//! running generation's control socket for its sockets.
+//! Take-over by an independently started process, both sides, for
+//! programs that manage their own children (`baton run`). A Baton server
+//! needs none of this: [`Builder::takeover`](crate::Builder::takeover) and
+//! the control socket do it.
+//!
+//! The new process calls [`request`], starts serving on the fds of the
+//! [`Offer`], then [`Offer::ready`] and [`Acked::confirm`]. The running one,
+//! asked in [`control::Handler::takeover`](crate::control::Handler::takeover),
+//! calls [`offer`] and [`Successor::confirm`], then stops.
 //!
 //! The request is `{"command":"takeover"}`; the answer is one line,
 //! `{"ok":true,"generation":N,"pid":P,"fds":["name",...]}`, with the fds
@@ -16,18 +23,98 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::error::{Error, UpgradeError};
 use crate::fdpass;
-use crate::handoff::{ChildHandshake, Parent};
+use crate::handoff::{self, ChildHandshake, Handover, Parent, ReadyChild};
 use crate::line::MAX_LINE;
 
 /// What the running generation handed over.
-pub(crate) struct Offered {
+#[derive(Debug)]
+pub struct Offer {
     /// This process's generation number.
     pub generation: u64,
-    /// (name, fd) as the running generation named them.
+    /// The running generation's pid.
+    pub pid: u32,
+    /// (name, fd) as the running generation named them: its listeners, then
+    /// the control socket ([`CONTROL_FD_NAME`](crate::env::CONTROL_FD_NAME)).
     pub fds: Vec<(String, OwnedFd)>,
     /// The connection, now the handshake channel.
-    pub handshake: ChildHandshake,
+    pub(crate) handshake: ChildHandshake,
+}
+
+impl Offer {
+    /// Reports that this process is ready (it serves on the fds) and waits
+    /// for the running generation to stop accepting. `Error::Refused`: it
+    /// gave up on this one; exit.
+    pub async fn ready(self) -> Result<Acked, Error> {
+        match self.handshake.ready().await? {
+            Handover::Confirm(c) => Ok(Acked(Some(c))),
+            Handover::Orphaned => Ok(Acked(None)),
+        }
+    }
+
+    /// Reports a start-up failure to the running generation, which keeps
+    /// serving and logs `message`.
+    pub fn fail(self, message: &str) {
+        self.handshake.fail(message);
+    }
+}
+
+/// The running generation stopped accepting (or died: then there is no one
+/// to confirm to); this process is the service now.
+#[derive(Debug)]
+pub struct Acked(Option<handoff::Confirm>);
+
+impl Acked {
+    /// Tells the previous generation that this one is active (pid file
+    /// written, control socket served), or what went wrong.
+    pub async fn confirm(self, result: Result<(), String>) {
+        if let Some(c) = self.0 {
+            // The link would carry `leaving`; nobody settles on it here.
+            drop(c.send(result).await);
+        }
+    }
+}
+
+/// The running side: sends `fds` (listeners, then the control socket) to
+/// the process that asked on `conn`, as generation `generation`, and waits
+/// up to `timeout` until it is ready, fails or exits. On failure it has
+/// been told why; this side keeps serving.
+pub async fn offer(
+    conn: tokio::net::UnixStream,
+    generation: u64,
+    fds: Vec<(String, OwnedFd)>,
+    timeout: Duration,
+) -> Result<Successor, UpgradeError> {
+    let ready = handoff::accept_takeover(
+        conn,
+        handoff::TakeoverOffer {
+            generation,
+            fds,
+            timeout,
+            abort: tokio_util::sync::CancellationToken::new(),
+        },
+    )
+    .await?;
+    Ok(Successor(ready))
+}
+
+/// A process that took over and is ready: stop accepting, then
+/// [`confirm`](Self::confirm).
+#[derive(Debug)]
+pub struct Successor(ReadyChild);
+
+impl Successor {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.0.upgraded.pid
+    }
+
+    /// Tells it to become active and waits (up to `timeout`) for it to
+    /// confirm that it is.
+    pub async fn confirm(&mut self, timeout: Duration) -> Result<(), String> {
+        self.0.ack(timeout).await
+    }
 }
 
 #[derive(Deserialize)]
@@ -46,8 +133,26 @@ struct Answer {
 /// Asks whatever serves `socket` to hand its sockets over, waiting at most
 /// `timeout` for each step of the answer. `Ok(None)`: nothing listens there
 /// (no socket file, or a stale one), so this process starts on its own.
-/// `Err`: something is there but did not hand over; the reason says why.
-pub(crate) fn request(socket: &Path, timeout: Duration) -> Result<Option<Offered>, String> {
+/// `Err` ([`Error::Takeover`]): something is there but did not hand over;
+/// the reason says why.
+///
+/// ```no_run
+/// # fn f() -> Result<(), baton::Error> {
+/// let offer = baton::takeover::request("/run/app.sock".as_ref(), std::time::Duration::from_secs(30))?;
+/// match offer {
+///     Some(offer) => println!("generation {} gets {} sockets", offer.generation, offer.fds.len()),
+///     None => println!("nothing to take over: bind"),
+/// }
+/// # Ok(()) }
+/// ```
+pub fn request(socket: &Path, timeout: Duration) -> Result<Option<Offer>, Error> {
+    attempt(socket, timeout).map_err(|reason| Error::Takeover {
+        path: socket.to_path_buf(),
+        reason,
+    })
+}
+
+fn attempt(socket: &Path, timeout: Duration) -> Result<Option<Offer>, String> {
     let mut stream = match UnixStream::connect(socket) {
         Ok(s) => s,
         Err(e)
@@ -136,8 +241,9 @@ pub(crate) fn request(socket: &Path, timeout: Duration) -> Result<Option<Offered
         parent: Arc::new(Parent::TakenOver { pid, pidfd }),
         ready_started: Arc::default(),
     };
-    Ok(Some(Offered {
+    Ok(Some(Offer {
         generation,
+        pid,
         fds: answer.fds.into_iter().zip(fds).collect(),
         handshake,
     }))
