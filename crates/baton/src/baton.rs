@@ -510,7 +510,11 @@ impl Baton {
         let mut held = lock(&self.inner.held);
         let before = held.len();
         held.retain(|(h, _)| h.name != name);
-        held.len() != before
+        let released = held.len() != before;
+        if released {
+            notify::remove_stored(name);
+        }
+        released
     }
 
     /// The listeners this generation holds.
@@ -631,6 +635,7 @@ impl Baton {
         // Unclaimed inherited fds: listeners the new configuration dropped.
         for f in lock(&self.inner.inherited).take_rest() {
             tracing::info!(name = %f.name, address = %f.addr, "closing inherited listener nobody claimed");
+            notify::remove_stored(&f.name);
         }
         if let Some(path) = &self.inner.settings.pid_file {
             pidfile::write(path, self.inner.pid).map_err(|source| Error::PidFile {
@@ -658,12 +663,36 @@ impl Baton {
             notify::notify_logged(&format!("READY=1\nMAINPID={}", self.inner.pid));
         }
         self.start_control()?;
+        self.keep_in_fd_store();
         tracing::info!(
             generation = self.inner.generation,
             pid = self.inner.pid,
             "active"
         );
         Ok(())
+    }
+
+    /// With a service manager's fd store: every listener and the control
+    /// socket go there, so that a restart of the service (or a crash) gets
+    /// the very same sockets back.
+    fn keep_in_fd_store(&self) {
+        use std::os::fd::AsFd;
+        let held = lock(&self.inner.held);
+        let control = lock(&self.inner.control);
+        let mut fds: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = held
+            .iter()
+            .map(|(h, _)| (h.name.as_str(), h.fd.as_fd()))
+            .collect();
+        if let Some((_, fd, _)) = control.as_ref() {
+            fds.push((env::CONTROL_FD_NAME, fd.as_fd()));
+        }
+        match notify::store_fds(&fds) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sockets = n, "kept in the service manager's fd store"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep the sockets in the service manager's fd store")
+            }
+        }
     }
 
     /// Reports a startup failure to the previous generation (which then
@@ -1203,7 +1232,9 @@ impl Baton {
             if let Some(path) = &self.inner.settings.pid_file {
                 pidfile::remove_if_ours(path, self.inner.pid);
             }
-            if let Some((path, _, _)) = &control {
+            // A control socket kept in the fd store lives on for the next
+            // start of the service: its path must too.
+            if let Some((path, _, _)) = control.as_ref().filter(|_| !notify::fd_store_enabled()) {
                 let _ = std::fs::remove_file(path);
             }
         }

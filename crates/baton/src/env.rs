@@ -10,6 +10,10 @@ pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 /// systemd notification socket (`sd_notify`).
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// systemd (254 and later) sets it to `FileDescriptorStoreMax=` when the
+/// service has a file descriptor store; Baton then keeps its listeners
+/// there.
+pub const FDSTORE: &str = "FDSTORE";
 
 /// Generation number of this process: 1 at first start, +1 per upgrade.
 pub const BATON_GENERATION: &str = "BATON_GENERATION";

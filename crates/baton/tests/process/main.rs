@@ -4,6 +4,7 @@
 
 mod bounds;
 mod drain;
+mod fd_store;
 mod handoff;
 mod lifecycle;
 mod rollback;
