@@ -883,3 +883,87 @@ fn a_new_supervisor_takes_over_port_env_forwarding() {
     let report = load.stop();
     assert_no_loss(&report);
 }
+
+#[test]
+fn stop_and_start_through_a_service_managers_fd_store_refuse_no_connection() {
+    baton_testkit::become_subreaper();
+    let dir = TempDir::new("run-fd-store");
+    let manager_py = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../baton/tests/process/fixtures/fd_store_manager.py");
+    let notify = dir.join("notify.sock");
+    let fifo = dir.fifo("commands");
+    let control = dir.join("control.sock");
+    let fx = fixture();
+    let b = baton();
+    let args = [
+        manager_py.to_str().unwrap(),
+        notify.to_str().unwrap(),
+        fifo.to_str().unwrap(),
+        "--",
+        b.to_str().unwrap(),
+        "run",
+        "--listen",
+        "http=127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--control-socket",
+        control.to_str().unwrap(),
+        "--drain-timeout",
+        "5s",
+        "--",
+        "python3",
+        fx.to_str().unwrap(),
+    ];
+    let mut manager = Server::spawn(Path::new("python3"), &args, &dir, &[("RUST_LOG", "info")]);
+    let tell = |command: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        writeln!(f, "{command}").unwrap();
+    };
+    // READY=1 comes after the supervisor stored its sockets.
+    manager.wait_event(Duration::from_secs(30), |e| e["what"] == "ready");
+    let status =
+        baton_testkit::control(&control, r#"{"command":"status"}"#, Duration::from_secs(10));
+    manager.track(status["pid"].as_u64().unwrap() as u32);
+    let addr: SocketAddr = status["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let inode = baton_testkit::tcp_listen_inodes(addr.port());
+    let load = Load::start(Target::Tcp(addr), 0, 4, Duration::from_secs(120));
+    let probe = baton_testkit::Prober::start(addr, 2, Duration::from_secs(120));
+    load.wait_for_progress(100, Duration::from_secs(10));
+    for round in 0..2 {
+        tell("stop");
+        let exited = manager.wait_event(Duration::from_secs(30), |e| e["what"] == "exited");
+        assert_eq!(exited["status"], 0, "round {round}: {exited}");
+        tell("start");
+        let started = manager.wait_event(Duration::from_secs(30), |e| e["what"] == "started");
+        assert_eq!(
+            started["fds"],
+            serde_json::json!(["http", "baton-control"]),
+            "round {round}: {started}"
+        );
+        manager.wait_event(Duration::from_secs(30), |e| e["what"] == "ready");
+        let status =
+            baton_testkit::control(&control, r#"{"command":"status"}"#, Duration::from_secs(10));
+        assert_eq!(status["supervisor_pid"], started["service_pid"], "{status}");
+        manager.track(status["pid"].as_u64().unwrap() as u32);
+        assert_eq!(
+            status["listeners"][0]["address"],
+            addr.to_string(),
+            "{status}"
+        );
+        assert_eq!(
+            baton_testkit::tcp_listen_inodes(addr.port()),
+            inode,
+            "round {round}"
+        );
+        load.wait_for_progress(100, Duration::from_secs(10));
+    }
+    let report = baton_testkit::assert_none_refused(load, probe);
+    assert_no_loss(&report);
+    tell("quit");
+    manager.wait_event(Duration::from_secs(30), |e| e["what"] == "quit");
+}

@@ -57,6 +57,9 @@ pub enum Error {
     /// The first child did not start or did not become ready.
     #[error("the first child failed: {0}")]
     FirstChild(String),
+    /// The sockets a service manager passed (`LISTEN_FDS`) cannot be used.
+    #[error("inherited sockets: {0}")]
+    Inherited(#[source] baton::Error),
     /// `--takeover`: a supervisor answers on the control socket but did not
     /// hand its sockets over, or gave up on this one. Nothing was bound.
     #[error("{0}")]

@@ -121,10 +121,12 @@ impl Supervisor {
             }
             _ => None,
         };
-        let mut offered = offer
-            .as_mut()
-            .map(|o| std::mem::take(&mut o.fds))
-            .unwrap_or_default();
+        let mut offered = match offer.as_mut() {
+            Some(o) => std::mem::take(&mut o.fds),
+            // A service manager's sockets (socket activation, or its fd
+            // store after a restart) are taken by name the same way.
+            None => baton::listen_fds().map_err(Error::Inherited)?,
+        };
         let mut passed = Vec::new();
         let mut forwarded = Vec::new();
         let mut kept = Vec::new();
@@ -260,6 +262,7 @@ impl Supervisor {
             pidfile::write(path, std::process::id())
                 .map_err(setup(format!("pid file {}", path.display())))?;
         }
+        sup.keep_in_fd_store();
         let _ = baton::sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
         if let Some(acked) = acked {
             acked.confirm(Ok(())).await;
@@ -271,6 +274,26 @@ impl Supervisor {
             "child ready"
         );
         Ok(sup)
+    }
+
+    /// With a service manager's fd store, every socket goes there (by
+    /// name), so that a restart of the service gets them back.
+    fn keep_in_fd_store(&self) {
+        use std::os::fd::AsFd;
+        let fds: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = self
+            .inner
+            .passed
+            .iter()
+            .chain(&self.inner.kept)
+            .map(|(n, fd)| (n.as_str(), fd.as_fd()))
+            .collect();
+        match baton::sd_store_fds(&fds) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sockets = n, "kept in the service manager's fd store"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep the sockets in the service manager's fd store")
+            }
+        }
     }
 
     /// Starts a child and waits until it is ready; kills it on failure.
@@ -285,6 +308,7 @@ impl Supervisor {
             .argv(command.iter().cloned())
             .env(env::BATON_GENERATION, number.to_string())
             .env_remove("NOTIFY_SOCKET")
+            .env_remove(env::FDSTORE)
             .capture_stderr(true);
         for (name, fd) in &self.inner.passed {
             let dup = fd
@@ -693,6 +717,11 @@ impl Supervisor {
         }
         if let Some(p) = &self.inner.config.pid_file {
             let _ = std::fs::remove_file(p);
+        }
+        if baton::sd_fd_store_enabled() {
+            // The sockets live on in the fd store for the next start of
+            // the service: their paths must too.
+            return code;
         }
         if let Some(p) = &self.inner.config.control_socket {
             let _ = std::fs::remove_file(p);

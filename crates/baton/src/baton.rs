@@ -1332,6 +1332,57 @@ fn current_exe() -> PathBuf {
     }
 }
 
+/// Adopts `n` fds from 3 on, named by `LISTEN_FDNAMES`.
+fn adopt_listen_fds(n: i32) -> Result<Vec<InheritedFd>, Error> {
+    let names: Vec<String> = env::var(env::LISTEN_FDNAMES)
+        .map(|s| s.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut fds = Vec::new();
+    for i in 0..n {
+        let raw = sys::LISTEN_FDS_START + i;
+        let name = names
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned());
+        let fd = sys::adopt_fd(raw)
+            .map_err(|e| Error::Environment(format!("inherited fd {raw} ({name}): {e}")))?;
+        match listeners::describe(&fd) {
+            Ok((kind, addr)) => fds.push(InheritedFd {
+                name,
+                fd,
+                kind,
+                addr,
+            }),
+            Err(e) => {
+                tracing::warn!(fd = raw, name, error = %e, "ignoring inherited fd");
+            }
+        }
+    }
+    Ok(fds)
+}
+
+/// The sockets a service manager passed this process (`LISTEN_FDS` and
+/// `LISTEN_FDNAMES`, when `LISTEN_PID` is our pid: socket activation, or
+/// the fd store after a restart), as (name, fd), each checked to be a
+/// socket and made close-on-exec. For programs that manage sockets
+/// themselves (`baton run`); a [`Baton`] adopts them on its own. Empty
+/// without them, and for every call after the first (or after a `Baton`
+/// was built): each fd has one owner.
+pub fn listen_fds() -> Result<Vec<(String, OwnedFd)>, Error> {
+    let pid = std::process::id();
+    let ours = env::var(env::LISTEN_PID).and_then(|p| p.parse::<u32>().ok()) == Some(pid);
+    let Some(n) = env::var(env::LISTEN_FDS).and_then(|n| n.parse::<i32>().ok()) else {
+        return Ok(Vec::new());
+    };
+    if !ours || !sys::claim_inherited() {
+        return Ok(Vec::new());
+    }
+    Ok(adopt_listen_fds(n)?
+        .into_iter()
+        .map(|f| (f.name, f.fd))
+        .collect())
+}
+
 /// Asks the generation serving the control socket to hand over (see
 /// [`Builder::takeover`]).
 fn take_over_from(settings: &Builder) -> Result<Option<crate::takeover::Offer>, Error> {
@@ -1358,33 +1409,11 @@ fn adopt_inherited(pid: u32) -> Result<(Vec<InheritedFd>, Option<ChildHandshake>
         // A second Baton in the same process gets nothing inherited.
         return Ok((Vec::new(), None));
     }
-    let mut fds = Vec::new();
-    if ours {
-        let n = count.unwrap_or(0);
-        let names: Vec<String> = env::var(env::LISTEN_FDNAMES)
-            .map(|s| s.split(':').map(str::to_owned).collect())
-            .unwrap_or_default();
-        for i in 0..n {
-            let raw = sys::LISTEN_FDS_START + i;
-            let name = names
-                .get(i as usize)
-                .cloned()
-                .unwrap_or_else(|| "unknown".to_owned());
-            let fd = sys::adopt_fd(raw)
-                .map_err(|e| Error::Environment(format!("inherited fd {raw} ({name}): {e}")))?;
-            match listeners::describe(&fd) {
-                Ok((kind, addr)) => fds.push(InheritedFd {
-                    name,
-                    fd,
-                    kind,
-                    addr,
-                }),
-                Err(e) => {
-                    tracing::warn!(fd = raw, name, error = %e, "ignoring inherited fd");
-                }
-            }
-        }
-    }
+    let fds = if ours {
+        adopt_listen_fds(count.unwrap_or(0))?
+    } else {
+        Vec::new()
+    };
     let handshake = match handshake_fd {
         Some(h) => {
             let raw: i32 = h.parse().map_err(|_| {

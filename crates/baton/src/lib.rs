@@ -81,10 +81,12 @@ pub mod sync;
 mod sys;
 pub mod takeover;
 
-pub use crate::baton::{Baton, Builder, State, StopReason};
+pub use crate::baton::{listen_fds, Baton, Builder, State, StopReason};
 pub use crate::drain::{Drain, DrainOutcome, Shutdown};
 pub use crate::error::{BoxError, Error, ReloadError, UpgradeError};
 pub use crate::handoff::Upgraded;
 pub use crate::listeners::{ListenAddr, ListenSpec, ListenerInfo, ListenerKind};
-pub use crate::notify::notify as sd_notify;
+pub use crate::notify::{
+    fd_store_enabled as sd_fd_store_enabled, notify as sd_notify, store_fds as sd_store_fds,
+};
 pub use crate::reload::Reloadable;

@@ -41,7 +41,7 @@ fn socket() -> io::Result<Option<UnixDatagram>> {
 /// `NOTIFY_SOCKET` is set and so is `FDSTORE` (systemd sets it to
 /// `FileDescriptorStoreMax=` when that is not 0; with an older systemd, set
 /// it in the unit's `Environment=`).
-pub(crate) fn fd_store_enabled() -> bool {
+pub fn fd_store_enabled() -> bool {
     env::var(env::NOTIFY_SOCKET).is_some()
         && env::var(env::FDSTORE)
             .and_then(|n| n.parse::<u32>().ok())
@@ -53,7 +53,7 @@ pub(crate) fn fd_store_enabled() -> bool {
 /// service gets them back in `LISTEN_FDS`. The manager drops duplicates of
 /// a socket it already holds. Returns how many were pushed (0 without a
 /// store).
-pub(crate) fn store_fds(fds: &[(&str, BorrowedFd<'_>)]) -> io::Result<usize> {
+pub fn store_fds(fds: &[(&str, BorrowedFd<'_>)]) -> io::Result<usize> {
     if !fd_store_enabled() {
         return Ok(0);
     }
