@@ -251,6 +251,12 @@ pub(crate) struct Inner {
     /// The handshake to the previous generation, kept open after the
     /// hand-over so that a stop or upgrade can be announced to it.
     parent_link: Mutex<Option<ParentLink>>,
+    /// Connection migration to the next generation, once it is active and
+    /// takes connections.
+    outgoing: Mutex<Option<Arc<crate::migrate::Outgoing>>>,
+    /// Where migrated connections from the previous generation go, by
+    /// listener name.
+    incoming: Mutex<crate::migrate::Receivers>,
     drain: Drain,
     hooks: Mutex<Vec<ExitHook>>,
     reload: Mutex<Option<ReloadHandler>>,
@@ -349,6 +355,8 @@ impl Baton {
                 settle_cancel: tokio_util::sync::CancellationToken::new(),
                 draining_since: Mutex::new(None),
                 parent_link: Mutex::new(None),
+                outgoing: Mutex::new(None),
+                incoming: Mutex::new(Default::default()),
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
                 status_hook: Mutex::new(None),
@@ -530,6 +538,57 @@ impl Baton {
             .collect()
     }
 
+    /// Receives the connections of listener `name` that the previous
+    /// generation migrates to this one (see [`migrate`](Self::migrate)).
+    /// Call before [`ready`](Self::ready), which tells the previous
+    /// generation which listeners this one takes connections of. Without a
+    /// previous generation that migrates, nothing arrives.
+    pub fn accept_migrated(
+        &self,
+        name: &str,
+    ) -> tokio::sync::mpsc::Receiver<crate::migrate::Migrated> {
+        let (tx, rx) = crate::migrate::channel();
+        lock(&self.inner.incoming).insert(name.to_owned(), tx);
+        rx
+    }
+
+    /// Hands `conn`, a connection of listener `name`, with the
+    /// application's `state` for it, to the next generation once this one
+    /// is draining after an upgrade or a take-over. `Ok`: the next
+    /// generation adopted it and this process's copy is closed. `Err` gives
+    /// the connection back: there is no next generation, it does not take
+    /// connections of `name` (an older binary, or one that did not call
+    /// [`accept_migrated`](Self::accept_migrated)), or it did not adopt it
+    /// in time; serve it and drain it as usual. Call it only at a point
+    /// where nothing read from the connection is unaccounted for: what was
+    /// read but not consumed goes in `state`.
+    pub async fn migrate(
+        &self,
+        name: &str,
+        conn: crate::migrate::Connection,
+        state: Vec<u8>,
+    ) -> Result<(), crate::migrate::Connection> {
+        if !matches!(
+            *self.inner.state.borrow(),
+            State::Draining(StopReason::Upgraded { .. })
+        ) {
+            return Err(conn);
+        }
+        // The link starts once the new generation confirmed it is active.
+        let mut upgrading = self.inner.upgrading.subscribe();
+        let _ = tokio::time::timeout(CONFIRM_TIMEOUT, upgrading.wait_for(|u| !*u)).await;
+        let Some(link) = lock(&self.inner.outgoing).clone() else {
+            return Err(conn);
+        };
+        match link.send(name, &conn, &state).await {
+            Ok(()) => Ok(()),
+            Err(reason) => {
+                tracing::debug!(name, reason, "connection not migrated; draining it");
+                Err(conn)
+            }
+        }
+    }
+
     /// Runs `hook` after draining, before the process exits (all hooks
     /// together are bounded by the exit hook timeout).
     pub fn on_exit<F, Fut>(&self, hook: F)
@@ -595,8 +654,12 @@ impl Baton {
             return Ok(());
         }
         let handshake = lock(&self.inner.handshake).take();
+        // Taken now: without a previous generation nothing arrives, and the
+        // senders go (the application's receivers then end).
+        let receivers = std::mem::take(&mut *lock(&self.inner.incoming));
+        let takes: Vec<String> = receivers.keys().cloned().collect();
         let handover = match handshake {
-            Some(h) => Some(h.ready().await?),
+            Some(h) => Some(h.ready(takes).await?),
             None => None,
         };
         let orphaned = matches!(handover, Some(Handover::Orphaned));
@@ -606,7 +669,19 @@ impl Baton {
                 .send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
                 .await;
             if result.is_ok() {
-                let closed = link.as_ref().map(crate::handoff::ParentLink::closed);
+                let closed = link.as_ref().map(|l| {
+                    let stream = l.stream();
+                    let closed = l.closed();
+                    async move {
+                        if receivers.is_empty() {
+                            closed.await;
+                        } else {
+                            // Migrated connections until the previous
+                            // generation closes the channel.
+                            crate::migrate::receive(stream, receivers).await;
+                        }
+                    }
+                });
                 *lock(&self.inner.parent_link) = link;
                 if let Some(closed) = closed {
                     // The previous generation let go: drop our end too.
@@ -1003,6 +1078,16 @@ impl Baton {
         // `wait` does not let this generation exit before this is answered,
         // whatever the drain timeout.
         let confirmed = child.ack(CONFIRM_TIMEOUT).await;
+        if confirmed.is_ok() {
+            if let Some(link) = child.start_link() {
+                tracing::info!(
+                    pid = upgraded.pid,
+                    listeners = ?child.takes,
+                    "the new generation takes connections over"
+                );
+                *lock(&self.inner.outgoing) = Some(link);
+            }
+        }
         // A stop that arrived after the hand-over is for the service, which
         // the new generation is now: pass it on.
         let pass_on = lock(&self.inner.in_flight)

@@ -44,8 +44,15 @@ const MAX_FAIL_MESSAGE: usize = 8 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
 pub(crate) enum Message {
-    Ready,
-    Error { message: String },
+    Ready {
+        /// Listeners whose connections this generation takes over
+        /// (connection migration); absent: none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        migrate: Vec<String>,
+    },
+    Error {
+        message: String,
+    },
     Ack,
     Active,
     Leaving,
@@ -113,29 +120,36 @@ pub(crate) struct ReadyChild {
     /// The new generation itself: killed (or, when it took over, told no)
     /// if a stop wins before the ack, signalled if a stop arrives after it.
     pub child: Peer,
+    /// Listeners whose connections it takes over (it said so in `ready`).
+    pub takes: Vec<String>,
     /// One reader for the whole channel, so that no line read ahead (a
     /// `leaving` right after `active`) is lost between `ack` and `watch`.
-    handshake: BufReader<tokio::net::UnixStream>,
+    /// Moved into the migration link once that starts.
+    handshake: Option<BufReader<tokio::net::UnixStream>>,
+    link: Option<std::sync::Arc<crate::migrate::Outgoing>>,
 }
 
 impl ReadyChild {
     /// Tells the new generation it is now the active one, and waits
     /// (bounded) for it to confirm that it is.
     pub(crate) async fn ack(&mut self, timeout: Duration) -> Result<(), String> {
-        self.handshake
+        let Some(handshake) = self.handshake.as_mut() else {
+            return Err("the handshake was already used".to_owned());
+        };
+        handshake
             .get_mut()
             .write_all(&Message::Ack.line())
             .await
             .map_err(|e| format!("could not acknowledge: {e}"))?;
         let mut line = Vec::new();
-        match line::read_line(&mut self.handshake, &mut line, MAX_LINE, Some(timeout)).await {
+        match line::read_line(handshake, &mut line, MAX_LINE, Some(timeout)).await {
             Err(LineError::Timeout(_)) => Err(format!("no confirmation within {timeout:?}")),
             Err(e) => Err(e.to_string()),
             Ok(false) => Err("it closed the handshake without confirming".to_owned()),
             Ok(true) => match Message::parse(&line)? {
                 Message::Active => Ok(()),
                 Message::Error { message } => Err(message),
-                Message::Ready | Message::Ack | Message::Leaving => {
+                Message::Ready { .. } | Message::Ack | Message::Leaving => {
                     Err(unexpected(&String::from_utf8_lossy(&line)))
                 }
             },
@@ -148,11 +162,19 @@ impl ReadyChild {
     /// stops or hands over on purpose. The handshake reaching EOF alone
     /// (a new generation that closed it) is not an exit.
     pub(crate) async fn watch(&mut self) -> Watched {
+        if let Some(link) = self.link.clone() {
+            tokio::select! {
+                _ = link.left() => return Watched::Left,
+                _ = self.child.exited() => {}
+            }
+            let status = self.child.kill_tree_and_reap().await;
+            return Watched::Died(status.map_or_else(|| "exited".to_owned(), |s| s.to_string()));
+        }
         let mut line = Vec::new();
-        let mut open = true;
+        let mut open = self.handshake.is_some();
         loop {
             tokio::select! {
-                read = line::read_line(&mut self.handshake, &mut line, MAX_LINE, None), if open => {
+                read = read_opt(self.handshake.as_mut(), &mut line), if open => {
                     match read {
                         Ok(true) if matches!(Message::parse(&line), Ok(Message::Leaving)) => {
                             return Watched::Left;
@@ -252,6 +274,38 @@ impl Peer {
     }
 }
 
+impl ReadyChild {
+    /// Once it is active: if it takes connections, the channel becomes the
+    /// migration link (which also carries `leaving` for [`watch`](Self::watch)).
+    pub(crate) fn start_link(&mut self) -> Option<std::sync::Arc<crate::migrate::Outgoing>> {
+        if self.takes.is_empty() {
+            return None;
+        }
+        let handshake = self.handshake.take()?;
+        match crate::migrate::Outgoing::start(handshake, self.takes.clone()) {
+            Ok(link) => {
+                self.link = Some(link.clone());
+                Some(link)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set up connection migration; draining instead");
+                None
+            }
+        }
+    }
+}
+
+/// Reads a line from the handshake, if it is still there (else never).
+async fn read_opt(
+    handshake: Option<&mut BufReader<tokio::net::UnixStream>>,
+    line: &mut Vec<u8>,
+) -> Result<bool, LineError> {
+    match handshake {
+        Some(h) => line::read_line(h, line, MAX_LINE, None).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How the watch on an active new generation ended.
 #[derive(Debug)]
 pub(crate) enum Watched {
@@ -308,14 +362,16 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
     // generation must not see EOF (and take itself for orphaned) before it
     // is killed.
     match wait_ready(&mut reader, &child, next.timeout, &next.abort).await {
-        Ok(()) => Ok(ReadyChild {
+        Ok(takes) => Ok(ReadyChild {
             upgraded: Upgraded {
                 pid,
                 generation: next.generation,
                 elapsed: started.elapsed(),
             },
             child,
-            handshake: reader,
+            takes,
+            handshake: Some(reader),
+            link: None,
         }),
         Err(failure) => {
             let status = child.kill_tree_and_reap().await;
@@ -379,14 +435,16 @@ pub(crate) async fn accept_takeover(
     );
     let mut reader = BufReader::new(stream);
     match wait_ready(&mut reader, &peer, offer.timeout, &offer.abort).await {
-        Ok(()) => Ok(ReadyChild {
+        Ok(takes) => Ok(ReadyChild {
             upgraded: Upgraded {
                 pid,
                 generation: offer.generation,
                 elapsed: started.elapsed(),
             },
             child: peer,
-            handshake: reader,
+            takes,
+            handshake: Some(reader),
+            link: None,
         }),
         Err(failure) => {
             let why = match &failure {
@@ -483,7 +541,7 @@ async fn wait_ready(
     child: &Peer,
     timeout: Duration,
     abort: &tokio_util::sync::CancellationToken,
-) -> Result<(), Failure> {
+) -> Result<Vec<String>, Failure> {
     let mut line = Vec::new();
     // The child is not reaped here: a rollback kills what it started first,
     // while its pid (and process group) cannot be reused.
@@ -495,8 +553,8 @@ async fn wait_ready(
                 Ok(false) => { let _ = child.exited().await; Err(Failure::Exited) }
                 Ok(true) => match Message::parse(&line) {
                     // Ready, but gone already: nobody would serve.
-                    Ok(Message::Ready) if child.has_exited() => Err(Failure::Exited),
-                    Ok(Message::Ready) => Ok(()),
+                    Ok(Message::Ready { .. }) if child.has_exited() => Err(Failure::Exited),
+                    Ok(Message::Ready { migrate }) => Ok(migrate),
                     Ok(Message::Error { message }) => Err(Failure::Reported(message)),
                     Ok(Message::Ack | Message::Active | Message::Leaving) => Err(Failure::Protocol(unexpected(&String::from_utf8_lossy(&line)))),
                     Err(reason) => Err(Failure::Protocol(reason)),
@@ -510,7 +568,7 @@ async fn wait_ready(
     })
     .await;
     match outcome {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(takes)) => Ok(takes),
         Ok(Err(f)) => Err(f),
         Err(_) => Err(Failure::Timeout),
     }
@@ -558,6 +616,11 @@ impl ParentLink {
                 }
             }
         }
+    }
+
+    /// The channel itself (connection migration reads it).
+    pub(crate) fn stream(&self) -> std::sync::Arc<tokio::net::UnixStream> {
+        std::sync::Arc::clone(&self.0)
     }
 
     /// Tells the previous generation that this one stops or hands over on
@@ -754,13 +817,13 @@ impl ChildHandshake {
     /// If the handshake breaks because the previous generation died (we
     /// were reparented), this one has every socket and takes over alone:
     /// stderr is switched all the same and `Orphaned` returned.
-    pub(crate) async fn ready(self) -> Result<Handover, crate::Error> {
+    pub(crate) async fn ready(self, migrate: Vec<String>) -> Result<Handover, crate::Error> {
         self.ready_started
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let real_stderr = self.real_stderr;
         let parent = self.parent;
         let mut stream = tokio_stream(self.stream).map_err(crate::Error::Handshake)?;
-        let read = match stream.write_all(&Message::Ready.line()).await {
+        let read = match stream.write_all(&Message::Ready { migrate }.line()).await {
             Err(e) => Err(LineError::Io(e)),
             Ok(()) => {
                 let mut reader = BufReader::new(&mut stream);

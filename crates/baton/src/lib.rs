@@ -72,6 +72,7 @@ mod handoff;
 pub mod http;
 mod line;
 mod listeners;
+pub mod migrate;
 mod notify;
 pub mod pidfile;
 pub mod process;

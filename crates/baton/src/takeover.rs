@@ -47,7 +47,7 @@ impl Offer {
     /// for the running generation to stop accepting. `Error::Refused`: it
     /// gave up on this one; exit.
     pub async fn ready(self) -> Result<Acked, Error> {
-        match self.handshake.ready().await? {
+        match self.handshake.ready(Vec::new()).await? {
             Handover::Confirm(c) => Ok(Acked(Some(c))),
             Handover::Orphaned => Ok(Acked(None)),
         }

@@ -48,6 +48,10 @@ pub struct Args {
     /// does; else start on our own.
     #[arg(long)]
     pub takeover: bool,
+    /// Neither take connections from the previous generation nor hand them
+    /// to the next (connection migration; examples that support it).
+    #[arg(long)]
+    pub no_migrate: bool,
 }
 
 impl Args {

@@ -122,7 +122,7 @@ fn sigquit_drains_in_flight_requests_then_exits() {
 
 #[test]
 fn sigint_stops_fast_even_with_long_lived_connections() {
-    let mut r = Running::start("tcp_echo", &["--drain-timeout", "60s"]);
+    let mut r = Running::start("tcp_echo", &["--drain-timeout", "60s", "--no-migrate"]);
     let pid = r.pid();
     let mut conn = TcpStream::connect(r.addr()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20)))

@@ -7,6 +7,7 @@ mod drain;
 mod fd_store;
 mod handoff;
 mod lifecycle;
+mod migrate;
 mod rollback;
 mod settle;
 mod sockets;

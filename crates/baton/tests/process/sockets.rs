@@ -84,7 +84,7 @@ fn unix_socket_is_handed_over_under_load() {
 
 #[test]
 fn long_lived_connection_survives_upgrade_until_drain_timeout() {
-    let mut r = Running::start("tcp_echo", &["--drain-timeout", "3s"]);
+    let mut r = Running::start("tcp_echo", &["--drain-timeout", "3s", "--no-migrate"]);
     let old = r.pid();
     let port = r.addr().port();
     let listen_inode = tcp_listen_inode(port).expect("listening socket in /proc/net/tcp");
@@ -188,7 +188,7 @@ fn listener_with_changed_address_is_bound_anew_and_old_one_closed() {
 
 #[test]
 fn upgrade_is_allowed_while_an_older_generation_is_still_draining() {
-    let mut r = Running::start("tcp_echo", &["--drain-timeout", "20s"]);
+    let mut r = Running::start("tcp_echo", &["--drain-timeout", "20s", "--no-migrate"]);
     let first = r.pid();
     // A long-lived connection keeps generation 1 draining.
     let mut conn = TcpStream::connect(r.addr()).unwrap();
