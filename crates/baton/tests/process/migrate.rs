@@ -170,3 +170,64 @@ fn a_next_generation_that_takes_no_connections_leaves_them_draining_on_the_old_o
         "the old generation did not exit once its connections closed"
     );
 }
+
+/// Upgrades `r` to the misbehaving next generation in `mode`.
+fn upgrade_to_bad_migrator(r: &mut Running, mode: &str) -> u32 {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/process/fixtures/bad_migrator.py");
+    let script = r.dir.script(
+        &format!("bad-{mode}"),
+        &format!("BAD_MIGRATOR={mode} exec python3 {}", fixture.display()),
+    );
+    let a = r.upgrade(&format!(
+        r#"{{"command":"upgrade","binary":"{}"}}"#,
+        script.display()
+    ));
+    assert_eq!(a["ok"], true, "{a}");
+    let received = r
+        .server
+        .wait_event(Duration::from_secs(20), |e| e["event"] == "received");
+    assert_eq!(received["fds"], 1, "{received}");
+    a["pid"].as_u64().unwrap() as u32
+}
+
+#[test]
+fn a_next_generation_killed_in_the_middle_of_a_transfer_loses_no_connection() {
+    let mut r = Running::start("tcp_echo", &["--drain-timeout", "60s", "--settle", "5s"]);
+    let first = r.pid();
+    let clients = Clients::start(r.addr(), 4);
+    clients.wait_for_progress(50);
+    let bad = upgrade_to_bad_migrator(&mut r, "die");
+    assert_eventually!(
+        Duration::from_secs(5),
+        r.server.is_gone(bad),
+        "it did not die"
+    );
+    // The old generation kept every connection (and, the new one having
+    // died within the settle period, took the service back).
+    clients.wait_for_progress(200);
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.control(r#"{"command":"status"}"#)["state"] == "active",
+        "the old generation did not take the service back"
+    );
+    let (_, failures) = clients.stop();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(!r.server.is_gone(first));
+}
+
+#[test]
+fn a_next_generation_that_never_adopts_loses_no_connection() {
+    let mut r = Running::start("tcp_echo", &["--drain-timeout", "60s", "--settle", "300ms"]);
+    let first = r.pid();
+    let clients = Clients::start(r.addr(), 4);
+    clients.wait_for_progress(50);
+    upgrade_to_bad_migrator(&mut r, "silent");
+    // Not adopted by the deadline (5 s and a margin): the old generation
+    // keeps each connection and serves it on. The clients wait at most that
+    // long for an echo.
+    clients.wait_for_progress(200);
+    let (_, failures) = clients.stop();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(!r.server.is_gone(first), "the old generation drains them");
+}
