@@ -50,8 +50,23 @@ fn exit_of(s: &mut Server, within: Duration) -> std::process::ExitStatus {
     s.first_exit().unwrap()
 }
 
-fn last_upgrade(r: &Running) -> Value {
-    r.control(r#"{"command":"status"}"#)["last_upgrade"].clone()
+/// The running generation's record of the last take-over attempt, once it
+/// has one newer than `seen` (it learns of a failure a moment after the new
+/// process exits).
+fn last_upgrade(r: &Running, seen: &mut Value) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = r.control(r#"{"command":"status"}"#)["last_upgrade"].clone();
+        if !up.is_null() && up != *seen {
+            *seen = up.clone();
+            return up;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new take-over outcome in status: {up}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// `count` take-overs in a row under `load`; returns the active server.
@@ -164,6 +179,7 @@ fn failed_takeovers_leave_the_running_generation_serving() {
     let inode = tcp_listen_inodes(port);
     let load = Load::start(Target::Tcp(r.addr()), 2, 2, Duration::from_secs(90));
     load.wait_for_progress(100, Duration::from_secs(10));
+    let mut seen = Value::Null;
 
     // 1. It exits before ready.
     let mut crash = deploy(&r, &hello, "crash", &["--fail-startup"]);
@@ -174,7 +190,7 @@ fn failed_takeovers_leave_the_running_generation_serving() {
         "{}",
         crash.stderr()
     );
-    let up = last_upgrade(&r);
+    let up = last_upgrade(&r, &mut seen);
     assert_eq!(up["ok"], false, "{up}");
     assert_eq!(up["kind"], "take-over", "{up}");
     assert!(
@@ -196,7 +212,7 @@ fn failed_takeovers_leave_the_running_generation_serving() {
         "the reason is on its stderr: {}",
         hang.stderr()
     );
-    let up = last_upgrade(&r);
+    let up = last_upgrade(&r, &mut seen);
     assert!(
         up["error"]
             .as_str()
@@ -210,7 +226,7 @@ fn failed_takeovers_leave_the_running_generation_serving() {
     let mut report = deploy(&r, &hello, "report", &["--report-error", "no database"]);
     let status = exit_of(&mut report, Duration::from_secs(20));
     assert_ne!(status.code(), Some(0));
-    let up = last_upgrade(&r);
+    let up = last_upgrade(&r, &mut seen);
     assert!(
         up["error"].as_str().unwrap().contains("no database"),
         "{up}"
