@@ -240,14 +240,23 @@ fn ctl(socket: &Path, args: &[&str]) -> Output {
 #[test]
 fn ctl_speaks_the_control_protocol_with_exit_codes() {
     let dir = TempDir::new("cli-ctl");
-    let (server, _listen, control) = hello(&dir);
+    let (server, listen, control) = hello(&dir);
     let out = ctl(&control, &["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(table.starts_with("generation 1  pid "), "{table}");
+    assert!(table.contains("  active  up "), "{table}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("generation 1"),
-        "{}",
-        text(&out)
+        table
+            .lines()
+            .any(|l| l.starts_with("http ") && l.contains(&listen) && l.ends_with("bound")),
+        "the listener row: {table}"
     );
+    assert!(table.contains("last upgrade  none"), "{table}");
+    // The answer is the library's typed status.
+    let json = ctl(&control, &["--json", "status"]);
+    let typed: baton::control::Status = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(typed.generation, Some(1));
 
     let out = ctl(&control, &["--json", "upgrade"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

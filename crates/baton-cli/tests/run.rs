@@ -805,6 +805,11 @@ fn a_new_supervisor_takes_over_under_load_and_a_failing_one_changes_nothing() {
     let mut all = vec!["--takeover"];
     all.extend_from_slice(&args);
     let mut run = Run::start(&all, &command);
+    // The supervisor answers with the library's typed status.
+    let typed: baton::control::Status = serde_json::from_value(run.status()).unwrap();
+    assert_eq!(typed.state, "active");
+    assert_eq!(typed.listeners[0].name, "http");
+    assert!(typed.extra.contains_key("supervisor_pid"));
     let addr = run.addr();
     let inode = baton_testkit::tcp_listen_inodes(addr.port());
     let load = Load::start(Target::Tcp(addr), 4, 4, Duration::from_secs(120));

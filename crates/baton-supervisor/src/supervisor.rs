@@ -71,7 +71,7 @@ struct Inner {
     /// One reload or crash restart at a time.
     transition: tokio::sync::Mutex<()>,
     backoff: Mutex<Duration>,
-    last_reload: Mutex<Option<Value>>,
+    last_reload: Mutex<Option<control::Outcome>>,
     started: Instant,
     stopping: AtomicBool,
     exit: watch::Sender<Option<i32>>,
@@ -463,12 +463,23 @@ impl Supervisor {
                 Err(reason)
             }
         };
-        *lock(&self.inner.last_reload) = Some(json!({
-            "ok": answer.is_ok(),
-            "error": answer.as_ref().err(),
-            "at_unix_ms": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
-            "elapsed_ms": elapsed_ms,
-        }));
+        *lock(&self.inner.last_reload) = Some(control::Outcome {
+            ok: answer.is_ok(),
+            error: answer.as_ref().err().cloned(),
+            kind: None,
+            pid: answer
+                .as_ref()
+                .ok()
+                .and_then(|a| a["pid"].as_u64())
+                .map(|p| p as u32),
+            generation: answer.as_ref().ok().and_then(|a| a["generation"].as_u64()),
+            elapsed_ms: Some(elapsed_ms),
+            at_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .ok(),
+            taken_back: None,
+        });
         answer
     }
 
@@ -734,24 +745,65 @@ impl Supervisor {
         code
     }
 
-    /// The control `status` answer.
+    /// The control `status` answer: [`control::Status`], the same shape as a
+    /// Baton server's, about the current child; the supervisor's own fields
+    /// are extra.
     pub fn status(&self) -> Value {
         let current = self.inner.current.borrow().clone();
-        json!({
-            "ok": true,
-            "supervisor_pid": std::process::id(),
-            "pid": current.as_ref().map(|g| g.child.pid()),
-            "generation": current.as_ref().map(|g| g.number),
-            "uptime_ms": current.as_ref().map(|g| g.started.elapsed().as_secs_f64() * 1000.0),
-            "supervisor_uptime_ms": self.inner.started.elapsed().as_secs_f64() * 1000.0,
-            "restarts": self.inner.crash_restarts.load(Ordering::SeqCst),
-            "reload_in_progress": self.inner.transition.try_lock().is_err(),
-            "state": if self.inner.stopping.load(Ordering::SeqCst) { "stopping" } else { "active" },
-            "command": lock(&self.inner.command).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
-            "listeners": self.inner.listeners,
-            "last_reload": *lock(&self.inner.last_reload),
-            "last_takeover": *lock(&self.inner.last_takeover),
-        })
+        let stopping = self.inner.stopping.load(Ordering::SeqCst);
+        let listeners = self
+            .inner
+            .config
+            .listeners
+            .iter()
+            .zip(&self.inner.listeners)
+            .map(|(l, info)| control::ListenerStatus {
+                name: l.name.clone(),
+                kind: l.spec.kind.to_string(),
+                address: info["address"].as_str().unwrap_or_default().to_owned(),
+                inherited: None,
+                port_env: l.port_env.clone(),
+            })
+            .collect();
+        let mut extra = serde_json::Map::new();
+        extra.insert("supervisor_pid".into(), json!(std::process::id()));
+        extra.insert(
+            "supervisor_uptime_ms".into(),
+            json!(self.inner.started.elapsed().as_secs_f64() * 1000.0),
+        );
+        extra.insert(
+            "restarts".into(),
+            json!(self.inner.crash_restarts.load(Ordering::SeqCst)),
+        );
+        extra.insert(
+            "command".into(),
+            json!(lock(&self.inner.command)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()),
+        );
+        extra.insert(
+            "last_takeover".into(),
+            json!(*lock(&self.inner.last_takeover)),
+        );
+        let status = control::Status {
+            ok: true,
+            pid: current.as_ref().map(|g| g.child.pid()),
+            generation: current.as_ref().map(|g| g.number),
+            state: if stopping { "draining" } else { "active" }.to_owned(),
+            uptime_ms: current
+                .as_ref()
+                .map(|g| g.started.elapsed().as_secs_f64() * 1000.0),
+            started_at_unix_ms: None,
+            binary: None,
+            upgrade_in_progress: self.inner.transition.try_lock().is_err(),
+            listeners,
+            last_upgrade: None,
+            last_reload: lock(&self.inner.last_reload).clone(),
+            extra,
+        };
+        serde_json::to_value(&status)
+            .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
     }
 
     /// Another supervisor asked for our sockets: hand them over, and once

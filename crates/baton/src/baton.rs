@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use socket2::Socket;
 use tokio::sync::watch;
 
-use crate::control::{self, Request};
+use crate::control::{self, Outcome, Request};
 use crate::drain::{Drain, DrainOutcome, Shutdown};
 use crate::env;
 use crate::error::{BoxError, Error, ReloadError, UpgradeError};
@@ -261,8 +261,8 @@ pub(crate) struct Inner {
     hooks: Mutex<Vec<ExitHook>>,
     reload: Mutex<Option<ReloadHandler>>,
     status_hook: Mutex<Option<StatusHook>>,
-    last_reload: Mutex<Option<Value>>,
-    last_upgrade: Mutex<Option<Value>>,
+    last_reload: Mutex<Option<Outcome>>,
+    last_upgrade: Mutex<Option<Outcome>>,
 }
 
 /// The handle a server uses to take part in zero-downtime restarts.
@@ -892,12 +892,17 @@ impl Baton {
             }
         }
         *lock(&self.inner.last_upgrade) = Some(match &result {
-            Ok(up) => {
-                json!({"ok": true, "kind": what, "pid": up.pid, "generation": up.generation, "elapsed_ms": up.elapsed.as_secs_f64() * 1000.0, "at_unix_ms": unix_ms(SystemTime::now())})
-            }
-            Err(e) => {
-                json!({"ok": false, "kind": what, "error": e.to_string(), "at_unix_ms": unix_ms(SystemTime::now())})
-            }
+            Ok(up) => Outcome {
+                kind: Some(what.to_owned()),
+                pid: Some(up.pid),
+                generation: Some(up.generation),
+                elapsed_ms: Some(up.elapsed.as_secs_f64() * 1000.0),
+                ..outcome(Ok(()))
+            },
+            Err(e) => Outcome {
+                kind: Some(what.to_owned()),
+                ..outcome(Err(e.to_string()))
+            },
         });
         if let Some((child, up)) = watch {
             // Before the in-flight flag clears, so that `wait` sees one or
@@ -969,10 +974,12 @@ impl Baton {
             } else {
                 tracing::error!(reason, "the new generation died, but no accept loop of this generation can resume (see Shutdown::resumed); not taking the service back");
             }
-            *lock(&self.inner.last_upgrade) = Some(json!({
-                "ok": false, "pid": up.pid, "generation": up.generation,
-                "taken_back": false, "error": reason, "at_unix_ms": unix_ms(SystemTime::now()),
-            }));
+            *lock(&self.inner.last_upgrade) = Some(Outcome {
+                pid: Some(up.pid),
+                generation: Some(up.generation),
+                taken_back: Some(false),
+                ..outcome(Err(reason))
+            });
             self.end_settle();
             return;
         }
@@ -994,12 +1001,15 @@ impl Baton {
             pid = self.inner.pid,
             "the new generation died; this generation took the service back and is active again"
         );
-        *lock(&self.inner.last_upgrade) = Some(json!({
-            "ok": false, "pid": up.pid, "generation": up.generation,
-            "taken_back": true,
-            "error": format!("{reason}; generation {} (pid {}) took the service back", self.inner.generation, self.inner.pid),
-            "at_unix_ms": unix_ms(SystemTime::now()),
-        }));
+        *lock(&self.inner.last_upgrade) = Some(Outcome {
+            pid: Some(up.pid),
+            generation: Some(up.generation),
+            taken_back: Some(true),
+            ..outcome(Err(format!(
+                "{reason}; generation {} (pid {}) took the service back",
+                self.inner.generation, self.inner.pid
+            )))
+        });
         self.inner.settling.send_replace(false);
     }
 
@@ -1146,12 +1156,10 @@ impl Baton {
             Ok(()) => tracing::info!(elapsed_ms, "reload succeeded"),
             Err(e) => tracing::error!(error = %e, "reload rejected; previous configuration kept"),
         }
-        *lock(&self.inner.last_reload) = Some(json!({
-            "ok": result.is_ok(),
-            "error": result.as_ref().err().map(|e| e.to_string()),
-            "at_unix_ms": unix_ms(SystemTime::now()),
-            "elapsed_ms": elapsed_ms,
-        }));
+        *lock(&self.inner.last_reload) = Some(Outcome {
+            elapsed_ms: Some(elapsed_ms),
+            ..outcome(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
+        });
         result
     }
 
@@ -1335,19 +1343,32 @@ impl Baton {
     pub fn status(&self) -> Value {
         let state = self.inner.state.borrow().clone();
         let extra = lock(&self.inner.status_hook).clone().map(|hook| hook());
-        let mut status = json!({
-            "ok": true,
-            "pid": self.inner.pid,
-            "generation": self.inner.generation,
-            "state": state.label(),
-            "uptime_ms": self.inner.started.elapsed().as_secs_f64() * 1000.0,
-            "started_at_unix_ms": unix_ms(self.inner.started_wall),
-            "binary": self.inner.exe.display().to_string(),
-            "upgrade_in_progress": *self.inner.upgrading.borrow(),
-            "listeners": self.listeners(),
-            "last_upgrade": *lock(&self.inner.last_upgrade),
-            "last_reload": *lock(&self.inner.last_reload),
-        });
+        let typed = control::Status {
+            ok: true,
+            pid: Some(self.inner.pid),
+            generation: Some(self.inner.generation),
+            state: state.label().to_owned(),
+            uptime_ms: Some(self.inner.started.elapsed().as_secs_f64() * 1000.0),
+            started_at_unix_ms: Some(unix_ms(self.inner.started_wall)),
+            binary: Some(self.inner.exe.display().to_string()),
+            upgrade_in_progress: *self.inner.upgrading.borrow(),
+            listeners: self
+                .listeners()
+                .into_iter()
+                .map(|l| control::ListenerStatus {
+                    name: l.name,
+                    kind: l.kind.to_string(),
+                    address: l.address.to_string(),
+                    inherited: Some(l.inherited),
+                    port_env: None,
+                })
+                .collect(),
+            last_upgrade: lock(&self.inner.last_upgrade).clone(),
+            last_reload: lock(&self.inner.last_reload).clone(),
+            extra: serde_json::Map::new(),
+        };
+        let mut status = serde_json::to_value(&typed)
+            .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}));
         if let (Some(Value::Object(extra)), Some(fields)) = (extra, status.as_object_mut()) {
             for (k, v) in extra {
                 fields.entry(k).or_insert(v);
@@ -1389,6 +1410,20 @@ fn listener_error<'a>(
         name: name.to_owned(),
         address: address.to_owned(),
         source,
+    }
+}
+
+/// An outcome ending now.
+fn outcome(result: Result<(), String>) -> Outcome {
+    Outcome {
+        ok: result.is_ok(),
+        error: result.err(),
+        kind: None,
+        pid: None,
+        generation: None,
+        elapsed_ms: None,
+        at_unix_ms: Some(unix_ms(SystemTime::now())),
+        taken_back: None,
     }
 }
 

@@ -43,6 +43,89 @@ pub enum Request {
     Takeover {},
 }
 
+/// The answer to `{"command":"status"}`: the same type for a Baton server
+/// and for `baton run`, so that tools read one shape. What only one kind of
+/// server has (the proxy's `proxy` section, `baton run`'s supervisor pid and
+/// restarts, an application's own fields) is in `extra`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// True (a failure is `{"ok":false,"error":…}`).
+    pub ok: bool,
+    /// The serving process: this generation (a Baton server), or the
+    /// current child (`baton run`; `None` while none runs).
+    pub pid: Option<u32>,
+    /// Its generation number.
+    pub generation: Option<u64>,
+    /// `starting`, `active`, `draining` or `stopped`.
+    pub state: String,
+    /// How long the serving process has been up, in milliseconds.
+    pub uptime_ms: Option<f64>,
+    /// When it started, Unix time in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_unix_ms: Option<f64>,
+    /// The binary the next upgrade starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<String>,
+    /// An upgrade (for `baton run`: a reload, which starts a new child) is
+    /// in flight.
+    pub upgrade_in_progress: bool,
+    /// The listening sockets.
+    pub listeners: Vec<ListenerStatus>,
+    /// The last upgrade or take-over, once there was one.
+    pub last_upgrade: Option<Outcome>,
+    /// The last reload, once there was one.
+    pub last_reload: Option<Outcome>,
+    /// Everything else, by name.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+/// One listener in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// Its name (`LISTEN_FDNAMES`).
+    pub name: String,
+    /// `tcp`, `udp` or `unix`.
+    pub kind: String,
+    /// The bound address or path.
+    pub address: String,
+    /// Whether this generation inherited it (a Baton server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inherited: Option<bool>,
+    /// `baton run --port-env`: the variable of the child's own port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_env: Option<String>,
+}
+
+/// How an upgrade, take-over or reload ended, in [`Status`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Whether it worked.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `upgrade` or `take-over` (upgrades only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The new generation's pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The new generation's number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// How long it took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<f64>,
+    /// When it ended, Unix time in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_unix_ms: Option<f64>,
+    /// The new generation died within the settle period and this one took
+    /// the service back (true), or could not (false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_back: Option<bool>,
+}
+
 /// How long the server waits for a complete request line: from the
 /// connection (or the previous answer) to the newline. A client that sends
 /// nothing, or part of a line, for this long is disconnected. It bounds only
@@ -86,8 +169,8 @@ impl Handler for Baton {
 
 /// Runs the control server on `listener` until `shutdown` starts draining.
 /// Peers with another uid than ours are refused (`SO_PEERCRED`). Each
-/// connection may send several requests; it is closed after the answer that
-/// is in progress when draining begins.
+/// connection may send several requests; once draining begins, the answer
+/// in progress, or to a request that arrives within 200 ms, is the last.
 pub async fn serve<H: Handler>(listener: UnixListener, handler: H, shutdown: Shutdown) {
     let my_uid = rustix::process::getuid().as_raw();
     loop {
@@ -127,10 +210,26 @@ async fn connection<H: Handler>(handler: H, stream: UnixStream, shutdown: Shutdo
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
+    let mut last = false;
     loop {
         let read = tokio::select! {
-            _ = shutdown.draining() => break,
+            biased;
             r = line::read_line(&mut reader, &mut buf, MAX_LINE, Some(REQUEST_TIMEOUT)) => r,
+            _ = shutdown.draining() => {
+                // A request already on its way (the connection was accepted
+                // just before draining began) is still answered, by this
+                // generation; then the connection closes.
+                last = true;
+                match tokio::time::timeout(
+                    DRAINING_GRACE,
+                    line::read_line(&mut reader, &mut buf, MAX_LINE, None),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            }
         };
         let refusal = match read {
             Ok(true) => None,
@@ -177,11 +276,15 @@ async fn connection<H: Handler>(handler: H, stream: UnixStream, shutdown: Shutdo
             },
             Err(e) => json!({"ok": false, "error": format!("bad request: not UTF-8: {e}")}),
         };
-        if w.write_all(&line(&answer)).await.is_err() {
+        if w.write_all(&line(&answer)).await.is_err() || last {
             break;
         }
     }
 }
+
+/// How long a connection open when draining begins may take to deliver the
+/// request it is sending.
+const DRAINING_GRACE: Duration = Duration::from_millis(200);
 
 fn line(v: &Value) -> Vec<u8> {
     let mut out = v.to_string().into_bytes();
@@ -233,6 +336,62 @@ pub async fn request(socket: &Path, req: &Request) -> io::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Clone)]
+    struct Echo;
+    impl Handler for Echo {
+        async fn handle(&self, request: Request) -> Value {
+            json!({"ok": true, "request": format!("{request:?}")})
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_just_as_draining_begins_is_still_answered() {
+        let dir = std::env::temp_dir().join(format!("baton-control-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("c.sock");
+        let _ = std::fs::remove_file(&path);
+        let std = std::os::unix::net::UnixListener::from(bind(&path).unwrap());
+        std.set_nonblocking(true).unwrap();
+        let listener = UnixListener::from_std(std).unwrap();
+        let drain = crate::Drain::new(Duration::from_secs(1));
+        let server = tokio::spawn(serve(listener, Echo, drain.handle()));
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        // Accepted, but nothing sent yet.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drain.start();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.write_all(b"{\"command\":\"status\"}\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut c, &mut answer)
+            .await
+            .unwrap();
+        assert!(answer.contains("Status"), "{answer:?}");
+        // And the connection closed after it; the server stopped accepting.
+        server.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_status_example_in_control_md_is_a_status() {
+        let doc = include_str!("../../../docs/CONTROL.md");
+        let section = doc.split("## Status").nth(1).unwrap();
+        let json = section.split("```json").nth(1).unwrap();
+        let json = json.split("```").next().unwrap();
+        let status: Status = serde_json::from_str(json).unwrap();
+        assert_eq!(status.state, "active");
+        assert_eq!(status.listeners[0].inherited, Some(true));
+        assert_eq!(status.last_reload.as_ref().map(|o| o.ok), Some(true));
+        assert!(
+            status.extra.is_empty(),
+            "undocumented fields: {:?}",
+            status.extra
+        );
+        // And back: nothing is lost or renamed.
+        let again: Value = serde_json::to_value(&status).unwrap();
+        let original: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(again, original);
+    }
 
     #[test]
     fn request_wire_format() {
