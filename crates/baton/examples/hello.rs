@@ -22,6 +22,11 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => Some(baton.unix("unix", path).await?),
         None => None,
     };
+    let admin = match &args.admin {
+        Some(addr) => Some(baton.tcp("admin", addr).await?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|a| a.local_addr()).transpose()?;
     args.startup(&baton).await;
 
     let body = format!(
@@ -62,7 +67,13 @@ async fn main() -> anyhow::Result<()> {
     baton.on_reload(|| async { Ok(()) });
 
     baton.ready().await?;
-    common::announce(&baton, serde_json::json!({"listen": local.to_string()}));
+    common::announce(
+        &baton,
+        serde_json::json!({"listen": local.to_string(), "admin": admin_addr.map(|a| a.to_string())}),
+    );
+    if let Some(admin) = admin {
+        tokio::spawn(baton::admin::serve(admin, baton.clone()));
+    }
     tokio::spawn(baton::http::serve(http, app.clone(), baton.shutdown()));
     if let Some(unix) = unix {
         tokio::spawn(baton::http::serve(unix, app, baton.shutdown()));

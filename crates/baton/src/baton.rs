@@ -41,7 +41,7 @@ pub enum State {
 }
 
 impl State {
-    fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             State::Starting => "starting",
             State::Active => "active",

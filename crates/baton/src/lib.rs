@@ -59,6 +59,7 @@
 )]
 
 pub mod accept;
+pub mod admin;
 mod baton;
 pub mod control;
 mod drain;

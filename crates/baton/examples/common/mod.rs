@@ -13,6 +13,9 @@ pub struct Args {
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Serve /healthz and /readyz here (a listener named "admin").
+    #[arg(long)]
+    pub admin: Option<String>,
     /// Also serve on this Unix socket path.
     #[arg(long)]
     pub unix: Option<PathBuf>,

@@ -2,6 +2,7 @@
 //! ephemeral ports, under load, upgraded through the control socket and
 //! signals. One module per scenario.
 
+mod admin;
 mod bounds;
 mod drain;
 mod fd_store;

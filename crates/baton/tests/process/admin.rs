@@ -1,0 +1,115 @@
+//! `/readyz` and `/healthz`, asserted from a client: ready on the active
+//! generation, 503 on one that drains (after an upgrade or a stop), ready
+//! again on the next one, on the same inherited admin socket.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use baton_testkit::assert_eventually;
+
+use crate::Running;
+
+/// One request on `c`; (status, body, whether the server said it closes).
+fn get(c: &mut TcpStream, path: &str) -> (u16, String, bool) {
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = c.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + len {
+                let status = head[9..12].parse().unwrap();
+                let body = text[end + 4..end + 4 + len].to_owned();
+                return (status, body, head.contains("connection: close"));
+            }
+        }
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c
+}
+
+#[test]
+fn readyz_is_503_on_a_draining_generation_and_200_on_the_active_one() {
+    let mut r = Running::start(
+        "hello",
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--settle",
+            "300ms",
+            "--idle-grace",
+            "5s",
+        ],
+    );
+    let first = r.pid();
+    let admin: SocketAddr = r.ready["admin"].as_str().unwrap().parse().unwrap();
+    let mut old = connect(admin);
+    assert_eq!(get(&mut old, "/readyz"), (200, "ready\n".into(), false));
+    assert_eq!(get(&mut old, "/healthz"), (200, "ok\n".into(), false));
+    assert_eq!(get(&mut old, "/other").0, 404);
+
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(a["ok"], true, "{a}");
+    let second = a["pid"].as_u64().unwrap() as u32;
+    // The keep-alive connection is still the first generation's: draining.
+    let (status, body, close) = get(&mut old, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body, "not ready: draining\n");
+    assert!(close, "a draining generation closes the probe's connection");
+    // A new connection reaches the new generation, on the same socket.
+    let mut new = connect(admin);
+    assert_eq!(get(&mut new, "/readyz"), (200, "ready\n".into(), false));
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.is_gone(first),
+        "first generation still running"
+    );
+
+    // A stop: the probe's open connection sees 503 while it drains (a slow
+    // request keeps it draining).
+    let mut slow = connect(r.addr());
+    slow.write_all(b"GET /sleep/2000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    baton_testkit::send_signal(second, rustix::process::Signal::TERM);
+    // The signal is handled at once; until then the probe still sees 200.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (status, body) = loop {
+        let (status, body, _) = get(&mut new, "/readyz");
+        if status != 200 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!((status, body.as_str()), (503, "not ready: draining\n"));
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    assert!(
+        String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"),
+        "the slow request finished"
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.is_gone(second),
+        "did not stop"
+    );
+}
