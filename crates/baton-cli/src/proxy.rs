@@ -53,6 +53,7 @@ pub async fn run(config: Option<PathBuf>, takeover: bool) -> anyhow::Result<()> 
         "pid": std::process::id(),
         "generation": baton.generation(),
         "listeners": listeners,
+        "admin": proxy.admin_addr().map(|a| a.to_string()),
         "control_socket": control_socket.display().to_string(),
     });
     let mut out = std::io::stdout().lock();

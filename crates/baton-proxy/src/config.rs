@@ -43,6 +43,7 @@ pub const BUILTIN_NAME: &str = "<built-in>";
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
+    admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     listeners: Vec<Spanned<RawListener>>,
     #[serde(default)]
@@ -60,6 +61,12 @@ struct RawServer {
     upgrade_timeout: Option<Spanned<String>>,
     idle_grace: Option<Spanned<String>>,
     settle: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +174,9 @@ pub struct Config {
     /// Process-wide settings (applied at start; a reload that changes them
     /// takes effect at the next upgrade).
     pub server: ServerSettings,
+    /// `[admin] address`: where `/healthz` and `/readyz` are served (the
+    /// listener [`ADMIN_LISTENER`]); like `[server]`, applied at start.
+    pub admin: Option<SocketAddr>,
     /// Listeners, in file order.
     pub listeners: Vec<ListenerConfig>,
     /// Upstream pools by name.
@@ -174,6 +184,10 @@ pub struct Config {
     /// Routes, in file order.
     pub routes: Vec<RouteConfig>,
 }
+
+/// The name the admin listener is handed over as; no `[[listeners]]` may
+/// use it.
+pub const ADMIN_LISTENER: &str = "baton-admin";
 
 /// `[server]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -876,6 +890,12 @@ impl Validator<'_> {
         let mut listeners = Vec::new();
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+        let admin = raw
+            .admin
+            .and_then(|a| self.addr(&a.into_inner().address, "admin address"));
+        if let Some(a) = admin.filter(|a| a.port() != 0) {
+            addrs.insert(a, "[admin]".to_owned());
+        }
         if raw.listeners.is_empty() {
             self.err(0..0, "no listeners: add at least one [[listeners]]");
         }
@@ -896,6 +916,12 @@ impl Validator<'_> {
             }
             if names.insert(name.clone(), ()).is_some() {
                 self.err(l.name.span(), format!("duplicate listener name {name:?}"));
+            }
+            if name == ADMIN_LISTENER {
+                self.err(
+                    l.name.span(),
+                    format!("listener name {name:?} is reserved for [admin]"),
+                );
             }
             let address = self.addr(&l.address, "listener address");
             if let Some(a) = address {
@@ -1021,6 +1047,7 @@ impl Validator<'_> {
         Config {
             source: path.map(Path::to_path_buf),
             server,
+            admin,
             listeners,
             upstreams,
             routes,

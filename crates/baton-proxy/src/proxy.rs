@@ -48,6 +48,15 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// The `[admin]` listener could not be bound or inherited.
+    #[error("[admin] address {address}: {source}")]
+    Admin {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: baton::Error,
+    },
     /// A task failed unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
@@ -131,6 +140,9 @@ struct Inner {
     draining: Mutex<Vec<Weak<ListenerStats>>>,
     /// Bound at start, served once the generation is ready.
     pending: Mutex<Vec<Pending>>,
+    /// `[admin]`: bound at start, served once ready; its address.
+    admin: Mutex<Option<TcpListener>>,
+    admin_addr: Option<SocketAddr>,
     registry: Registry,
     idle: Arc<IdlePool>,
     settings: DrainSettings,
@@ -224,8 +236,20 @@ impl Proxy {
             let dispatch = make_dispatch(l, table, &pools, &stats, &idle);
             pending.push((l.clone(), tcp, stats, dispatch));
         }
+        let admin = match config.admin {
+            Some(address) => Some(
+                baton
+                    .tcp(crate::config::ADMIN_LISTENER, &address.to_string())
+                    .await
+                    .map_err(|source| ProxyError::Admin { address, source })?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
         let proxy = Proxy {
             inner: Arc::new(Inner {
+                admin: Mutex::new(admin),
+                admin_addr,
                 baton: baton.clone(),
                 source: config.source.clone(),
                 loaded: baton::Reloadable::new(Loaded {
@@ -280,9 +304,17 @@ impl Proxy {
             listeners.insert(config.name.clone(), running);
         }
         drop(listeners);
+        if let Some(admin) = lock(&self.inner.admin).take() {
+            tokio::spawn(baton::admin::serve(admin, self.inner.baton.clone()));
+        }
         for pool in self.inner.loaded.get().pools.values() {
             pool.start_health_checks(self.inner.baton.shutdown());
         }
+    }
+
+    /// Where `/healthz` and `/readyz` are served (`[admin]`), if anywhere.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.inner.admin_addr
     }
 
     /// The listeners serving now: name and bound address.

@@ -2,6 +2,7 @@
 //! processes (`examples/upstream.rs`) on 127.0.0.1 with ephemeral ports,
 //! reloaded and upgraded under load. One module per scenario.
 
+mod admin;
 mod check;
 mod differential;
 mod health;

@@ -3,43 +3,14 @@
 //! again on the next one, on the same inherited admin socket.
 
 use std::io::{Read, Write};
+
+use baton_testkit::http_get as get;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use baton_testkit::assert_eventually;
 
 use crate::Running;
-
-/// One request on `c`; (status, body, whether the server said it closes).
-fn get(c: &mut TcpStream, path: &str) -> (u16, String, bool) {
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = c.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "closed before a response: {:?}",
-            String::from_utf8_lossy(&raw)
-        );
-        raw.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let head = text[..end].to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map(|v| v.trim().parse().unwrap())
-                .unwrap_or(0);
-            if raw.len() >= end + 4 + len {
-                let status = head[9..12].parse().unwrap();
-                let body = text[end + 4..end + 4 + len].to_owned();
-                return (status, body, head.contains("connection: close"));
-            }
-        }
-    }
-}
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let c = TcpStream::connect(addr).unwrap();
