@@ -227,6 +227,9 @@ struct RunArgs {
     /// Take the sockets over from the `baton run` serving --control-socket, if one runs (its child is stopped once ours is ready); else bind them.
     #[arg(long, requires = "control_socket")]
     takeover: bool,
+    /// Serve GET /healthz and /readyz (200 while a child serves and the supervisor is not stopping, else 503) at this HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<std::ffi::OsString>,
@@ -349,6 +352,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 control_socket: a.control_socket,
                 pid_file: a.pid_file,
                 takeover: a.takeover,
+                admin: a.admin,
             })
             .await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))

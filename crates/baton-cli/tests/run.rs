@@ -978,3 +978,51 @@ fn stop_and_start_through_a_service_managers_fd_store_refuse_no_connection() {
     tell("quit");
     manager.wait_event(Duration::from_secs(30), |e| e["what"] == "quit");
 }
+
+#[test]
+fn admin_readyz_follows_the_supervisor() {
+    let fx = fixture();
+    let run = Run::start(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--admin",
+            "127.0.0.1:0",
+            // Ignored by the child: a stop waits the drain timeout, which
+            // leaves time to probe the stopping supervisor.
+            "--stop-signal",
+            "CONT",
+            "--drain-timeout",
+            "10s",
+            "--settle",
+            "200ms",
+        ],
+        &["python3", fx.to_str().unwrap()],
+    );
+    let admin: SocketAddr = run.status()["admin"].as_str().unwrap().parse().unwrap();
+    let mut probe = std::net::TcpStream::connect(admin).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let get = baton_testkit::http_get;
+    assert_eq!(get(&mut probe, "/readyz"), (200, "ready\n".into(), false));
+    assert_eq!(get(&mut probe, "/healthz").0, 200);
+    // A reload keeps it ready.
+    let a = run.reload();
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(get(&mut probe, "/readyz").0, 200);
+    // A stop: 503 from the moment it begins.
+    let sup = run.server.first_pid();
+    baton_testkit::send_signal(sup, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (status, body) = loop {
+        let (status, body, _) = get(&mut probe, "/readyz");
+        if status != 200 || Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!((status, body.as_str()), (503, "not ready: draining\n"));
+}

@@ -95,6 +95,8 @@ pub struct Config {
     /// Take the sockets over from the supervisor serving the control
     /// socket, if one does.
     pub takeover: bool,
+    /// Serve `/healthz` and `/readyz` here.
+    pub admin: Option<ListenSpec>,
 }
 
 /// Raw options, as given on the command line.
@@ -125,6 +127,8 @@ pub struct Options {
     pub pid_file: Option<PathBuf>,
     /// `--takeover`.
     pub takeover: bool,
+    /// `--admin ADDR`.
+    pub admin: Option<String>,
 }
 
 /// Parses `HUP`, `SIGHUP`, `sigterm`, `1` ([`baton::signals::parse`]).
@@ -190,6 +194,16 @@ impl Options {
                 "--takeover needs --control-socket (where the running supervisor is asked)".into(),
             ));
         }
+        let admin = match &self.admin {
+            None => None,
+            Some(a) => {
+                let spec: ListenSpec = a.parse().map_err(|e| bad(format!("--admin {a:?}: {e}")))?;
+                if spec.kind != baton::ListenerKind::Tcp {
+                    return Err(bad(format!("--admin {a:?}: a TCP address (HOST:PORT)")));
+                }
+                Some(spec)
+            }
+        };
         let stop_signal = match self.stop_signal {
             Some(s) => parse_signal(&s).map_err(|e| bad(format!("--stop-signal {e}")))?,
             None => libc::SIGTERM,
@@ -206,6 +220,7 @@ impl Options {
             control_socket: self.control_socket,
             pid_file: self.pid_file,
             takeover: self.takeover,
+            admin,
         })
     }
 }

@@ -64,6 +64,8 @@ struct Inner {
     kept: Vec<(String, OwnedFd)>,
     /// Set once another supervisor took over: the paths are its now.
     handed_over: AtomicBool,
+    /// Where `/healthz` and `/readyz` are served.
+    admin_addr: Option<std::net::SocketAddr>,
     last_takeover: Mutex<Option<Value>>,
     current: watch::Sender<Option<Arc<Generation>>>,
     generations: AtomicU64,
@@ -178,6 +180,25 @@ impl Supervisor {
             }
             None => None,
         };
+        let admin = match &config.admin {
+            Some(spec) => {
+                let what = format!("--admin {spec}");
+                let fd = match take(&mut offered, ADMIN_LISTENER) {
+                    Some(fd) => fd,
+                    None => spec.bind().map_err(setup(what.clone()))?,
+                };
+                kept.push((
+                    ADMIN_LISTENER.to_owned(),
+                    fd.try_clone().map_err(setup(what.clone()))?,
+                ));
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true).map_err(setup(what.clone()))?;
+                let addr = std.local_addr().map_err(setup(what.clone()))?;
+                tracing::info!(address = %addr, "admin endpoints");
+                Some((std, addr))
+            }
+            None => None,
+        };
         for (name, _) in offered {
             tracing::info!(name, "closing a taken-over socket nobody asked for");
         }
@@ -199,6 +220,7 @@ impl Supervisor {
                 passed,
                 kept,
                 handed_over: AtomicBool::new(false),
+                admin_addr: admin.as_ref().map(|(_, a)| *a),
                 last_takeover: Mutex::new(None),
                 current,
                 // A take-over continues the numbering of the children.
@@ -253,6 +275,14 @@ impl Supervisor {
             let listener = tokio::net::UnixListener::from_std(std)
                 .map_err(setup(format!("control socket {}", path.display())))?;
             tokio::spawn(control::serve(
+                listener,
+                sup.clone(),
+                sup.inner.drain.handle(),
+            ));
+        }
+        if let Some((std, _)) = admin {
+            let listener = TcpListener::from_std(std).map_err(setup("--admin"))?;
+            tokio::spawn(baton::admin::serve_with(
                 listener,
                 sup.clone(),
                 sup.inner.drain.handle(),
@@ -786,6 +816,9 @@ impl Supervisor {
             "last_takeover".into(),
             json!(*lock(&self.inner.last_takeover)),
         );
+        if let Some(addr) = self.inner.admin_addr {
+            extra.insert("admin".into(), json!(addr.to_string()));
+        }
         let status = control::Status {
             ok: true,
             pid: current.as_ref().map(|g| g.child.pid()),
@@ -871,6 +904,23 @@ impl Supervisor {
                 self.stop().await;
             }
         }
+    }
+}
+
+/// The name the `--admin` listener is handed over (and kept in a service
+/// manager's fd store) as.
+const ADMIN_LISTENER: &str = "baton-admin";
+
+impl baton::admin::Readiness for Supervisor {
+    /// Ready while it is not stopping and a child serves.
+    fn readiness(&self) -> Result<(), String> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err("draining".to_owned());
+        }
+        if self.inner.current.borrow().is_none() {
+            return Err("no child".to_owned());
+        }
+        Ok(())
     }
 }
 

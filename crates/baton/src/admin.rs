@@ -38,12 +38,37 @@ pub async fn serve<L: crate::http::Accept>(listener: L, baton: Baton) -> std::io
     crate::http::serve(listener, Admin(baton), shutdown).await
 }
 
+/// Like [`serve`], for any [`Readiness`] (`baton run` answers for its
+/// child), draining with `shutdown`.
+pub async fn serve_with<L: crate::http::Accept, R: Readiness>(
+    listener: L,
+    readiness: R,
+    shutdown: crate::Shutdown,
+) -> std::io::Result<()> {
+    crate::http::serve(listener, Admin(readiness), shutdown).await
+}
+
+/// What `/readyz` asks.
+pub trait Readiness: Clone + Send + Sync + 'static {
+    /// `Ok` while ready to serve; else why not (`"draining"`, say).
+    fn readiness(&self) -> Result<(), String>;
+}
+
+impl Readiness for Baton {
+    fn readiness(&self) -> Result<(), String> {
+        match &*self.state().borrow() {
+            State::Active => Ok(()),
+            other => Err(other.label().to_owned()),
+        }
+    }
+}
+
 /// The admin service itself, for a server that mounts it in its own
 /// accept loop ([`http::serve_connection`](crate::http::serve_connection)).
 #[derive(Debug, Clone)]
-pub struct Admin(pub Baton);
+pub struct Admin<R>(pub R);
 
-impl tower_service::Service<Request<Incoming>> for Admin {
+impl<R: Readiness> tower_service::Service<Request<Incoming>> for Admin<R> {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -58,19 +83,16 @@ impl tower_service::Service<Request<Incoming>> for Admin {
     }
 }
 
-fn answer(baton: &Baton, method: &Method, path: &str) -> Response<Full<Bytes>> {
+fn answer(readiness: &impl Readiness, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let (status, body) = match (method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
-        (&Method::GET | &Method::HEAD, "/readyz") => {
-            let state = baton.state().borrow().clone();
-            match state {
-                State::Active => (StatusCode::OK, "ready\n".to_owned()),
-                other => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {}\n", other.label()),
-                ),
-            }
-        }
+        (&Method::GET | &Method::HEAD, "/readyz") => match readiness.readiness() {
+            Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
         (_, "/healthz" | "/readyz") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "only GET and HEAD\n".to_owned(),
