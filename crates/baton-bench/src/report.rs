@@ -6,8 +6,9 @@
 //! requests. Each restart is drawn once, across all three panels, as a
 //! translucent rectangle filled with [`RESTART_FILL`] from the restart's
 //! start to its end (at least a few pixels wide), labelled `restart N`.
-//! Nothing else in the chart uses that colour, so counting the rectangles
-//! of that fill counts the restarts.
+//! Nothing else in the chart uses that colour for a rectangle, so counting
+//! the rectangles of that fill counts the restarts. The legend has a strip
+//! of its own above the panels, so it never covers data.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -28,7 +29,9 @@ const P99_COLOR: RGBColor = RGBColor(0x94, 0x67, 0xBD);
 const ERROR_COLOR: RGBColor = RGBColor(0xD6, 0x27, 0x28);
 
 const WIDTH: u32 = 1100;
-const HEIGHT: u32 = 760;
+const HEIGHT: u32 = 790;
+/// Height of the legend strip above the panels, in pixels.
+const LEGEND_HEIGHT: u32 = 30;
 /// Narrowest restart span drawn, in pixels, so an instant restart (a signal)
 /// stays visible.
 const MIN_SPAN_PX: i32 = 3;
@@ -77,6 +80,10 @@ fn draw_timeline(
         result.restarts.len()
     );
     let root = root.titled(&title, ("sans-serif", 18)).map_err(draw_err)?;
+    // The legend has a strip of its own above the panels: it never covers
+    // data.
+    let (legend, root) = root.split_vertically(LEGEND_HEIGHT);
+    draw_legend(&legend)?;
 
     let bucket_s = result.timeline.bucket_ms as f64 / 1000.0;
     let per_s = if bucket_s > 0.0 { 1.0 / bucket_s } else { 0.0 };
@@ -151,14 +158,6 @@ fn draw_timeline(
                 .map(|b| (b.t_s, b.requests as f64 * per_s)),
             RATE_COLOR.stroke_width(1),
         ))
-        .map_err(draw_err)?
-        .label("requests/s")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], RATE_COLOR));
-    rate_chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
         .map_err(draw_err)?;
 
     latency_chart
@@ -168,13 +167,12 @@ fn draw_timeline(
         .x_desc("time (s)")
         .draw()
         .map_err(draw_err)?;
-    for (name, color, pick) in [
+    for (color, pick) in [
         (
-            "p50",
             P50_COLOR,
             (|b| b.p50_ms) as fn(&crate::TimelineBucket) -> Option<f64>,
         ),
-        ("p99", P99_COLOR, |b| b.p99_ms),
+        (P99_COLOR, |b| b.p99_ms),
     ] {
         // Buckets without an ok request break the line rather than bridge it.
         let mut segments: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
@@ -192,25 +190,12 @@ fn draw_timeline(
                 }
             }
         }
-        let mut first = true;
         for segment in segments.into_iter().filter(|s| !s.is_empty()) {
-            let series = latency_chart
+            latency_chart
                 .draw_series(LineSeries::new(segment, color.stroke_width(1)))
                 .map_err(draw_err)?;
-            if first {
-                series
-                    .label(name)
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
-                first = false;
-            }
         }
     }
-    latency_chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(draw_err)?;
 
     errors_chart
         .configure_mesh()
@@ -225,15 +210,39 @@ fn draw_timeline(
             0.0,
             ERROR_COLOR.mix(0.5),
         ))
-        .map_err(draw_err)?
-        .label("failed requests")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], ERROR_COLOR));
-    errors_chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
         .map_err(draw_err)?;
+    Ok(())
+}
+
+/// The legend strip: one swatch and label per series, and the restart
+/// window. The restart swatch is a thick line, not a rectangle, so that the
+/// rectangles of its colour in the chart are the restarts alone.
+fn draw_legend(area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), BenchError> {
+    let font = ("sans-serif", 13).into_font().color(&BLACK);
+    let mut x = 70;
+    let y = (LEGEND_HEIGHT / 2) as i32;
+    for (label, color, width) in [
+        ("requests/s", RATE_COLOR, 2),
+        ("p50 latency", P50_COLOR, 2),
+        ("p99 latency", P99_COLOR, 2),
+        ("failed requests", ERROR_COLOR, 2),
+        (
+            "restarts (each restart's window, start to end)",
+            RESTART_COLOR,
+            10,
+        ),
+    ] {
+        area.draw(&PathElement::new(
+            [(x, y), (x + 18, y)],
+            color
+                .mix(if width > 2 { 0.5 } else { 1.0 })
+                .stroke_width(width),
+        ))
+        .map_err(draw_err)?;
+        area.draw(&Text::new(label, (x + 24, y - 7), font.clone()))
+            .map_err(draw_err)?;
+        x += 24 + 8 * label.len() as i32 + 20;
+    }
     Ok(())
 }
 
@@ -303,7 +312,27 @@ fn report_html(result: &BenchResult, svg: &str) -> String {
             result.restarts.len()
         );
     }
-    let _ = writeln!(h, "<figure>\n{svg}\n</figure>");
+    let _ = writeln!(h, "<figure>\n{svg}\n<figcaption>Each orange band is a restart window: from the moment the restart began (the restart command was started, or the signal or control request was sent) to the moment it ended (the command exited, or the answer came). Requests that completed inside one are counted \"in restart windows\" below.</figcaption>\n</figure>");
+    let started =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(result.started_unix_s.max(0.0));
+    let command: Vec<String> = std::env::args().collect();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let _ = writeln!(
+        h,
+        "<h2>Run</h2>\n<table>\n\
+         <tr><th class=\"l\">date</th><td class=\"l\">{}</td></tr>\n\
+         <tr><th class=\"l\">Baton version</th><td class=\"l\">{}</td></tr>\n\
+         <tr><th class=\"l\">command line</th><td class=\"l\"><code>{}</code></td></tr>\n\
+         <tr><th class=\"l\">machine</th><td class=\"l\">{cores} cores, {} {}, Linux {}</td></tr>\n\
+         </table>",
+        humantime::format_rfc3339_seconds(started),
+        env!("CARGO_PKG_VERSION"),
+        escape(&command.join(" ")),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        escape(kernel.trim()),
+    );
 
     h.push_str("<h2>Latency (ms)</h2>\n<table>\n<tr><th class=\"l\"></th><th>count</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>\n");
     for (name, l) in [

@@ -551,8 +551,41 @@ mod output {
             let expected: Vec<String> = (1..=k).map(|i| format!("restart {i}")).collect();
             assert_eq!(labels, expected);
 
+            // The legend is a strip of its own, above the first panel.
+            let legend_y: Vec<f64> = doc
+                .descendants()
+                .filter(|n| n.has_tag_name("text"))
+                .filter(|n| n.text().map(str::trim) == Some("requests/s"))
+                .filter_map(|n| n.attribute("y").and_then(|y| y.parse().ok()))
+                .collect();
+            assert_eq!(legend_y.len(), 1, "one legend entry for the rate");
+            let first_panel_top = doc
+                .descendants()
+                .filter(|n| n.has_tag_name("text"))
+                .filter(|n| n.text().map(str::trim) == Some("req/s"))
+                .filter_map(|n| n.attribute("y").and_then(|y| y.parse::<f64>().ok()))
+                .fold(f64::MAX, f64::min);
+            assert!(legend_y[0] < first_panel_top, "legend above the panels");
+
             let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
             assert!(html.contains("<svg"));
+            assert!(
+                html.contains("restart window: from the moment"),
+                "the restart window is explained"
+            );
+            assert!(
+                html.contains(&format!(
+                    "<td class=\"l\">{}</td>",
+                    env!("CARGO_PKG_VERSION")
+                )),
+                "version"
+            );
+            assert!(html.contains(" cores, linux "), "machine");
+            assert!(html.contains("<th class=\"l\">command line</th>"));
+            assert!(
+                html.contains("<th class=\"l\">date</th><td class=\"l\">20"),
+                "date"
+            );
             for external in ["src=", "href=", "@import", "url("] {
                 assert!(
                     !html.contains(external),
