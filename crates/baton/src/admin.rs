@@ -1,6 +1,8 @@
 //! The admin endpoints a load balancer, Kubernetes or an operator probes:
-//! `GET /healthz` (200 while the process lives) and `GET /readyz` (200 while
-//! this generation is active and accepting, 503 while it starts or drains).
+//! `GET /healthz` (200 while the process lives), `GET /readyz` (200 while
+//! this generation is active and accepting, 503 while it starts or drains)
+//! and `GET /metrics` (the Prometheus text format, see
+//! [`Baton::metrics`]).
 //!
 //! Serve them on a listener of their own, claimed like any other (so the
 //! admin socket is inherited across upgrades as well):
@@ -52,6 +54,11 @@ pub async fn serve_with<L: crate::http::Accept, R: Readiness>(
 pub trait Readiness: Clone + Send + Sync + 'static {
     /// `Ok` while ready to serve; else why not (`"draining"`, say).
     fn readiness(&self) -> Result<(), String>;
+
+    /// The Prometheus text exposition for `/metrics` (none: 404).
+    fn metrics(&self) -> Option<String> {
+        None
+    }
 }
 
 impl Readiness for Baton {
@@ -60,6 +67,10 @@ impl Readiness for Baton {
             State::Active => Ok(()),
             other => Err(other.label().to_owned()),
         }
+    }
+
+    fn metrics(&self) -> Option<String> {
+        Some(Baton::metrics(self))
     }
 }
 
@@ -93,7 +104,20 @@ fn answer(readiness: &impl Readiness, method: &Method, path: &str) -> Response<F
                 format!("not ready: {why}\n"),
             ),
         },
-        (_, "/healthz" | "/readyz") => (
+        (&Method::GET | &Method::HEAD, "/metrics") => match readiness.metrics() {
+            Some(text) => {
+                let mut resp = Response::new(Full::new(Bytes::from(text)));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                return resp;
+            }
+            None => (StatusCode::NOT_FOUND, "no metrics here\n".to_owned()),
+        },
+        (_, "/healthz" | "/readyz" | "/metrics") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "only GET and HEAD\n".to_owned(),
         ),

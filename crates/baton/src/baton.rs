@@ -251,6 +251,8 @@ pub(crate) struct Inner {
     /// The handshake to the previous generation, kept open after the
     /// hand-over so that a stop or upgrade can be announced to it.
     parent_link: Mutex<Option<ParentLink>>,
+    /// The service's metrics (`/metrics`).
+    metrics: crate::metrics::Metrics,
     /// Connection migration to the next generation, once it is active and
     /// takes connections.
     outgoing: Mutex<Option<Arc<crate::migrate::Outgoing>>>,
@@ -356,6 +358,7 @@ impl Baton {
                 draining_since: Mutex::new(None),
                 parent_link: Mutex::new(None),
                 outgoing: Mutex::new(None),
+                metrics: crate::metrics::Metrics::new(generation),
                 incoming: Mutex::new(Default::default()),
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
@@ -664,7 +667,15 @@ impl Baton {
         };
         let orphaned = matches!(handover, Some(Handover::Orphaned));
         let result = self.become_active(orphaned);
-        if let Some(Handover::Confirm(confirm)) = handover {
+        if let Some(Handover::Confirm(confirm, totals)) = handover {
+            // The service's counters go on where the previous generation's
+            // stopped, plus the upgrade that made this one.
+            if let Some(t) = totals {
+                self.inner.metrics.absorb(t);
+            }
+            if result.is_ok() {
+                self.inner.metrics.upgrade(true, None);
+            }
             let link = confirm
                 .send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
                 .await;
@@ -891,6 +902,10 @@ impl Baton {
                 notify::notify_logged("READY=1");
             }
         }
+        self.inner.metrics.upgrade(
+            result.is_ok(),
+            result.as_ref().ok().map(|up| up.elapsed.as_secs_f64()),
+        );
         *lock(&self.inner.last_upgrade) = Some(match &result {
             Ok(up) => Outcome {
                 kind: Some(what.to_owned()),
@@ -1087,7 +1102,9 @@ impl Baton {
         // the caller's "ok" is true of the pid file and control socket too.
         // `wait` does not let this generation exit before this is answered,
         // whatever the drain timeout.
-        let confirmed = child.ack(CONFIRM_TIMEOUT).await;
+        let confirmed = child
+            .ack(CONFIRM_TIMEOUT, Some(self.inner.metrics.totals()))
+            .await;
         if confirmed.is_ok() {
             if let Some(link) = child.start_link() {
                 tracing::info!(
@@ -1156,6 +1173,7 @@ impl Baton {
             Ok(()) => tracing::info!(elapsed_ms, "reload succeeded"),
             Err(e) => tracing::error!(error = %e, "reload rejected; previous configuration kept"),
         }
+        self.inner.metrics.reload(result.is_ok());
         *lock(&self.inner.last_reload) = Some(Outcome {
             elapsed_ms: Some(elapsed_ms),
             ..outcome(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
@@ -1337,6 +1355,12 @@ impl Baton {
             .send_replace(State::Stopped(reason.clone()));
         tracing::info!(generation = self.inner.generation, "stopped");
         reason
+    }
+
+    /// The service's metrics in the Prometheus text format (what the admin
+    /// endpoint serves as `/metrics`).
+    pub fn metrics(&self) -> String {
+        self.inner.metrics.encode()
     }
 
     /// A JSON description of this generation (the control `status` answer).

@@ -53,7 +53,11 @@ pub(crate) enum Message {
     Error {
         message: String,
     },
-    Ack,
+    Ack {
+        /// The old generation's metric totals, which the new one carries on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        totals: Option<crate::metrics::Totals>,
+    },
     Active,
     Leaving,
 }
@@ -132,13 +136,17 @@ pub(crate) struct ReadyChild {
 impl ReadyChild {
     /// Tells the new generation it is now the active one, and waits
     /// (bounded) for it to confirm that it is.
-    pub(crate) async fn ack(&mut self, timeout: Duration) -> Result<(), String> {
+    pub(crate) async fn ack(
+        &mut self,
+        timeout: Duration,
+        totals: Option<crate::metrics::Totals>,
+    ) -> Result<(), String> {
         let Some(handshake) = self.handshake.as_mut() else {
             return Err("the handshake was already used".to_owned());
         };
         handshake
             .get_mut()
-            .write_all(&Message::Ack.line())
+            .write_all(&Message::Ack { totals }.line())
             .await
             .map_err(|e| format!("could not acknowledge: {e}"))?;
         let mut line = Vec::new();
@@ -149,7 +157,7 @@ impl ReadyChild {
             Ok(true) => match Message::parse(&line)? {
                 Message::Active => Ok(()),
                 Message::Error { message } => Err(message),
-                Message::Ready { .. } | Message::Ack | Message::Leaving => {
+                Message::Ready { .. } | Message::Ack { .. } | Message::Leaving => {
                     Err(unexpected(&String::from_utf8_lossy(&line)))
                 }
             },
@@ -556,7 +564,7 @@ async fn wait_ready(
                     Ok(Message::Ready { .. }) if child.has_exited() => Err(Failure::Exited),
                     Ok(Message::Ready { migrate }) => Ok(migrate),
                     Ok(Message::Error { message }) => Err(Failure::Reported(message)),
-                    Ok(Message::Ack | Message::Active | Message::Leaving) => Err(Failure::Protocol(unexpected(&String::from_utf8_lossy(&line)))),
+                    Ok(Message::Ack { .. } | Message::Active | Message::Leaving) => Err(Failure::Protocol(unexpected(&String::from_utf8_lossy(&line)))),
                     Err(reason) => Err(Failure::Protocol(reason)),
                 },
                 Err(LineError::Io(e)) => Err(Failure::Io(e)),
@@ -639,8 +647,9 @@ impl ParentLink {
 /// How a new generation's [`ChildHandshake::ready`] ended well.
 #[derive(Debug)]
 pub(crate) enum Handover {
-    /// The previous generation stopped accepting: confirm with this.
-    Confirm(Confirm),
+    /// The previous generation stopped accepting: confirm with this; it
+    /// sent its metric totals (a current binary does).
+    Confirm(Confirm, Option<crate::metrics::Totals>),
     /// The previous generation is gone (it died before the hand-over): this
     /// one holds every inherited socket and takes over on its own.
     Orphaned,
@@ -846,8 +855,8 @@ impl ChildHandshake {
             Ok(None) => return Err(crate::Error::RolledBack),
             Err(e) => return Err(crate::Error::Handshake(e.into())),
         };
-        match Message::parse(&line) {
-            Ok(Message::Ack) => {}
+        let totals = match Message::parse(&line) {
+            Ok(Message::Ack { totals }) => totals,
             // The process this one takes over from gave up on it.
             Ok(Message::Error { message }) => return Err(crate::Error::Refused(message)),
             Ok(_) => {
@@ -862,9 +871,9 @@ impl ChildHandshake {
                     reason,
                 )))
             }
-        }
+        };
         switch_stderr(&real_stderr).map_err(crate::Error::Handshake)?;
-        Ok(Handover::Confirm(Confirm(stream)))
+        Ok(Handover::Confirm(Confirm(stream), totals))
     }
 
     /// Reports a startup error to the old generation (best effort; a

@@ -73,6 +73,7 @@ mod handoff;
 pub mod http;
 mod line;
 mod listeners;
+mod metrics;
 pub mod migrate;
 mod notify;
 pub mod pidfile;

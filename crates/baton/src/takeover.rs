@@ -48,7 +48,7 @@ impl Offer {
     /// gave up on this one; exit.
     pub async fn ready(self) -> Result<Acked, Error> {
         match self.handshake.ready(Vec::new()).await? {
-            Handover::Confirm(c) => Ok(Acked(Some(c))),
+            Handover::Confirm(c, _) => Ok(Acked(Some(c))),
             Handover::Orphaned => Ok(Acked(None)),
         }
     }
@@ -113,7 +113,7 @@ impl Successor {
     /// Tells it to become active and waits (up to `timeout`) for it to
     /// confirm that it is.
     pub async fn confirm(&mut self, timeout: Duration) -> Result<(), String> {
-        self.0.ack(timeout).await
+        self.0.ack(timeout, None).await
     }
 }
 

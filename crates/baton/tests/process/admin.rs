@@ -84,3 +84,80 @@ fn readyz_is_503_on_a_draining_generation_and_200_on_the_active_one() {
         "did not stop"
     );
 }
+
+/// Scrapes `/metrics` on a new connection and parses it.
+fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let mut c = connect(admin);
+    let (status, body, _) = get(&mut c, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines)
+        .unwrap_or_else(|e| panic!("not Prometheus text ({e}):\n{body}"))
+}
+
+fn value(s: &prometheus_parse::Scrape, name: &str, result: Option<&str>) -> f64 {
+    let sample = s
+        .samples
+        .iter()
+        .find(|x| x.metric == name && result.map_or(true, |r| x.labels.get("result") == Some(r)))
+        .unwrap_or_else(|| panic!("no {name} {result:?} in {:?}", s.samples));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{name}: {other:?}"),
+    }
+}
+
+#[test]
+fn metrics_parse_and_count_upgrades_across_generations_without_a_reset() {
+    let r = Running::start(
+        "hello",
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--settle",
+            "200ms",
+            "--upgrade-timeout",
+            "5s",
+        ],
+    );
+    let admin: SocketAddr = r.ready["admin"].as_str().unwrap().parse().unwrap();
+    let s = scrape(admin);
+    assert_eq!(value(&s, "baton_generation", None), 1.0);
+    assert_eq!(value(&s, "baton_upgrades_total", Some("ok")), 0.0);
+    for i in 1..=3u32 {
+        let a = r.upgrade(r#"{"command":"upgrade"}"#);
+        assert_eq!(a["ok"], true, "{a}");
+        // A new connection: the new generation answers.
+        let s = scrape(admin);
+        assert_eq!(value(&s, "baton_generation", None), f64::from(i + 1));
+        assert_eq!(
+            value(&s, "baton_upgrades_total", Some("ok")),
+            f64::from(i),
+            "no reset at upgrade {i}"
+        );
+    }
+    // A failed upgrade and a reload count on the active generation, and
+    // travel on with the next upgrade.
+    let crash = r.dir.script(
+        "crash",
+        &format!(
+            "exec {} \"$@\" --fail-startup",
+            baton_testkit::example("hello").display()
+        ),
+    );
+    let a = r.upgrade(&format!(
+        r#"{{"command":"upgrade","binary":"{}"}}"#,
+        crash.display()
+    ));
+    assert_eq!(a["ok"], false, "{a}");
+    assert_eq!(r.control(r#"{"command":"reload"}"#)["ok"], true);
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(a["ok"], true, "{a}");
+    let s = scrape(admin);
+    assert_eq!(value(&s, "baton_generation", None), 5.0);
+    assert_eq!(value(&s, "baton_upgrades_total", Some("ok")), 4.0);
+    assert_eq!(value(&s, "baton_upgrades_total", Some("failed")), 1.0);
+    assert_eq!(value(&s, "baton_reloads_total", Some("ok")), 1.0);
+}
