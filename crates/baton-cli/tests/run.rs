@@ -1009,10 +1009,20 @@ fn admin_readyz_follows_the_supervisor() {
     let get = baton_testkit::http_get;
     assert_eq!(get(&mut probe, "/readyz"), (200, "ready\n".into(), false));
     assert_eq!(get(&mut probe, "/healthz").0, 200);
-    // A reload keeps it ready.
+    // A reload keeps it ready, and counts.
     let a = run.reload();
     assert_eq!(a["ok"], true, "{a}");
     assert_eq!(get(&mut probe, "/readyz").0, 200);
+    let (status, metrics, _) = get(&mut probe, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    for line in [
+        "baton_generation 2",
+        "baton_reloads_total{result=\"ok\"} 1",
+        "baton_reloads_total{result=\"failed\"} 0",
+        "baton_child_restarts_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
     // A stop: 503 from the moment it begins.
     let sup = run.server.first_pid();
     baton_testkit::send_signal(sup, rustix::process::Signal::TERM);

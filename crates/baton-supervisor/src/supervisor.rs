@@ -70,6 +70,9 @@ struct Inner {
     current: watch::Sender<Option<Arc<Generation>>>,
     generations: AtomicU64,
     crash_restarts: AtomicU64,
+    /// Reloads by outcome (for `/metrics`).
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
     /// One reload or crash restart at a time.
     transition: tokio::sync::Mutex<()>,
     backoff: Mutex<Duration>,
@@ -229,6 +232,8 @@ impl Supervisor {
                 ),
                 config,
                 crash_restarts: AtomicU64::new(0),
+                reloads_ok: AtomicU64::new(0),
+                reloads_failed: AtomicU64::new(0),
                 transition: tokio::sync::Mutex::new(()),
                 backoff: Mutex::new(Duration::ZERO),
                 last_reload: Mutex::new(None),
@@ -493,6 +498,11 @@ impl Supervisor {
                 Err(reason)
             }
         };
+        if answer.is_ok() {
+            self.inner.reloads_ok.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.inner.reloads_failed.fetch_add(1, Ordering::SeqCst);
+        }
         *lock(&self.inner.last_reload) = Some(control::Outcome {
             ok: answer.is_ok(),
             error: answer.as_ref().err().cloned(),
@@ -921,6 +931,49 @@ impl baton::admin::Readiness for Supervisor {
             return Err("no child".to_owned());
         }
         Ok(())
+    }
+
+    /// The supervisor's metrics: the current child's generation, reloads by
+    /// result and crash restarts, counted since this supervisor started.
+    fn metrics(&self) -> Option<String> {
+        use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+        #[derive(
+            Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet,
+        )]
+        struct Outcome {
+            result: &'static str,
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        let generation: Gauge = Gauge::default();
+        let current = self.inner.current.borrow().as_ref().map_or(0, |g| g.number);
+        generation.set(i64::try_from(current).unwrap_or(i64::MAX));
+        registry.register(
+            "baton_generation",
+            "The generation number of the current child",
+            generation,
+        );
+        let reloads = Family::<Outcome, Counter>::default();
+        reloads
+            .get_or_create(&Outcome { result: "ok" })
+            .inc_by(self.inner.reloads_ok.load(Ordering::SeqCst));
+        reloads
+            .get_or_create(&Outcome { result: "failed" })
+            .inc_by(self.inner.reloads_failed.load(Ordering::SeqCst));
+        registry.register(
+            "baton_reloads",
+            "Reloads (a new child on the same sockets), by result",
+            reloads,
+        );
+        let restarts: Counter = Counter::default();
+        restarts.inc_by(self.inner.crash_restarts.load(Ordering::SeqCst));
+        registry.register(
+            "baton_child_restarts",
+            "Children replaced after they died",
+            restarts,
+        );
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).ok()?;
+        Some(out)
     }
 }
 
