@@ -284,6 +284,12 @@ impl Proxy {
             Some(inner) => Proxy { inner }.status(),
             None => json!({}),
         });
+        let weak = Arc::downgrade(&proxy.inner);
+        baton.on_metrics(move |out| {
+            if let Some(inner) = weak.upgrade() {
+                Proxy { inner }.metrics(out);
+            }
+        });
         Ok(proxy)
     }
 
@@ -572,6 +578,57 @@ impl Proxy {
         draining.retain(|w| w.strong_count() > 0);
         draining.push(Arc::downgrade(&r.stats));
         Some(r.closed())
+    }
+
+    /// The proxy's metric families: connections by state and upstream
+    /// servers' health, from the same counters as `status`.
+    fn metrics(&self, out: &mut String) {
+        use prometheus_client::encoding::EncodeLabelSet;
+        use prometheus_client::metrics::{family::Family, gauge::Gauge};
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct ConnState {
+            state: &'static str,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct Server {
+            upstream: String,
+            server: String,
+        }
+        let status = self.status();
+        let p = &status["proxy"];
+        let mut registry = prometheus_client::registry::Registry::default();
+        let conns = Family::<ConnState, Gauge>::default();
+        for state in ["active", "draining"] {
+            let n = p["connections"][state].as_i64().unwrap_or(0);
+            conns.get_or_create(&ConnState { state }).set(n);
+        }
+        registry.register(
+            "baton_connections",
+            "Client connections of this generation, by state",
+            conns,
+        );
+        let up = Family::<Server, Gauge>::default();
+        for (name, pool) in p["upstreams"].as_object().into_iter().flatten() {
+            for s in pool["servers"].as_array().into_iter().flatten() {
+                let server = s["address"].as_str().unwrap_or_default().to_owned();
+                let healthy = i64::from(s["healthy"] == true);
+                up.get_or_create(&Server {
+                    upstream: name.clone(),
+                    server,
+                })
+                .set(healthy);
+            }
+        }
+        registry.register(
+            "baton_upstream_up",
+            "1 while an upstream server is taken as healthy, else 0",
+            up,
+        );
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &registry).is_ok() {
+            let end = text.rfind("# EOF").unwrap_or(text.len());
+            out.push_str(&text[..end]);
+        }
     }
 
     /// The proxy's part of the `status` answer (under `"proxy"`).

@@ -102,6 +102,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 type ExitHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 type StatusHook = Arc<dyn Fn() -> Value + Send + Sync>;
+type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;
 type ReloadHandler =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> + Send + Sync>;
 
@@ -253,6 +254,7 @@ pub(crate) struct Inner {
     parent_link: Mutex<Option<ParentLink>>,
     /// The service's metrics (`/metrics`).
     metrics: crate::metrics::Metrics,
+    metrics_hook: Mutex<Option<MetricsHook>>,
     /// Connection migration to the next generation, once it is active and
     /// takes connections.
     outgoing: Mutex<Option<Arc<crate::migrate::Outgoing>>>,
@@ -359,6 +361,7 @@ impl Baton {
                 parent_link: Mutex::new(None),
                 outgoing: Mutex::new(None),
                 metrics: crate::metrics::Metrics::new(generation),
+                metrics_hook: Mutex::new(None),
                 incoming: Mutex::new(Default::default()),
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
@@ -1360,7 +1363,28 @@ impl Baton {
     /// The service's metrics in the Prometheus text format (what the admin
     /// endpoint serves as `/metrics`).
     pub fn metrics(&self) -> String {
-        self.inner.metrics.encode()
+        let mut text = self.inner.metrics.encode();
+        let hook = lock(&self.inner.metrics_hook).clone();
+        if let Some(hook) = hook {
+            // The application's families go before the closing `# EOF`.
+            let body_end = text.rfind("# EOF").unwrap_or(text.len());
+            text.truncate(body_end);
+            hook(&mut text);
+            if !text.ends_with('\n') && !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str("# EOF\n");
+        }
+        text
+    }
+
+    /// Adds application metric families to [`metrics`](Self::metrics):
+    /// `hook` appends them in the same text format (without `# EOF`).
+    pub fn on_metrics<F>(&self, hook: F)
+    where
+        F: Fn(&mut String) + Send + Sync + 'static,
+    {
+        *lock(&self.inner.metrics_hook) = Some(Arc::new(hook));
     }
 
     /// A JSON description of this generation (the control `status` answer).

@@ -45,6 +45,27 @@ fn readyz_is_503_on_the_draining_proxy_and_200_on_the_new_one() {
         2,
         "web and baton-admin"
     );
+    // The library's metrics and the proxy's, in one exposition.
+    let (status, metrics, _) = http_get(&mut new, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    for line in [
+        "baton_generation 2".to_owned(),
+        "baton_upgrades_total{result=\"ok\"} 1".to_owned(),
+        format!(
+            "baton_upstream_up{{upstream=\"a\",server=\"{}\"}} 1",
+            a.addr
+        ),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("baton_connections{state=\"active\"} ")),
+        "{metrics}"
+    );
+    assert_eq!(metrics.matches("# EOF").count(), 1, "{metrics}");
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
 }
 
 #[test]
