@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use baton::control::{Request, Status};
+use baton::control::{Request, Status, UpgradeAnswer};
 
 /// What `ctl` should do.
 #[derive(Debug, Clone)]
@@ -37,12 +37,13 @@ pub async fn run(opts: CtlOptions) -> anyhow::Result<bool> {
 
 fn print_human(req: &Request, a: &serde_json::Value) {
     match req {
-        Request::Upgrade { .. } => println!(
-            "upgraded: generation {} pid {} ({:.1} ms)",
-            a["generation"],
-            a["pid"],
-            a["elapsed_ms"].as_f64().unwrap_or(0.0)
-        ),
+        Request::Upgrade { .. } => match serde_json::from_value::<UpgradeAnswer>(a.clone()) {
+            Ok(up) => println!(
+                "upgraded: generation {} pid {} ({:.1} ms)",
+                up.generation, up.pid, up.elapsed_ms
+            ),
+            Err(_) => println!("{a}"),
+        },
         Request::Reload {} => println!("reloaded"),
         Request::Stop {} => println!("stopping pid {}", a["pid"]),
         // `baton ctl` has no take-over action (a process takes over itself).

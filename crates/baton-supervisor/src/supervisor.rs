@@ -489,9 +489,12 @@ impl Supervisor {
                     elapsed_ms,
                     "reloaded"
                 );
-                Ok(
-                    json!({"ok": true, "pid": new.child.pid(), "generation": new.number, "elapsed_ms": elapsed_ms}),
-                )
+                Ok(control::answer(&control::UpgradeAnswer {
+                    ok: true,
+                    pid: new.child.pid(),
+                    generation: new.number,
+                    elapsed_ms,
+                }))
             }
             Err(reason) => {
                 tracing::error!(%reason, "reload failed; the running child keeps serving");
@@ -845,8 +848,7 @@ impl Supervisor {
             last_reload: lock(&self.inner.last_reload).clone(),
             extra,
         };
-        serde_json::to_value(&status)
-            .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
+        serde_json::to_value(&status).unwrap_or_else(|e| control::failure(e.to_string()))
     }
 
     /// Another supervisor asked for our sockets: hand them over, and once
@@ -998,22 +1000,20 @@ impl control::Handler for Supervisor {
                         *first = b.into_os_string();
                     }
                 }
-                self.reload()
-                    .await
-                    .unwrap_or_else(|e| json!({"ok": false, "error": e}))
+                self.reload().await.unwrap_or_else(control::failure)
             }
-            control::Request::Reload {} => self
-                .reload()
-                .await
-                .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+            control::Request::Reload {} => self.reload().await.unwrap_or_else(control::failure),
             control::Request::Status {} => self.status(),
             control::Request::Stop {} => {
                 let s = self.clone();
                 tokio::spawn(async move { s.stop().await });
-                json!({"ok": true, "pid": std::process::id()})
+                control::answer(&control::StopAnswer {
+                    ok: true,
+                    pid: std::process::id(),
+                })
             }
             control::Request::Takeover {} => {
-                json!({"ok": false, "error": "a take-over is answered on its own connection"})
+                control::failure("a take-over is answered on its own connection")
             }
         }
     }

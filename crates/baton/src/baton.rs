@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use socket2::Socket;
 use tokio::sync::watch;
 
@@ -1415,8 +1415,8 @@ impl Baton {
             last_reload: lock(&self.inner.last_reload).clone(),
             extra: serde_json::Map::new(),
         };
-        let mut status = serde_json::to_value(&typed)
-            .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}));
+        let mut status =
+            serde_json::to_value(&typed).unwrap_or_else(|e| control::failure(e.to_string()));
         if let (Some(Value::Object(extra)), Some(fields)) = (extra, status.as_object_mut()) {
             for (k, v) in extra {
                 fields.entry(k).or_insert(v);
@@ -1429,23 +1429,29 @@ impl Baton {
     pub async fn handle(&self, req: Request) -> Value {
         match req {
             Request::Upgrade { binary } => match self.upgrade(binary).await {
-                Ok(up) => {
-                    json!({"ok": true, "pid": up.pid, "generation": up.generation, "elapsed_ms": up.elapsed.as_secs_f64() * 1000.0})
-                }
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
+                Ok(up) => control::answer(&control::UpgradeAnswer {
+                    ok: true,
+                    pid: up.pid,
+                    generation: up.generation,
+                    elapsed_ms: up.elapsed.as_secs_f64() * 1000.0,
+                }),
+                Err(e) => control::failure(e.to_string()),
             },
             Request::Reload {} => match self.reload().await {
-                Ok(()) => json!({"ok": true}),
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
+                Ok(()) => control::answer(&control::ReloadAnswer { ok: true }),
+                Err(e) => control::failure(e.to_string()),
             },
             Request::Status {} => self.status(),
             Request::Stop {} => {
                 self.stop(true);
-                json!({"ok": true, "pid": self.inner.pid})
+                control::answer(&control::StopAnswer {
+                    ok: true,
+                    pid: self.inner.pid,
+                })
             }
-            Request::Takeover {} => {
-                json!({"ok": false, "error": "a take-over is answered on its own connection (control::Handler::takeover)"})
-            }
+            Request::Takeover {} => control::failure(
+                "a take-over is answered on its own connection (control::Handler::takeover)",
+            ),
         }
     }
 }

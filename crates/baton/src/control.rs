@@ -43,6 +43,59 @@ pub enum Request {
     Takeover {},
 }
 
+/// The answer to an `upgrade` that worked (and to `baton run`'s `reload`,
+/// which starts a new child): `{"ok":true,"pid":P,"generation":G,"elapsed_ms":T}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeAnswer {
+    /// True.
+    pub ok: bool,
+    /// The new generation's (or child's) pid.
+    pub pid: u32,
+    /// Its generation number.
+    pub generation: u64,
+    /// From the request to its readiness, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+/// The answer to a Baton server's `reload` that worked: `{"ok":true}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadAnswer {
+    /// True.
+    pub ok: bool,
+}
+
+/// The answer to `stop`: `{"ok":true,"pid":P}`, at once; the process
+/// then drains and exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopAnswer {
+    /// True.
+    pub ok: bool,
+    /// The pid that stops (a Baton server's, or `baton run`'s own).
+    pub pid: u32,
+}
+
+/// Every failure: `{"ok":false,"error":"…"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    /// False.
+    pub ok: bool,
+    /// Why, for a person.
+    pub error: String,
+}
+
+/// An answer as the JSON value sent on the wire.
+pub fn answer<T: Serialize>(a: &T) -> Value {
+    serde_json::to_value(a).unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
+}
+
+/// `{"ok":false,"error":error}`.
+pub fn failure(error: impl Into<String>) -> Value {
+    answer(&ErrorAnswer {
+        ok: false,
+        error: error.into(),
+    })
+}
+
 /// The answer to `{"command":"status"}`: the same type for a Baton server
 /// and for `baton run`, so that tools read one shape. What only one kind of
 /// server has (the proxy's `proxy` section, `baton run`'s supervisor pid and
@@ -152,9 +205,7 @@ pub trait Handler: Clone + Send + Sync + 'static {
 
 /// Answers a take-over request with `{"ok":false,"error":reason}`.
 pub async fn refuse(mut conn: UnixStream, reason: String) {
-    let _ = conn
-        .write_all(&line(&json!({"ok": false, "error": reason})))
-        .await;
+    let _ = conn.write_all(&line(&failure(reason))).await;
 }
 
 impl Handler for Baton {
@@ -190,7 +241,10 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: H, shutdown: Shu
                 );
                 let mut stream = stream;
                 let _ = stream
-                    .write_all(&line(&json!({"ok": false, "error": format!("permission denied: uid {} is not the server's uid {my_uid}", cred.uid())})))
+                    .write_all(&line(&failure(format!(
+                        "permission denied: uid {} is not the server's uid {my_uid}",
+                        cred.uid()
+                    ))))
                     .await;
                 continue;
             }
@@ -245,9 +299,7 @@ async fn connection<H: Handler>(handler: H, stream: UnixStream, shutdown: Shutdo
                 error,
                 "control socket: request refused, closing the connection"
             );
-            let _ = w
-                .write_all(&line(&json!({"ok": false, "error": error})))
-                .await;
+            let _ = w.write_all(&line(&failure(error))).await;
             break;
         }
         let answer = match std::str::from_utf8(&buf) {
@@ -272,9 +324,9 @@ async fn connection<H: Handler>(handler: H, stream: UnixStream, shutdown: Shutdo
                     tracing::info!(request = ?req, "control request");
                     handler.handle(req).await
                 }
-                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                Err(e) => failure(format!("bad request: {e}")),
             },
-            Err(e) => json!({"ok": false, "error": format!("bad request: not UTF-8: {e}")}),
+            Err(e) => failure(format!("bad request: not UTF-8: {e}")),
         };
         if w.write_all(&line(&answer)).await.is_err() || last {
             break;
@@ -391,6 +443,31 @@ mod tests {
         let again: Value = serde_json::to_value(&status).unwrap();
         let original: Value = serde_json::from_str(json).unwrap();
         assert_eq!(again, original);
+    }
+
+    #[test]
+    fn answers_have_the_documented_shapes() {
+        let up = UpgradeAnswer {
+            ok: true,
+            pid: 4242,
+            generation: 3,
+            elapsed_ms: 12.5,
+        };
+        assert_eq!(
+            answer(&up).to_string(),
+            r#"{"elapsed_ms":12.5,"generation":3,"ok":true,"pid":4242}"#
+        );
+        assert_eq!(
+            answer(&ReloadAnswer { ok: true }).to_string(),
+            r#"{"ok":true}"#
+        );
+        assert_eq!(
+            answer(&StopAnswer { ok: true, pid: 7 }).to_string(),
+            r#"{"ok":true,"pid":7}"#
+        );
+        assert_eq!(failure("no").to_string(), r#"{"error":"no","ok":false}"#);
+        let back: UpgradeAnswer = serde_json::from_value(answer(&up)).unwrap();
+        assert_eq!(back, up);
     }
 
     #[test]
