@@ -227,6 +227,9 @@ struct RunArgs {
     /// Take the sockets over from the `baton run` serving --control-socket, if one runs (its child is stopped once ours is ready); else bind them.
     #[arg(long, requires = "control_socket")]
     takeover: bool,
+    /// TCP_NODELAY on the TCP listeners it binds, which accepted sockets inherit (--no-delay=false turns it off).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
+    no_delay: bool,
     /// Serve GET /healthz and /readyz (200 while a child serves and the supervisor is not stopping, else 503) at this HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
@@ -353,6 +356,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 pid_file: a.pid_file,
                 takeover: a.takeover,
                 admin: a.admin,
+                no_delay: Some(a.no_delay),
             })
             .await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))

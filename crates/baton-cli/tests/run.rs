@@ -1036,3 +1036,36 @@ fn admin_readyz_follows_the_supervisor() {
     };
     assert_eq!((status, body.as_str()), (503, "not ready: draining\n"));
 }
+
+/// The child's view of `TCP_NODELAY` on a connection it accepted from the
+/// supervisor's socket (the fixture reports it in `X-Nodelay`).
+fn child_nodelay(run: &Run) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(run.addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix("X-Nodelay: "))
+        .unwrap_or_else(|| panic!("no X-Nodelay in {out}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn tcp_nodelay_is_on_for_the_child_unless_turned_off() {
+    let fx = fixture();
+    let args = ["--listen", "http=127.0.0.1:0", "--ready", "notify"];
+    let on = Run::start(&args, &["python3", fx.to_str().unwrap()]);
+    assert_eq!(
+        child_nodelay(&on),
+        "1",
+        "inherited from the listening socket"
+    );
+    let mut off_args = args.to_vec();
+    off_args.push("--no-delay=false");
+    let off = Run::start(&off_args, &["python3", fx.to_str().unwrap()]);
+    assert_eq!(child_nodelay(&off), "0");
+}

@@ -97,6 +97,9 @@ pub struct Config {
     pub takeover: bool,
     /// Serve `/healthz` and `/readyz` here.
     pub admin: Option<ListenSpec>,
+    /// `TCP_NODELAY` on the TCP listeners it binds (accepted sockets
+    /// inherit it).
+    pub no_delay: bool,
 }
 
 /// Raw options, as given on the command line.
@@ -129,6 +132,8 @@ pub struct Options {
     pub takeover: bool,
     /// `--admin ADDR`.
     pub admin: Option<String>,
+    /// `--no-delay=false` turns `TCP_NODELAY` off (`None`: on).
+    pub no_delay: Option<bool>,
 }
 
 /// Parses `HUP`, `SIGHUP`, `sigterm`, `1` ([`baton::signals::parse`]).
@@ -221,6 +226,7 @@ impl Options {
             pid_file: self.pid_file,
             takeover: self.takeover,
             admin,
+            no_delay: self.no_delay.unwrap_or(true),
         })
     }
 }

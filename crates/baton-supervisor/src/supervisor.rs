@@ -140,7 +140,12 @@ impl Supervisor {
             let what = format!("--listen {}={}", l.name, l.spec);
             let fd = match take(&mut offered, &l.name) {
                 Some(fd) => Ok(fd),
-                None => l.spec.bind(),
+                None => l.spec.bind().and_then(|fd| {
+                    if l.spec.kind == baton::ListenerKind::Tcp && !config.no_delay {
+                        socket2::SockRef::from(&fd).set_tcp_nodelay(false)?;
+                    }
+                    Ok(fd)
+                }),
             };
             let fd = fd.map_err(|source| {
                 if source.kind() == std::io::ErrorKind::AddrInUse {

@@ -177,6 +177,10 @@ pub(crate) fn bind_tcp(addrs: &[SocketAddr]) -> io::Result<Socket> {
         // SO_REUSEADDR only lets us bind past TIME_WAIT, as every server does.
         // Never SO_REUSEPORT: generations share one socket, not one port.
         sock.set_reuse_address(true)?;
+        // Accepted sockets inherit it: no 40 ms Nagle/delayed-ACK stalls on
+        // small responses, even for a child that never sets it (what
+        // systemd's `NoDelay=` does).
+        sock.set_tcp_nodelay(true)?;
         if addr.is_ipv6() {
             sock.set_only_v6(true)?;
         }
@@ -326,8 +330,9 @@ impl fmt::Display for ListenSpec {
 
 impl ListenSpec {
     /// Binds it, the way a Baton server binds a listener it did not inherit
-    /// (`SO_REUSEADDR`, never `SO_REUSEPORT`, backlog 1024, non-blocking,
-    /// close-on-exec). Resolves host names; blocks while it does.
+    /// (`SO_REUSEADDR`, never `SO_REUSEPORT`, `TCP_NODELAY` for TCP,
+    /// backlog 1024, non-blocking, close-on-exec). Resolves host names;
+    /// blocks while it does.
     pub fn bind(&self) -> io::Result<OwnedFd> {
         let sock = match self.kind {
             ListenerKind::Unix => bind_unix(Path::new(&self.address))?,
