@@ -174,31 +174,19 @@ impl Supervisor {
             }
         }
         let control_fd = match &config.control_socket {
-            Some(path) => {
-                let fd = match take(&mut offered, env::CONTROL_FD_NAME) {
-                    Some(fd) => fd,
-                    None => control::bind(path)
-                        .map_err(setup(format!("control socket {}", path.display())))?,
-                };
-                let copy = fd
-                    .try_clone()
-                    .map_err(setup(format!("control socket {}", path.display())))?;
-                kept.push((env::CONTROL_FD_NAME.to_owned(), copy));
-                Some(fd)
-            }
+            Some(path) => Some(
+                take_or_bind(&mut offered, &mut kept, env::CONTROL_FD_NAME, || {
+                    control::bind(path)
+                })
+                .map_err(setup(format!("control socket {}", path.display())))?,
+            ),
             None => None,
         };
         let admin = match &config.admin {
             Some(spec) => {
                 let what = format!("--admin {spec}");
-                let fd = match take(&mut offered, ADMIN_LISTENER) {
-                    Some(fd) => fd,
-                    None => spec.bind().map_err(setup(what.clone()))?,
-                };
-                kept.push((
-                    ADMIN_LISTENER.to_owned(),
-                    fd.try_clone().map_err(setup(what.clone()))?,
-                ));
+                let fd = take_or_bind(&mut offered, &mut kept, ADMIN_LISTENER, || spec.bind())
+                    .map_err(setup(what.clone()))?;
                 let std = std::net::TcpListener::from(fd);
                 std.set_nonblocking(true).map_err(setup(what.clone()))?;
                 let addr = std.local_addr().map_err(setup(what.clone()))?;
@@ -988,6 +976,22 @@ impl baton::admin::Readiness for Supervisor {
 /// that it is active.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The socket named `name` from a take-over (or a service manager), else
+/// `bind()`; a copy goes to `kept`, to hand on to a later supervisor.
+fn take_or_bind(
+    offered: &mut Vec<(String, OwnedFd)>,
+    kept: &mut Vec<(String, OwnedFd)>,
+    name: &str,
+    bind: impl FnOnce() -> std::io::Result<OwnedFd>,
+) -> std::io::Result<OwnedFd> {
+    let fd = match take(offered, name) {
+        Some(fd) => fd,
+        None => bind()?,
+    };
+    kept.push((name.to_owned(), fd.try_clone()?));
+    Ok(fd)
+}
+
 /// Removes and returns the fd named `name` from a take-over's fds.
 fn take(fds: &mut Vec<(String, OwnedFd)>, name: &str) -> Option<OwnedFd> {
     let i = fds.iter().position(|(n, _)| n == name)?;
@@ -1017,9 +1021,7 @@ impl control::Handler for Supervisor {
                     pid: std::process::id(),
                 })
             }
-            control::Request::Takeover {} => {
-                control::failure("a take-over is answered on its own connection")
-            }
+            control::Request::Takeover {} => control::failure(control::TAKEOVER_ELSEWHERE),
         }
     }
 

@@ -1449,9 +1449,7 @@ impl Baton {
                     pid: self.inner.pid,
                 })
             }
-            Request::Takeover {} => control::failure(
-                "a take-over is answered on its own connection (control::Handler::takeover)",
-            ),
+            Request::Takeover {} => control::failure(control::TAKEOVER_ELSEWHERE),
         }
     }
 }

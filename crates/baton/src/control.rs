@@ -203,6 +203,11 @@ pub trait Handler: Clone + Send + Sync + 'static {
     }
 }
 
+/// What [`Handler::handle`] answers to a [`Request::Takeover`] that reached
+/// it: [`serve`] gives take-overs to [`Handler::takeover`] instead.
+pub const TAKEOVER_ELSEWHERE: &str =
+    "a take-over is answered on its own connection (control::Handler::takeover)";
+
 /// Answers a take-over request with `{"ok":false,"error":reason}`.
 pub async fn refuse(mut conn: UnixStream, reason: String) {
     let _ = conn.write_all(&line(&failure(reason))).await;
@@ -408,19 +413,27 @@ mod tests {
         let listener = UnixListener::from_std(std).unwrap();
         let drain = crate::Drain::new(Duration::from_secs(1));
         let server = tokio::spawn(serve(listener, Echo, drain.handle()));
-        let mut c = UnixStream::connect(&path).await.unwrap();
-        // Accepted, but nothing sent yet.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let c = UnixStream::connect(&path).await.unwrap();
+        let (r, mut w) = c.into_split();
+        let mut r = BufReader::new(r);
+        // One answer: the connection is accepted and waits for the next
+        // request.
+        w.write_all(b"{\"command\":\"reload\"}\n").await.unwrap();
+        let mut first = Vec::new();
+        assert!(line::read_line(&mut r, &mut first, MAX_LINE, None)
+            .await
+            .unwrap());
         drain.start();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        c.write_all(b"{\"command\":\"status\"}\n").await.unwrap();
+        // The accept loop has seen the drain (and, on this one-thread
+        // runtime, so has the connection's task, woken with it).
+        server.await.unwrap();
+        w.write_all(b"{\"command\":\"status\"}\n").await.unwrap();
         let mut answer = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut c, &mut answer)
+        tokio::io::AsyncReadExt::read_to_string(&mut r, &mut answer)
             .await
             .unwrap();
         assert!(answer.contains("Status"), "{answer:?}");
-        // And the connection closed after it; the server stopped accepting.
-        server.await.unwrap();
+        // And the connection closed after it.
         let _ = std::fs::remove_dir_all(&dir);
     }
 

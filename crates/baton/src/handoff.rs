@@ -134,6 +134,21 @@ pub(crate) struct ReadyChild {
 }
 
 impl ReadyChild {
+    fn new(
+        upgraded: Upgraded,
+        child: Peer,
+        takes: Vec<String>,
+        handshake: BufReader<tokio::net::UnixStream>,
+    ) -> ReadyChild {
+        ReadyChild {
+            upgraded,
+            child,
+            takes,
+            handshake: Some(handshake),
+            link: None,
+        }
+    }
+
     /// Tells the new generation it is now the active one, and waits
     /// (bounded) for it to confirm that it is.
     pub(crate) async fn ack(
@@ -273,11 +288,7 @@ impl Peer {
     pub(crate) fn signal(&self, signal: i32) -> io::Result<()> {
         match self {
             Peer::Child(c) => c.signal(signal),
-            Peer::TakingOver(t) => {
-                let sig = rustix::process::Signal::from_named_raw(signal)
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown signal"))?;
-                Ok(rustix::process::pidfd_send_signal(t.pidfd.get_ref(), sig)?)
-            }
+            Peer::TakingOver(t) => crate::process::signal_pidfd(t.pidfd.get_ref().as_fd(), signal),
         }
     }
 }
@@ -370,17 +381,16 @@ pub(crate) async fn start(next: NextGeneration) -> Result<ReadyChild, UpgradeErr
     // generation must not see EOF (and take itself for orphaned) before it
     // is killed.
     match wait_ready(&mut reader, &child, next.timeout, &next.abort).await {
-        Ok(takes) => Ok(ReadyChild {
-            upgraded: Upgraded {
+        Ok(takes) => Ok(ReadyChild::new(
+            Upgraded {
                 pid,
                 generation: next.generation,
                 elapsed: started.elapsed(),
             },
             child,
             takes,
-            handshake: Some(reader),
-            link: None,
-        }),
+            reader,
+        )),
         Err(failure) => {
             let status = child.kill_tree_and_reap().await;
             drop(reader);
@@ -443,17 +453,16 @@ pub(crate) async fn accept_takeover(
     );
     let mut reader = BufReader::new(stream);
     match wait_ready(&mut reader, &peer, offer.timeout, &offer.abort).await {
-        Ok(takes) => Ok(ReadyChild {
-            upgraded: Upgraded {
+        Ok(takes) => Ok(ReadyChild::new(
+            Upgraded {
                 pid,
                 generation: offer.generation,
                 elapsed: started.elapsed(),
             },
-            child: peer,
+            peer,
             takes,
-            handshake: Some(reader),
-            link: None,
-        }),
+            reader,
+        )),
         Err(failure) => {
             let why = match &failure {
                 Failure::Timeout => Some(format!("not ready within {:?}", offer.timeout)),

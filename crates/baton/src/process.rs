@@ -200,6 +200,13 @@ impl Spawn {
     }
 }
 
+/// Sends `signal` to the process behind `pidfd` (a child or not).
+pub(crate) fn signal_pidfd(pidfd: std::os::fd::BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    let sig = rustix::process::Signal::from_named_raw(signal)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown signal"))?;
+    Ok(rustix::process::pidfd_send_signal(pidfd, sig)?)
+}
+
 /// A started child. Dropping it does not kill it.
 #[derive(Debug)]
 pub struct Child {
@@ -256,12 +263,7 @@ impl Child {
 
     /// Sends `signal` to the child (not its group).
     pub fn signal(&self, signal: i32) -> io::Result<()> {
-        let sig = rustix::process::Signal::from_named_raw(signal)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown signal"))?;
-        Ok(rustix::process::pidfd_send_signal(
-            self.spawned.pidfd.as_fd(),
-            sig,
-        )?)
+        signal_pidfd(self.spawned.pidfd.as_fd(), signal)
     }
 
     /// SIGKILLs its whole process group (and the child itself).

@@ -155,7 +155,13 @@ fn a_next_generation_that_takes_no_connections_leaves_them_draining_on_the_old_o
     ));
     assert_eq!(a["ok"], true, "{a}");
     clients.wait_for_progress(200);
-    std::thread::sleep(Duration::from_secs(1));
+    // Past the settle period the old generation lets its listening socket
+    // go; with its connections kept, it is still there.
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.server.stderr().contains("settle period over"),
+        "the settle period did not end"
+    );
     assert!(
         !r.server.is_gone(first),
         "the old generation keeps its connections until they close"
