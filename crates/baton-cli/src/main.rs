@@ -200,7 +200,7 @@ struct RunArgs {
     /// Give the child a fresh loopback port in VAR instead of the socket, and forward NAME's connections to it (repeatable).
     #[arg(long = "port-env", value_name = "NAME=VAR")]
     port_env: Vec<String>,
-    /// notify | tcp:ADDR | http:URL | delay:DUR ({VAR} in ADDR or URL is a --port-env value) [default: tcp probe of the --port-env port, else delay:1s].
+    /// notify | tcp:ADDR | http:URL | delay:DUR ({VAR} in ADDR or URL is a --port-env value, {listen:NAME} the child's own address for an --http listener) [default: with --http, GET / of the child's address; else a tcp probe of the --port-env port, else delay:1s].
     #[arg(long)]
     ready: Option<String>,
     /// How long a child may take to become ready.
@@ -230,6 +230,9 @@ struct RunArgs {
     /// TCP_NODELAY on the TCP listeners it binds, which accepted sockets inherit (--no-delay=false turns it off).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
     no_delay: bool,
+    /// Serve HTTP on the TCP listeners and forward each request to the current child (which gets a private loopback socket, or its --port-env port): keep-alive clients stay connected to the supervisor, so a reload never closes one.
+    #[arg(long)]
+    http: bool,
     /// Serve GET /healthz and /readyz (200 while a child serves and the supervisor is not stopping, else 503) at this HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
@@ -357,6 +360,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 takeover: a.takeover,
                 admin: a.admin,
                 no_delay: Some(a.no_delay),
+                http: a.http,
             })
             .await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))

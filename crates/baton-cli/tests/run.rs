@@ -1069,3 +1069,191 @@ fn tcp_nodelay_is_on_for_the_child_unless_turned_off() {
     let off = Run::start(&off_args, &["python3", fx.to_str().unwrap()]);
     assert_eq!(child_nodelay(&off), "0");
 }
+
+/// `reloads` reloads under load from 4 keep-alive and 4 new-connection
+/// clients; returns what they saw and the pids of every child.
+fn reloads_under_load(run: &Run, reloads: u64) -> (LoadReport, Vec<u32>) {
+    let load = Load::start(Target::Tcp(run.addr()), 4, 4, Duration::from_secs(120));
+    load.wait_for_progress(100, Duration::from_secs(10));
+    let mut pids = vec![run.status()["pid"].as_u64().unwrap() as u32];
+    for i in 0..reloads {
+        let a = run.reload();
+        assert_eq!(a["ok"], true, "reload {i}: {a}");
+        pids.push(a["pid"].as_u64().unwrap() as u32);
+        load.wait_for_progress(50, Duration::from_secs(10));
+    }
+    (load.stop(), pids)
+}
+
+/// The child shuts down as uvicorn does: at SIGTERM it closes every idle
+/// keep-alive connection at once, while clients send on them. Behind
+/// `--http` the clients' connections are the supervisor's, and a child is
+/// stopped only once nothing forwarded to it is in flight: twenty reloads,
+/// not one failed request and not one keep-alive connection closed.
+#[test]
+fn http_mode_loses_nothing_when_the_child_closes_idle_connections_at_shutdown() {
+    let fx = fixture();
+    let run = Run::start(
+        &[
+            "--http",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--drain-timeout",
+            "10s",
+            "--settle",
+            "100ms",
+        ],
+        &["python3", fx.to_str().unwrap(), "--close-idle"],
+    );
+    let (report, pids) = reloads_under_load(&run, 20);
+    assert_no_loss(&report);
+    assert_eq!(
+        report.keepalive_connects, 4,
+        "a keep-alive client had to reconnect: {report:?}"
+    );
+    assert!(
+        report
+            .bodies
+            .iter()
+            .any(|b| b.contains("python generation 21")),
+        "the last child served: {:?}",
+        report.bodies.iter().rev().take(3).collect::<Vec<_>>()
+    );
+    assert!(
+        report
+            .bodies
+            .iter()
+            .any(|b| b.contains("python generation 1 ")),
+        "the first child served"
+    );
+    for pid in &pids[..pids.len() - 1] {
+        assert_eventually!(
+            Duration::from_secs(15),
+            baton_testkit::proc_state(*pid).is_none(),
+            "old child {pid} still there"
+        );
+    }
+    // The child served its own socket, not the public one.
+    let status = run.status();
+    let public: SocketAddr = status["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let backend: SocketAddr = status["backends"]["http"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(public, backend, "{status}");
+    assert!(backend.ip().is_loopback(), "{status}");
+}
+
+/// The negative control of the test above: the same child and load without
+/// `--http` lose requests (the child's own shutdown cuts its idle
+/// keep-alive connections; no fd hand-off can prevent that).
+#[test]
+fn without_http_mode_that_child_loses_keepalive_requests() {
+    let fx = fixture();
+    let run = Run::start(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--drain-timeout",
+            "10s",
+            "--settle",
+            "100ms",
+        ],
+        &["python3", fx.to_str().unwrap(), "--close-idle"],
+    );
+    let (report, _) = reloads_under_load(&run, 20);
+    assert!(
+        report.failed > 0,
+        "the child's shutdown cut no request: is --close-idle still rude? {report:?}"
+    );
+    eprintln!(
+        "without --http: {} of {} requests failed over 20 reloads",
+        report.failed,
+        report.failed + report.ok
+    );
+}
+
+/// `--http` with a child that binds its own `--port-env` port.
+#[test]
+fn http_mode_forwards_to_a_port_env_child() {
+    let fx = fixture();
+    let run = Run::start(
+        &[
+            "--http",
+            "--listen",
+            "web=127.0.0.1:0",
+            "--port-env",
+            "web=PORT",
+            "--ready",
+            "notify",
+            "--drain-timeout",
+            "10s",
+            "--settle",
+            "100ms",
+        ],
+        &[
+            "python3",
+            fx.to_str().unwrap(),
+            "--close-idle",
+            "--port-env",
+            "PORT",
+        ],
+    );
+    let (report, _) = reloads_under_load(&run, 5);
+    assert_no_loss(&report);
+    assert_eq!(report.keepalive_connects, 4, "{report:?}");
+    assert!(
+        report
+            .bodies
+            .iter()
+            .any(|b| b.contains("python generation 6")),
+        "{:?}",
+        report.bodies
+    );
+}
+
+/// Behind `--http`, a request sent while the child is dead waits for its
+/// replacement on the same client connection instead of failing.
+#[test]
+fn http_mode_requests_wait_for_a_crashed_childs_replacement() {
+    let fx = fixture();
+    let run = Run::start(
+        &[
+            "--http",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--restart-on-crash",
+        ],
+        &["python3", fx.to_str().unwrap()],
+    );
+    let mut c = std::net::TcpStream::connect(run.addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (status, body, close) = baton_testkit::http_get(&mut c, "/");
+    assert_eq!((status, close), (200, false), "{body}");
+    assert!(body.starts_with("python generation 1 "), "{body}");
+    let victim = run.status()["pid"].as_u64().unwrap() as u32;
+    baton_testkit::send_signal(victim, rustix::process::Signal::KILL);
+    assert_eventually!(
+        Duration::from_secs(10),
+        baton_testkit::proc_state(victim).is_none(),
+        "the killed child is still there"
+    );
+    // Sent while the replacement may still be starting: it waits for it.
+    let (status, body, close) = baton_testkit::http_get(&mut c, "/");
+    assert_eq!((status, close), (200, false), "{body}");
+    assert!(body.starts_with("python generation 2 "), "{body}");
+    let s = run.status();
+    run.server.track(s["pid"].as_u64().unwrap() as u32);
+    assert_eq!(s["restarts"], 1, "{s}");
+}

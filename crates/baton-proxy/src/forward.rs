@@ -149,6 +149,10 @@ enum Outcome {
     Upgraded(Upgraded),
     /// The head is not complete yet.
     NeedMore,
+    /// Nothing was sent or answered: the backend a [`crate::front::Front`]
+    /// follows refused the connection or was just switched away from, so
+    /// the request goes to the next one.
+    Reroute,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
@@ -217,7 +221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                         return None;
                     }
                 }
-                Outcome::Close => return None,
+                Outcome::Close | Outcome::Reroute => return None,
                 Outcome::Upgraded(u) => return Some(u),
             }
         }
@@ -324,6 +328,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     ..
                 },
             ) => Action::Forward(route, pool, *strip_prefix),
+            Some(
+                route @ Route {
+                    target: Target::Follow(follow),
+                    ..
+                },
+            ) => Action::Follow(route, follow),
         };
         let (outcome, used, status, upstream) = match action {
             Action::Own(status, content_type, body) => {
@@ -335,7 +345,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             Action::Forward(route, pool, strip_prefix) => {
                 let strip = strip_prefix.then_some(route.prefix.as_str());
                 let r = self
-                    .forward(req, buf, head_len, &forwarded, route, pool, strip)
+                    .forward(req, buf, head_len, &forwarded, route, pool, strip, false)
+                    .await;
+                (r.outcome, r.used, r.status, r.server)
+            }
+            Action::Follow(route, follow) => {
+                let r = self
+                    .follow(req, buf, head_len, &forwarded, route, follow)
                     .await;
                 (r.outcome, r.used, r.status, r.server)
             }
@@ -383,7 +399,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Outcome::KeepAlive
     }
 
+    /// Forwards a request to the backend `follow` follows. While there is
+    /// none, or it refuses the connection (it died; its replacement is
+    /// starting), or it was switched away from before the request counted
+    /// itself in flight there, the request waits for the next backend, up
+    /// to the front's wait, and is then answered `503`.
+    async fn follow(
+        &mut self,
+        req: &httparse::Request<'_, '_>,
+        buf: &[u8],
+        head_len: usize,
+        f: &Forwarded<'_>,
+        route: &Route,
+        follow: &crate::front::Follow,
+    ) -> Forwarding {
+        let deadline = Instant::now() + follow.wait;
+        let mut backend = follow.current.subscribe();
+        loop {
+            let pool = backend.borrow_and_update().clone();
+            if let Some(pool) = pool {
+                let r = self
+                    .forward(req, buf, head_len, f, route, &pool, None, true)
+                    .await;
+                if !matches!(r.outcome, Outcome::Reroute) {
+                    return r;
+                }
+            }
+            let next = tokio::time::timeout_at(deadline, backend.changed()).await;
+            if !matches!(next, Ok(Ok(()))) {
+                tracing::warn!(listener = %self.ctx.listener, wait = ?follow.wait, "no backend took the request in time");
+                let done = Forwarding {
+                    outcome: Outcome::Close,
+                    used: head_len,
+                    status: 503,
+                    server: None,
+                };
+                return self.fail(done, StatusCode::SERVICE_UNAVAILABLE).await;
+            }
+        }
+    }
+
     /// Forwards a request to a server of `pool` and its response back.
+    /// `follow`: `pool` is a front's backend, and a refused connection or a
+    /// retired backend gives [`Outcome::Reroute`] (nothing sent or
+    /// answered) instead of an error response.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &mut self,
@@ -394,6 +453,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         route: &Route,
         pool: &Arc<Pool>,
         strip: Option<&str>,
+        follow: bool,
     ) -> Forwarding {
         let upgrade = rewrite::upgrade(req.headers, f.fields);
         let mut done = Forwarding {
@@ -419,8 +479,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             tried.push(server.addr);
             done.server = Some(server.addr);
             let in_flight = server.begin();
+            if follow && server.is_retired() {
+                done.outcome = Outcome::Reroute;
+                return done;
+            }
             let mut conn = match self.checkout(server.addr).await {
                 Ok(c) => c,
+                // Nothing was sent: the next backend gets the request.
+                Err(ConnectError::Io(_)) if follow => {
+                    done.outcome = Outcome::Reroute;
+                    return done;
+                }
                 Err(error) if error.is_local() => {
                     // Out of fds or ports here: the server is not at fault
                     // (and another one would fail the same way).
@@ -482,6 +551,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                         fresh_retry = false;
                         match UpstreamConn::connect(conn.addr, CONNECT_TIMEOUT).await {
                             Ok(c) => conn = c,
+                            // The request is safe to repeat (that is why it
+                            // is retried): the next backend gets it.
+                            Err(ConnectError::Io(_)) if follow => {
+                                done.outcome = Outcome::Reroute;
+                                return done;
+                            }
                             Err(e) if e.is_local() => break Err(Upstream::Local(e.to_string())),
                             Err(e) => break Err(Upstream::Failed(e.to_string())),
                         }
@@ -684,6 +759,8 @@ enum Action<'r> {
     /// Forwarding along this route to this pool, stripping the prefix or
     /// not.
     Forward(&'r Route, &'r Arc<Pool>, bool),
+    /// Forwarding to a front's backend.
+    Follow(&'r Route, &'r Arc<crate::front::Follow>),
 }
 
 /// Why an exchange with the upstream failed.

@@ -33,6 +33,7 @@ mod body;
 pub mod config;
 mod conn;
 mod forward;
+pub mod front;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

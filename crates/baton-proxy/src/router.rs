@@ -28,6 +28,8 @@ pub(crate) enum Target {
         /// Remove the prefix before forwarding.
         strip_prefix: bool,
     },
+    /// Proxy to the backend a [`crate::front::Front`] follows at the time.
+    Follow(Arc<crate::front::Follow>),
     /// A fixed response.
     Respond {
         /// Status.
@@ -203,6 +205,22 @@ impl RouteTable {
             }
         }
         longest(&self.any, path)
+    }
+
+    /// A table with one route, `/` for any host, to what `follow` follows.
+    #[allow(clippy::mutable_key_type)] // see `compile`
+    pub(crate) fn follow(follow: Arc<crate::front::Follow>, timeout: Duration) -> RouteTable {
+        let mut any = HashSet::with_capacity(1);
+        any.insert(ByPrefix(Route {
+            prefix: "/".to_owned(),
+            target: Target::Follow(follow),
+            timeout,
+        }));
+        RouteTable {
+            hosts: HashMap::new(),
+            any,
+            len: 1,
+        }
     }
 
     /// Number of routes.
@@ -400,6 +418,7 @@ mod tests {
         t.find(host, path).map(|r| match &r.target {
             Target::Respond { body, .. } => String::from_utf8_lossy(body).into_owned(),
             Target::Upstream { .. } => "upstream".into(),
+            Target::Follow(_) => "follow".into(),
         })
     }
 

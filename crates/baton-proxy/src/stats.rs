@@ -41,7 +41,7 @@ impl Drop for ConnGuard {
 }
 
 impl ListenerStats {
-    fn new(name: &str, protocol: Protocol, bound: SocketAddr) -> Self {
+    pub(crate) fn new(name: &str, protocol: Protocol, bound: SocketAddr) -> Self {
         ListenerStats {
             name: name.to_owned(),
             protocol,

@@ -31,6 +31,9 @@ pub(crate) struct ServerState {
     /// Failures seen (passive and active).
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Set when a [`crate::front::Front`] moved to another backend: a
+    /// request that counted itself in flight here after that goes there.
+    retired: AtomicBool,
 }
 
 impl ServerState {
@@ -42,7 +45,31 @@ impl ServerState {
             down_until: Mutex::new(None),
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// A state of its own for `addr`, outside any registry (a
+    /// [`crate::front::Front`]'s backend).
+    pub(crate) fn standalone(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(ServerState::new(addr))
+    }
+
+    /// No new request goes here from now on (see [`begin`](Self::begin)).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`retire`](Self::retire) was called. Read after
+    /// [`begin`](Self::begin): either the request sees it, or whoever
+    /// retired the server sees the request in [`in_flight`](Self::in_flight).
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Requests or connections in flight to it now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
     }
 
     /// Whether the server is taking requests now.
@@ -78,7 +105,8 @@ impl ServerState {
 
     /// Counts a request or connection in flight until the guard drops.
     pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        // SeqCst: pairs with `retire` and `in_flight` (see `is_retired`).
+        self.active.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
     }
 
@@ -99,7 +127,7 @@ pub(crate) struct InFlight(Arc<ServerState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -138,6 +166,18 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
+    /// A pool of one server, `state` (a [`crate::front::Front`]'s backend).
+    pub(crate) fn single(name: &str, state: Arc<ServerState>) -> Pool {
+        Pool {
+            name: name.to_owned(),
+            servers: vec![state],
+            balance: Balance::RoundRobin,
+            next: AtomicUsize::new(0),
+            fail_timeout: Duration::ZERO,
+            health: None,
+        }
+    }
+
     /// Builds the pool for `cfg`, reusing known server states.
     pub(crate) fn new(cfg: &UpstreamConfig, registry: &Registry) -> Pool {
         Pool {

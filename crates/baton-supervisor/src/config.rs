@@ -15,7 +15,9 @@ pub enum ReadyMode {
     /// under systemd.
     Notify,
     /// Connect to this address until it accepts. `{VAR}` is replaced by the
-    /// value of a `--port-env` variable given to the child.
+    /// value of a `--port-env` variable given to the child, and with
+    /// `--http`, `{listen:NAME}` by the child's own address for listener
+    /// NAME.
     Tcp(String),
     /// `GET` this URL until it answers with a status below 500. `{VAR}` as
     /// for `Tcp`.
@@ -51,6 +53,10 @@ impl std::str::FromStr for ReadyMode {
     }
 }
 
+/// With `--http`, `{listen:NAME}` in a `--ready` address or URL is the
+/// child's own address for listener NAME (`127.0.0.1:PORT`).
+pub(crate) const BACKEND_VAR: &str = "listen:";
+
 /// A duration like `500ms`, `2s`, `1m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e}"))
@@ -66,6 +72,11 @@ pub struct Listener {
     /// With `--port-env`: the variable that carries the child's own port;
     /// the supervisor forwards connections to it instead of passing the fd.
     pub port_env: Option<String>,
+    /// With `--http` (TCP listeners only): the supervisor serves the
+    /// clients itself and forwards their requests to the current child,
+    /// which gets a private loopback socket of its own (or its
+    /// `--port-env` port) instead of this one.
+    pub http: bool,
 }
 
 /// Everything `baton run` needs, validated.
@@ -100,6 +111,8 @@ pub struct Config {
     /// `TCP_NODELAY` on the TCP listeners it binds (accepted sockets
     /// inherit it).
     pub no_delay: bool,
+    /// `--http` was given (see [`Listener::http`]).
+    pub http: bool,
 }
 
 /// Raw options, as given on the command line.
@@ -134,6 +147,9 @@ pub struct Options {
     pub admin: Option<String>,
     /// `--no-delay=false` turns `TCP_NODELAY` off (`None`: on).
     pub no_delay: Option<bool>,
+    /// `--http`: serve HTTP on the TCP listeners and forward requests to
+    /// the current child.
+    pub http: bool,
 }
 
 /// Parses `HUP`, `SIGHUP`, `sigterm`, `1` ([`baton::signals::parse`]).
@@ -165,6 +181,7 @@ impl Options {
                 .map_err(|e| bad(format!("--listen {l:?}: {e}")))?;
             listeners.push(Listener {
                 name: name.to_owned(),
+                http: self.http && spec.kind == baton::ListenerKind::Tcp,
                 spec,
                 port_env: None,
             });
@@ -187,11 +204,21 @@ impl Options {
             }
             l.port_env = Some(var.to_owned());
         }
+        if self.http && !listeners.iter().any(|l| l.http) {
+            return Err(bad(
+                "--http: no TCP --listen to serve HTTP on (the others are passed as fds)".into(),
+            ));
+        }
         let ready = match self.ready {
             Some(r) => r.parse().map_err(|e| bad(format!("--ready {e}")))?,
-            None => match listeners.iter().find_map(|l| l.port_env.clone()) {
-                Some(var) => ReadyMode::Tcp(format!("127.0.0.1:{{{var}}}")),
-                None => ReadyMode::Delay(Duration::from_secs(1)),
+            None => match (
+                listeners.iter().find(|l| l.http),
+                listeners.iter().find_map(|l| l.port_env.clone()),
+            ) {
+                // The child answers HTTP on its own socket.
+                (Some(l), _) => ReadyMode::Http(format!("http://{{{}{}}}/", BACKEND_VAR, l.name)),
+                (None, Some(var)) => ReadyMode::Tcp(format!("127.0.0.1:{{{var}}}")),
+                (None, None) => ReadyMode::Delay(Duration::from_secs(1)),
             },
         };
         if self.takeover && self.control_socket.is_none() {
@@ -227,6 +254,7 @@ impl Options {
             takeover: self.takeover,
             admin,
             no_delay: self.no_delay.unwrap_or(true),
+            http: self.http,
         })
     }
 }
@@ -267,6 +295,24 @@ mod tests {
         let mut o = opts(&[], &[]);
         o.command.clear();
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn http_applies_to_tcp_listeners_and_probes_the_child() {
+        let mut o = opts(&["web=127.0.0.1:0", "dns=udp://127.0.0.1:0"], &[]);
+        o.http = true;
+        let c = o.validate().unwrap();
+        assert!(c.listeners[0].http);
+        assert!(!c.listeners[1].http, "UDP is passed as an fd");
+        assert_eq!(c.ready, ReadyMode::Http("http://{listen:web}/".into()));
+        let mut o = opts(&["dns=udp://127.0.0.1:0"], &[]);
+        o.http = true;
+        let e = o.validate().unwrap_err().to_string();
+        assert!(e.contains("--http: no TCP --listen"), "{e}");
+        let mut o = opts(&["web=127.0.0.1:0"], &[]);
+        o.http = true;
+        o.ready = Some("notify".into());
+        assert_eq!(o.validate().unwrap().ready, ReadyMode::Notify);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Child generations: start, readiness, reload with rollback, crash
-//! restart, stop; connection forwarding for `--port-env`.
+//! restart, stop; connection forwarding for `--port-env`; request
+//! forwarding for `--http`.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -12,11 +13,12 @@ use std::time::{Duration, Instant, SystemTime};
 use baton::process::{Child, ExitStatus, Spawn};
 use baton::sync::lock;
 use baton::{control, env, pidfile, Drain};
+use baton_proxy::front::{Backend, Front};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream, UnixDatagram};
 use tokio::sync::watch;
 
-use crate::config::{Config, ReadyMode};
+use crate::config::{Config, ReadyMode, BACKEND_VAR};
 use crate::{holders, probe, Error};
 
 /// Back-off between crash restarts: doubles from `BACKOFF_MIN` up to
@@ -34,8 +36,13 @@ struct Generation {
     started: Instant,
     /// `--port-env` variable → the port this child listens on.
     ports: HashMap<String, u16>,
+    /// `--http` listener → where this child serves it.
+    backends: Vec<(String, std::net::SocketAddr)>,
     /// Connections forwarded to this child and still open.
     conns: AtomicUsize,
+    /// What the `--http` fronts forwarded to this child, once they moved
+    /// on: its requests in flight.
+    released: Mutex<Vec<Backend>>,
     /// Set once it is being replaced or stopped (its exit is not a crash).
     retiring: AtomicBool,
     /// Started by a reload (not the first child, not a crash restart): a
@@ -59,9 +66,12 @@ struct Inner {
     command: Mutex<Vec<OsString>>,
     /// Sockets handed to each child as fds: (name, socket).
     passed: Vec<(String, OwnedFd)>,
-    /// Copies of the `--port-env` listeners and of the control socket's
-    /// listening socket, for a supervisor that takes over from this one.
+    /// Copies of the `--port-env` and `--http` listeners and of the
+    /// control socket's listening socket, for a supervisor that takes over
+    /// from this one.
     kept: Vec<(String, OwnedFd)>,
+    /// `--http` listeners: name and the front that serves it.
+    fronts: Vec<(String, Front)>,
     /// Set once another supervisor took over: the paths are its now.
     handed_over: AtomicBool,
     /// Where `/healthz` and `/readyz` are served.
@@ -134,6 +144,8 @@ impl Supervisor {
         };
         let mut passed = Vec::new();
         let mut forwarded = Vec::new();
+        let mut served = Vec::new();
+        let mut fronts = Vec::new();
         let mut kept = Vec::new();
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -164,6 +176,20 @@ impl Supervisor {
                 .map_err(setup(format!("--listen {}", l.name)))?;
             tracing::info!(name = %l.name, address = %addr, port_env = ?l.port_env, "listening");
             listeners.push(json!({"name": l.name, "kind": l.spec.kind, "address": addr.to_string(), "port_env": l.port_env}));
+            if l.http {
+                let copy = fd.try_clone().map_err(setup(what.clone()))?;
+                kept.push((l.name.clone(), copy));
+                let bound = match &addr {
+                    baton::ListenAddr::Inet(a) => *a,
+                    baton::ListenAddr::Unix(_) => {
+                        return Err(Error::Config(format!("{what}: --http needs TCP")))
+                    }
+                };
+                let front = Front::new(&l.name, bound, config.ready_timeout);
+                fronts.push((l.name.clone(), front.clone()));
+                served.push((l.name.clone(), front, fd));
+                continue;
+            }
             match &l.port_env {
                 Some(var) => {
                     let copy = fd.try_clone().map_err(setup(what.clone()))?;
@@ -215,6 +241,7 @@ impl Supervisor {
                 command: Mutex::new(config.command.clone()),
                 passed,
                 kept,
+                fronts,
                 handed_over: AtomicBool::new(false),
                 admin_addr: admin.as_ref().map(|(_, a)| *a),
                 last_takeover: Mutex::new(None),
@@ -260,8 +287,16 @@ impl Supervisor {
                 }
             },
         };
-        sup.inner.current.send_replace(Some(first.clone()));
+        sup.make_current(first.clone());
         sup.monitor(first.clone());
+        for (name, front, fd) in served {
+            let std = std::net::TcpListener::from(fd);
+            std.set_nonblocking(true)
+                .map_err(setup("--http listener"))?;
+            let listener = TcpListener::from_std(std).map_err(setup("--http listener"))?;
+            let s = sup.clone();
+            tokio::spawn(async move { s.serve_http(listener, name, front).await });
+        }
         for (var, fd) in forwarded {
             let std = std::net::TcpListener::from(fd);
             let listener = TcpListener::from_std(std).map_err(setup("forwarding listener"))?;
@@ -338,20 +373,35 @@ impl Supervisor {
             .env_remove("NOTIFY_SOCKET")
             .env_remove(env::FDSTORE)
             .capture_stderr(true);
-        for (name, fd) in &self.inner.passed {
-            let dup = fd
-                .try_clone()
-                .map_err(|e| format!("duplicating {name}: {e}"))?;
-            spawn = spawn.listen_fd(name.clone(), dup);
-        }
+        // The child's sockets, in --listen order: the shared ones, and for
+        // --http a private loopback one of its own per listener, which only
+        // the child holds (once it is gone, connecting is refused and the
+        // front waits for the next child instead of queueing there).
         let mut vars = HashMap::new();
         let mut ports = HashMap::new();
+        let mut backends = Vec::new();
         for l in &cfg.listeners {
             if let Some(var) = &l.port_env {
                 let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
                 vars.insert(var.clone(), port.to_string());
                 ports.insert(var.clone(), port);
                 spawn = spawn.env(var, port.to_string());
+                if l.http {
+                    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                    vars.insert(format!("{BACKEND_VAR}{}", l.name), addr.to_string());
+                    backends.push((l.name.clone(), addr));
+                }
+            } else if l.http {
+                let (fd, addr) = private_socket(cfg.no_delay)
+                    .map_err(|e| format!("binding the child's socket for {}: {e}", l.name))?;
+                vars.insert(format!("{BACKEND_VAR}{}", l.name), addr.to_string());
+                backends.push((l.name.clone(), addr));
+                spawn = spawn.listen_fd(l.name.clone(), fd);
+            } else if let Some((name, fd)) = self.inner.passed.iter().find(|(n, _)| *n == l.name) {
+                let dup = fd
+                    .try_clone()
+                    .map_err(|e| format!("duplicating {name}: {e}"))?;
+                spawn = spawn.listen_fd(name.clone(), dup);
             }
         }
         let notify = if cfg.ready == ReadyMode::Notify {
@@ -429,7 +479,9 @@ impl Supervisor {
             child,
             started: Instant::now(),
             ports,
+            backends,
             conns: AtomicUsize::new(0),
+            released: Mutex::new(Vec::new()),
             retiring: AtomicBool::new(false),
             from_reload: AtomicBool::new(false),
             notify_task,
@@ -471,7 +523,7 @@ impl Supervisor {
             }
             Ok(new) => {
                 new.from_reload.store(true, Ordering::SeqCst);
-                let old = self.inner.current.send_replace(Some(new.clone()));
+                let old = self.make_current(new.clone());
                 self.monitor(new.clone());
                 if let Some(old) = old {
                     self.retire(old);
@@ -561,7 +613,32 @@ impl Supervisor {
         })
     }
 
-    /// Asks an old child to stop once its forwarded connections are done,
+    /// Makes `gen` the current child: `--port-env` connections and `--http`
+    /// requests go to it from now on. Returns the child it replaces, whose
+    /// `--http` requests still in flight are in its `released`.
+    fn make_current(&self, gen: Arc<Generation>) -> Option<Arc<Generation>> {
+        let old = self.inner.current.send_replace(Some(gen.clone()));
+        for (name, front) in &self.inner.fronts {
+            let to = gen
+                .backends
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, a)| *a);
+            if let (Some(backend), Some(old)) = (front.switch(to), &old) {
+                lock(&old.released).push(backend);
+            }
+        }
+        old
+    }
+
+    /// Whether anything forwarded to `gen` is still open: `--port-env`
+    /// connections, `--http` requests and upgraded connections.
+    fn busy(gen: &Generation) -> bool {
+        gen.conns.load(Ordering::SeqCst) > 0
+            || lock(&gen.released).iter().any(|b| b.in_flight() > 0)
+    }
+
+    /// Asks an old child to stop once what was forwarded to it is done,
     /// and kills it at the drain timeout.
     fn retire(&self, old: Arc<Generation>) {
         old.retiring.store(true, Ordering::SeqCst);
@@ -569,9 +646,11 @@ impl Supervisor {
         let drain = self.inner.config.drain_timeout;
         self.background(async move {
             let deadline = tokio::time::Instant::now() + drain;
-            // Forwarded connections finish on the old child first: a child
-            // that dies at the stop signal (most do) would cut them off.
-            while old.conns.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            // Forwarded connections and requests finish on the old child
+            // first: a child that dies at the stop signal (most do), or
+            // closes its idle keep-alive connections then, would cut them
+            // off.
+            while Self::busy(&old) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -640,7 +719,7 @@ impl Supervisor {
                             generation = new.number,
                             "replacement ready"
                         );
-                        s.inner.current.send_replace(Some(new.clone()));
+                        s.make_current(new.clone());
                         s.monitor(new);
                         return;
                     }
@@ -703,8 +782,36 @@ impl Supervisor {
         gen.conns.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Accepts on an `--http` listener and serves each client with `front`,
+    /// which forwards its requests to the current child.
+    async fn serve_http(self, listener: TcpListener, name: String, front: Front) {
+        let shutdown = self.inner.drain.handle();
+        loop {
+            let (io, peer) = tokio::select! {
+                _ = shutdown.draining() => break,
+                a = listener.accept() => match baton::accept::accepted(a, &name).await {
+                    Some(a) => a,
+                    None => continue,
+                },
+            };
+            shutdown.spawn(front.serve(io, peer, shutdown.clone()));
+        }
+    }
+
+    /// Waits until the `--http` clients have gone (once draining, each gets
+    /// `Connection: close` on its next response, and an idle one is closed
+    /// after the idle grace), or `deadline`.
+    async fn fronts_done(&self, deadline: tokio::time::Instant) {
+        while self.inner.fronts.iter().any(|(_, f)| f.open() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops the current child gracefully (stop signal, drain timeout, then
     /// SIGKILL), stops accepting, and makes [`wait`](Self::wait) return 0.
+    /// `--http` clients are wound down before the child is told to stop.
     /// A reload or crash restart in progress finishes first (its new child
     /// is then stopped too), and children still being retired are waited
     /// for: nothing of the service is left behind.
@@ -719,14 +826,12 @@ impl Supervisor {
         // No transition runs past this point (they all check `stopping`).
         let _one = self.inner.transition.lock().await;
         let current = self.inner.current.borrow().clone();
+        let deadline = tokio::time::Instant::now() + self.inner.config.drain_timeout;
+        self.fronts_done(deadline).await;
         if let Some(gen) = current {
             gen.retiring.store(true, Ordering::SeqCst);
-            stop_gracefully(
-                &gen.child,
-                self.inner.config.stop_signal,
-                self.inner.config.drain_timeout,
-            )
-            .await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            stop_gracefully(&gen.child, self.inner.config.stop_signal, left).await;
         }
         let background: Vec<_> = std::mem::take(&mut *lock(&self.inner.background));
         for task in background {
@@ -825,6 +930,15 @@ impl Supervisor {
         if let Some(addr) = self.inner.admin_addr {
             extra.insert("admin".into(), json!(addr.to_string()));
         }
+        if !self.inner.fronts.is_empty() {
+            // Where the current child serves each --http listener.
+            let backends: serde_json::Map<String, Value> = current
+                .iter()
+                .flat_map(|g| &g.backends)
+                .map(|(name, addr)| (name.clone(), json!(addr.to_string())))
+                .collect();
+            extra.insert("backends".into(), Value::Object(backends));
+        }
         let status = control::Status {
             ok: true,
             pid: current.as_ref().map(|g| g.child.pid()),
@@ -896,10 +1010,12 @@ impl Supervisor {
                     elapsed_ms,
                     "a new supervisor took over; stopping our child"
                 );
-                // Forwarded connections finish on our child first.
+                // Forwarded connections and `--http` clients finish on our
+                // child first.
                 let current = self.inner.current.borrow().clone();
+                let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
+                self.fronts_done(deadline).await;
                 if let Some(gen) = current {
-                    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
                     while gen.conns.load(Ordering::SeqCst) > 0
                         && tokio::time::Instant::now() < deadline
                     {
@@ -1049,6 +1165,21 @@ async fn stop_gracefully(child: &Child, signal: i32, drain: Duration) {
     if let (true, Some(status)) = (in_time, status) {
         tracing::info!(pid = child.pid(), %status, "child exited");
     }
+}
+
+/// A listening socket on a fresh loopback port, for one child's `--http`
+/// listener, and its address.
+fn private_socket(no_delay: bool) -> std::io::Result<(OwnedFd, std::net::SocketAddr)> {
+    let spec: baton::ListenSpec = "127.0.0.1:0".parse().map_err(std::io::Error::other)?;
+    let fd = spec.bind()?;
+    if !no_delay {
+        socket2::SockRef::from(&fd).set_tcp_nodelay(false)?;
+    }
+    let addr = socket2::SockRef::from(&fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
+    Ok((fd, addr))
 }
 
 /// A free loopback port for a child to bind (the kernel's pick; released
