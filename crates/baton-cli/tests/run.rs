@@ -1257,3 +1257,35 @@ fn http_mode_requests_wait_for_a_crashed_childs_replacement() {
     run.server.track(s["pid"].as_u64().unwrap() as u32);
     assert_eq!(s["restarts"], 1, "{s}");
 }
+
+/// A supervisor with `--http` taken over twice under load: the old one
+/// winds its clients down (`Connection: close` on their next response)
+/// before it stops its child, so nothing fails.
+#[test]
+fn a_new_supervisor_takes_over_http_mode() {
+    let fx = fixture();
+    let args = [
+        "--http",
+        "--listen",
+        "http=127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--drain-timeout",
+        "10s",
+    ];
+    let command = ["python3", fx.to_str().unwrap(), "--close-idle"];
+    let mut all = vec!["--takeover"];
+    all.extend_from_slice(&args);
+    let mut run = Run::start(&all, &command);
+    let load = Load::start(Target::Tcp(run.addr()), 4, 4, Duration::from_secs(120));
+    load.wait_for_progress(100, Duration::from_secs(10));
+    let _last = supervisor_takeovers(&mut run, 2, &args, &command);
+    load.wait_for_progress(100, Duration::from_secs(10));
+    let report = load.stop();
+    assert_no_loss(&report);
+    assert!(
+        report.bodies.iter().any(|b| b.contains("python generation 3")),
+        "{:?}",
+        report.bodies
+    );
+}
