@@ -1289,3 +1289,60 @@ fn a_new_supervisor_takes_over_http_mode() {
         report.bodies
     );
 }
+
+/// Whether python3 can import `module` (a pip package `.ci/run` installs).
+fn python_has(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A real third-party server, uvicorn with `--fd 3`, behind `--http`: ten
+/// reloads under load, zero failed requests, no keep-alive client
+/// reconnected. (uvicorn closes idle keep-alive connections at SIGTERM.)
+#[test]
+fn uvicorn_behind_http_mode_reloads_without_a_failed_request() {
+    if !python_has("uvicorn") {
+        eprintln!("SKIPPED: uvicorn is not installed (pip install uvicorn; .ci/run does)");
+        return;
+    }
+    let fixtures = fixture().parent().unwrap().to_path_buf();
+    let run = Run::start(
+        &[
+            "--http",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--drain-timeout",
+            "10s",
+            "--settle",
+            "200ms",
+        ],
+        &[
+            "python3",
+            "-m",
+            "uvicorn",
+            "--fd",
+            "3",
+            "--app-dir",
+            fixtures.to_str().unwrap(),
+            "--no-access-log",
+            "asgi_app:app",
+        ],
+    );
+    let (report, pids) = reloads_under_load(&run, 10);
+    assert_no_loss(&report);
+    assert_eq!(report.keepalive_connects, 4, "{report:?}");
+    assert!(
+        report.bodies.iter().any(|b| b.contains("uvicorn generation 11")),
+        "{:?}",
+        report.bodies.iter().rev().take(3).collect::<Vec<_>>()
+    );
+    for pid in &pids[..pids.len() - 1] {
+        assert_eventually!(
+            Duration::from_secs(15),
+            baton_testkit::proc_state(*pid).is_none(),
+            "old child {pid} still there"
+        );
+    }
+}
