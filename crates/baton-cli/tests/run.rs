@@ -1284,7 +1284,10 @@ fn a_new_supervisor_takes_over_http_mode() {
     let report = load.stop();
     assert_no_loss(&report);
     assert!(
-        report.bodies.iter().any(|b| b.contains("python generation 3")),
+        report
+            .bodies
+            .iter()
+            .any(|b| b.contains("python generation 3")),
         "{:?}",
         report.bodies
     );
@@ -1334,7 +1337,10 @@ fn uvicorn_behind_http_mode_reloads_without_a_failed_request() {
     assert_no_loss(&report);
     assert_eq!(report.keepalive_connects, 4, "{report:?}");
     assert!(
-        report.bodies.iter().any(|b| b.contains("uvicorn generation 11")),
+        report
+            .bodies
+            .iter()
+            .any(|b| b.contains("uvicorn generation 11")),
         "{:?}",
         report.bodies.iter().rev().take(3).collect::<Vec<_>>()
     );

@@ -262,6 +262,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Answers a request that could not be read, and closes.
     async fn refuse(&mut self, status: StatusCode) -> Outcome {
+        // Counted as answered at once (nothing was waited for).
+        self.ctx
+            .stats
+            .requests_metrics
+            .observe(status.as_u16(), Duration::ZERO);
         let reason = status.canonical_reason().unwrap_or("error");
         self.close_with(status, reason.as_bytes()).await;
         Outcome::Close
@@ -283,7 +288,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         head_len: usize,
     ) -> (Outcome, usize) {
         let log = tracing::enabled!(target: "baton_proxy::access", tracing::Level::INFO);
-        let started = log.then(std::time::Instant::now);
+        let started = std::time::Instant::now();
         self.ctx.stats.request();
         let method = req.method.unwrap_or("GET");
         let target = req.path.unwrap_or("/");
@@ -356,7 +361,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 (r.outcome, r.used, r.status, r.server)
             }
         };
-        if let Some(started) = started {
+        let elapsed = started.elapsed();
+        self.ctx.stats.requests_metrics.observe(status, elapsed);
+        if log {
             tracing::info!(
                 target: "baton_proxy::access",
                 listener = %self.ctx.listener,
@@ -366,7 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 path = %path,
                 status,
                 upstream = %upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
                 "request"
             );
         }
@@ -811,7 +818,7 @@ mod tests {
         Arc::new(HttpContext {
             listener: l.name.clone(),
             routes: ArcSwap::from_pointee(tables.remove("web").unwrap()),
-            stats: crate::stats::for_listener(l, l.address),
+            stats: crate::stats::for_listener(l, l.address, baton::RequestMetrics::detached()),
             idle: Arc::new(IdlePool::default()),
         })
     }

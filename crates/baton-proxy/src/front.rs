@@ -115,7 +115,12 @@ impl Front {
         let ctx = Arc::new(HttpContext {
             listener: name.to_owned(),
             routes: ArcSwap::from_pointee(table),
-            stats: Arc::new(ListenerStats::new(name, Protocol::Http, bound)),
+            stats: Arc::new(ListenerStats::new(
+                name,
+                Protocol::Http,
+                bound,
+                baton::RequestMetrics::detached(),
+            )),
             idle: Arc::new(IdlePool::default()),
         });
         Front {

@@ -231,7 +231,7 @@ impl Proxy {
         for l in &config.listeners {
             let tcp = bind_listener(&baton, l).await?;
             let bound = tcp.local_addr().unwrap_or(l.address);
-            let stats = stats::for_listener(l, bound);
+            let stats = stats::for_listener(l, bound, baton.requests(&l.name));
             let table = tables.remove(&l.name).unwrap_or_default();
             let dispatch = make_dispatch(l, table, &pools, &stats, &idle);
             pending.push((l.clone(), tcp, stats, dispatch));
@@ -532,7 +532,7 @@ impl Proxy {
         }
         for (l, tcp) in bound {
             let b = tcp.local_addr().unwrap_or(l.address);
-            let stats = stats::for_listener(&l, b);
+            let stats = stats::for_listener(&l, b, baton.requests(&l.name));
             let table = tables.remove(&l.name).unwrap_or_default();
             let dispatch = make_dispatch(&l, table, &pools, &stats, &self.inner.idle);
             let running = listener::spawn(

@@ -24,6 +24,8 @@ pub(crate) struct ListenerStats {
     accepted: AtomicU64,
     requests: AtomicU64,
     draining: AtomicBool,
+    /// Requests by status class and duration, for `/metrics`.
+    pub(crate) requests_metrics: baton::RequestMetrics,
 }
 
 /// Counts an open connection until dropped.
@@ -41,7 +43,12 @@ impl Drop for ConnGuard {
 }
 
 impl ListenerStats {
-    pub(crate) fn new(name: &str, protocol: Protocol, bound: SocketAddr) -> Self {
+    pub(crate) fn new(
+        name: &str,
+        protocol: Protocol,
+        bound: SocketAddr,
+        requests_metrics: baton::RequestMetrics,
+    ) -> Self {
         ListenerStats {
             name: name.to_owned(),
             protocol,
@@ -51,6 +58,7 @@ impl ListenerStats {
             accepted: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            requests_metrics,
         }
     }
 
@@ -102,6 +110,15 @@ impl ListenerStats {
 }
 
 /// Counters for a listener bound at `bound`.
-pub(crate) fn for_listener(config: &ListenerConfig, bound: SocketAddr) -> Arc<ListenerStats> {
-    Arc::new(ListenerStats::new(&config.name, config.protocol, bound))
+pub(crate) fn for_listener(
+    config: &ListenerConfig,
+    bound: SocketAddr,
+    requests: baton::RequestMetrics,
+) -> Arc<ListenerStats> {
+    Arc::new(ListenerStats::new(
+        &config.name,
+        config.protocol,
+        bound,
+        requests,
+    ))
 }

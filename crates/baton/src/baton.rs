@@ -674,7 +674,7 @@ impl Baton {
             // The service's counters go on where the previous generation's
             // stopped, plus the upgrade that made this one.
             if let Some(t) = totals {
-                self.inner.metrics.absorb(t);
+                self.inner.metrics.absorb(&t);
             }
             if result.is_ok() {
                 self.inner.metrics.upgrade(true, None);
@@ -1376,6 +1376,15 @@ impl Baton {
             text.push_str("# EOF\n");
         }
         text
+    }
+
+    /// Where an HTTP server records the requests of `listener` (see
+    /// [`RequestMetrics`](crate::RequestMetrics)): counted in `/metrics` as
+    /// `baton_requests_total{listener,code_class}` and
+    /// `baton_request_duration_seconds{listener}`, and carried on by the
+    /// next generation. The same handle for the same name.
+    pub fn requests(&self, listener: &str) -> crate::RequestMetrics {
+        self.inner.metrics.requests(listener)
     }
 
     /// Adds application metric families to [`metrics`](Self::metrics):

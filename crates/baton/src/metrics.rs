@@ -7,12 +7,21 @@
 //! project's own Rust client: typed metric families, the text encoder, no
 //! global registry.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+
+use crate::sync::lock;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,12 +33,181 @@ const OK: Outcome = Outcome { result: "ok" };
 const FAILED: Outcome = Outcome { result: "failed" };
 
 /// The totals handed from one generation to the next.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Totals {
     pub upgrades_ok: u64,
     pub upgrades_failed: u64,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    /// Requests by listener (absent from an older binary's `ack`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, RequestTotals>,
+}
+
+/// Upper bounds of the request duration buckets, in microseconds (0.5 ms
+/// to 10 s; a last one, +Inf, follows).
+const BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Status classes: 1xx to 5xx.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One listener's request counters as carried to the next generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RequestTotals {
+    /// By status class, 1xx to 5xx.
+    pub classes: [u64; 5],
+    /// Per duration bucket (not cumulative), [`BUCKETS_US`] then +Inf.
+    pub buckets: Vec<u64>,
+    /// Sum of the durations, in microseconds.
+    pub sum_us: u64,
+}
+
+/// The request counters of one listener: lock-free, so that recording a
+/// request costs three relaxed atomic additions.
+#[derive(Debug, Default)]
+struct Requests {
+    classes: [AtomicU64; 5],
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Requests {
+    fn totals(&self) -> RequestTotals {
+        RequestTotals {
+            classes: std::array::from_fn(|i| self.classes[i].load(Ordering::Relaxed)),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+
+    fn add(&self, t: &RequestTotals) {
+        for (c, v) in self.classes.iter().zip(t.classes) {
+            c.fetch_add(v, Ordering::Relaxed);
+        }
+        for (b, v) in self.buckets.iter().zip(&t.buckets) {
+            b.fetch_add(*v, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(t.sum_us, Ordering::Relaxed);
+    }
+}
+
+/// Where an HTTP server records the requests of one listener, for
+/// `baton_requests_total{listener,code_class}` and
+/// `baton_request_duration_seconds{listener}` on `/metrics` (from
+/// [`Baton::requests`](crate::Baton::requests)). Like the upgrade counters,
+/// they are the service's: each generation hands its totals to the next.
+/// Cheap to clone; recording takes no lock.
+///
+/// ```
+/// # async fn demo(baton: baton::Baton) {
+/// let requests = baton.requests("http");
+/// let started = std::time::Instant::now();
+/// // ... serve a request ...
+/// requests.observe(200, started.elapsed());
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RequestMetrics(Arc<Requests>);
+
+impl RequestMetrics {
+    /// Counters that belong to no [`Baton`](crate::Baton) (nothing exposes
+    /// them): for code that records requests whether or not it runs under
+    /// one.
+    pub fn detached() -> RequestMetrics {
+        RequestMetrics(Arc::default())
+    }
+
+    /// Records a request answered with `status` after `elapsed`. Statuses
+    /// outside 100–599 count as 1xx or 5xx.
+    pub fn observe(&self, status: u16, elapsed: Duration) {
+        let r = &self.0;
+        let class = usize::from((status / 100).clamp(1, 5) - 1);
+        r.classes[class].fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(BUCKETS_US.len());
+        r.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        r.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Requests recorded (here and, once carried, by earlier generations).
+    pub fn total(&self) -> u64 {
+        self.0
+            .classes
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Every listener's [`Requests`], encoded at each scrape.
+#[derive(Debug, Default)]
+struct RequestsCollector(Mutex<BTreeMap<String, Arc<Requests>>>);
+
+impl RequestsCollector {
+    fn get(&self, listener: &str) -> Arc<Requests> {
+        lock(&self.0)
+            .entry(listener.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+impl Collector for RequestsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all: Vec<(String, RequestTotals)> = lock(&self.0)
+            .iter()
+            .map(|(l, r)| (l.clone(), r.totals()))
+            .collect();
+        if all.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "baton_requests",
+                "HTTP requests answered, by listener and status class, over all generations",
+                None,
+                MetricType::Counter,
+            )?;
+            for (listener, t) in &all {
+                for (class, n) in CLASSES.iter().zip(t.classes) {
+                    let labels = [("listener", listener.as_str()), ("code_class", *class)];
+                    family
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "baton_request_duration_seconds",
+            "From a request's head to the end of its response, by listener, over all generations",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (listener, t) in &all {
+            let buckets: Vec<(f64, u64)> = BUCKETS_US
+                .iter()
+                .map(|us| *us as f64 / 1e6)
+                .chain([f64::INFINITY])
+                .zip(t.buckets.iter().copied())
+                .collect();
+            let count = t.buckets.iter().sum();
+            let labels = [("listener", listener.as_str())];
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(t.sum_us as f64 / 1e6, count, &buckets, None)?;
+        }
+        Ok(())
+    }
 }
 
 /// This generation's metrics.
@@ -38,6 +216,7 @@ pub(crate) struct Metrics {
     upgrades: Family<Outcome, Counter>,
     reloads: Family<Outcome, Counter>,
     upgrade_duration: Histogram,
+    requests: Arc<RequestsCollector>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -84,11 +263,14 @@ impl Metrics {
             drop(upgrades.get_or_create(&o));
             drop(reloads.get_or_create(&o));
         }
+        let requests = Arc::new(RequestsCollector::default());
+        registry.register_collector(Box::new(requests.clone()));
         Metrics {
             registry,
             upgrades,
             reloads,
             upgrade_duration,
+            requests,
         }
     }
 
@@ -113,17 +295,29 @@ impl Metrics {
             upgrades_failed: self.upgrades.get_or_create(&FAILED).get(),
             reloads_ok: self.reloads.get_or_create(&OK).get(),
             reloads_failed: self.reloads.get_or_create(&FAILED).get(),
+            requests: lock(&self.requests.0)
+                .iter()
+                .map(|(l, r)| (l.clone(), r.totals()))
+                .collect(),
         }
     }
 
+    /// The request counters of `listener`.
+    pub(crate) fn requests(&self, listener: &str) -> RequestMetrics {
+        RequestMetrics(self.requests.get(listener))
+    }
+
     /// Adds the previous generation's totals to ours.
-    pub(crate) fn absorb(&self, t: Totals) {
+    pub(crate) fn absorb(&self, t: &Totals) {
         self.upgrades.get_or_create(&OK).inc_by(t.upgrades_ok);
         self.upgrades
             .get_or_create(&FAILED)
             .inc_by(t.upgrades_failed);
         self.reloads.get_or_create(&OK).inc_by(t.reloads_ok);
         self.reloads.get_or_create(&FAILED).inc_by(t.reloads_failed);
+        for (listener, r) in &t.requests {
+            self.requests.get(listener).add(r);
+        }
     }
 
     /// The text exposition.
@@ -133,5 +327,48 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_count_by_class_and_bucket_and_carry_over() {
+        let old = Metrics::new(1);
+        let r = old.requests("web");
+        r.observe(200, Duration::from_micros(100));
+        r.observe(204, Duration::from_millis(3));
+        r.observe(503, Duration::from_secs(60));
+        r.observe(0, Duration::ZERO);
+        assert_eq!(r.total(), 4);
+        let t = old.totals();
+        let web = &t.requests["web"];
+        assert_eq!(web.classes, [1, 2, 0, 0, 1]);
+        assert_eq!(web.buckets[0], 2, "0 and 100 µs: le 0.0005");
+        assert_eq!(web.buckets[3], 1, "3 ms: le 0.005");
+        assert_eq!(web.buckets[BUCKETS_US.len()], 1, "60 s: +Inf");
+        // Through the handshake's JSON, into the next generation.
+        let line = serde_json::to_string(&t).unwrap();
+        let new = Metrics::new(2);
+        new.requests("web").observe(200, Duration::from_millis(1));
+        new.absorb(&serde_json::from_str(&line).unwrap());
+        assert_eq!(new.requests("web").total(), 5);
+        let text = new.encode();
+        assert!(
+            text.contains("baton_requests_total{listener=\"web\",code_class=\"2xx\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("baton_request_duration_seconds_count{listener=\"web\"} 5"),
+            "{text}"
+        );
+        // An older binary's totals have no requests.
+        let older: Totals = serde_json::from_str(
+            r#"{"upgrades_ok":1,"upgrades_failed":0,"reloads_ok":0,"reloads_failed":0}"#,
+        )
+        .unwrap();
+        assert!(older.requests.is_empty());
     }
 }

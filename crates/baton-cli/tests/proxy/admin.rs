@@ -97,3 +97,73 @@ fn a_bad_admin_address_is_reported_where_it_is_written() {
         "{stderr}"
     );
 }
+
+/// The value of the sample named exactly `sample` (name and labels) in a
+/// text exposition.
+fn sample(metrics: &str, sample: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {sample} in:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+/// `baton_requests_total{listener,code_class}` and
+/// `baton_request_duration_seconds{listener}` count every answered request,
+/// the proxy's own refusals too, and the next generation carries them on.
+#[test]
+fn request_counts_and_durations_carry_over_an_upgrade() {
+    use std::io::{Read, Write};
+    let a = Upstream::http("a");
+    let body = format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\n\n{}",
+        web_to_a(&[a.addr])
+    );
+    let p = Proxy::start("request-metrics", "settle = \"300ms\"", &body);
+    let admin: SocketAddr = p.ready["admin"].as_str().unwrap().parse().unwrap();
+    let scrape = || {
+        let mut c = TcpStream::connect(admin).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (status, text, _) = http_get(&mut c, "/metrics");
+        assert_eq!(status, 200, "{text}");
+        text
+    };
+    let web = p.addr("web");
+    for _ in 0..5 {
+        assert_eq!(crate::get(web, "x", "/").0, 200);
+    }
+    // Smuggling-shaped framing: refused with 400 by the proxy itself.
+    let mut c = TcpStream::connect(web).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+
+    let m = scrape();
+    let ok = "baton_requests_total{listener=\"web\",code_class=\"2xx\"}";
+    let bad = "baton_requests_total{listener=\"web\",code_class=\"4xx\"}";
+    let count = "baton_request_duration_seconds_count{listener=\"web\"}";
+    assert_eq!(sample(&m, ok), 5.0, "{m}");
+    assert_eq!(sample(&m, bad), 1.0, "{m}");
+    assert_eq!(sample(&m, count), 6.0, "{m}");
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("baton_request_duration_seconds_bucket{")
+                && l.contains("le=\"+Inf\"")),
+        "{m}"
+    );
+
+    let answer = p.upgrade();
+    assert_eq!(answer["ok"], true, "{answer}");
+    for _ in 0..3 {
+        assert_eq!(crate::get(web, "x", "/").0, 200);
+    }
+    let m = scrape();
+    assert_eq!(sample(&m, "baton_generation"), 2.0, "{m}");
+    assert_eq!(sample(&m, ok), 8.0, "carried over: {m}");
+    assert_eq!(sample(&m, bad), 1.0, "{m}");
+    assert_eq!(sample(&m, count), 9.0, "{m}");
+}
