@@ -96,12 +96,17 @@ pub fn render_status(s: &Status) -> String {
     if let Some(binary) = &s.binary {
         let _ = writeln!(out, "binary {binary}");
     }
-    let mut rows = vec![[
+    // The connection column only where the server counts connections.
+    let counted = s.listeners.iter().any(|l| l.connections.is_some());
+    let mut rows = vec![vec![
         "LISTENER".to_owned(),
         "KIND".to_owned(),
         "ADDRESS".to_owned(),
         "FROM".to_owned(),
     ]];
+    if counted {
+        rows[0].push("CONNECTIONS".to_owned());
+    }
     for l in &s.listeners {
         let from = match (&l.port_env, l.inherited) {
             (Some(var), _) => format!("forwarded to ${var}"),
@@ -109,9 +114,14 @@ pub fn render_status(s: &Status) -> String {
             (None, Some(false)) => "bound".to_owned(),
             (None, None) => "held".to_owned(),
         };
-        rows.push([l.name.clone(), l.kind.clone(), l.address.clone(), from]);
+        let mut row = vec![l.name.clone(), l.kind.clone(), l.address.clone(), from];
+        if counted {
+            row.push(opt(l.connections.map(|c| c.to_string())));
+        }
+        rows.push(row);
     }
-    let widths: Vec<usize> = (0..4)
+    let columns = rows[0].len();
+    let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     for r in &rows {
@@ -121,6 +131,13 @@ pub fn render_status(s: &Status) -> String {
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    for d in &s.draining {
+        let _ = writeln!(
+            out,
+            "draining      generation {} pid {}",
+            d.generation, d.pid
+        );
     }
     for (what, o) in [
         ("last upgrade", &s.last_upgrade),
@@ -240,6 +257,30 @@ mod tests {
              LISTENER  KIND  ADDRESS         FROM\n\
              web       tcp   127.0.0.1:8080  forwarded to $PORT\n\
              last upgrade  none\n\
+             last reload   none\n"
+        );
+    }
+
+    #[test]
+    fn connection_counts_and_draining_generations_are_shown() {
+        let status: Status = serde_json::from_str(
+            r#"{"ok":true,"pid":51,"generation":5,"state":"active","uptime_ms":2000.0,
+                "upgrade_in_progress":false,
+                "listeners":[{"name":"web","kind":"tcp","address":"127.0.0.1:8080","inherited":true,"connections":17},
+                             {"name":"baton-admin","kind":"tcp","address":"127.0.0.1:9901","inherited":true}],
+                "draining":[{"generation":4,"pid":50}],
+                "last_upgrade":{"ok":true,"kind":"upgrade","generation":5,"pid":51,"elapsed_ms":41.0,"at_unix_ms":1795255366000.0},
+                "last_reload":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            render_status(&status),
+            "generation 5  pid 51  active  up 2s\n\
+             LISTENER     KIND  ADDRESS         FROM       CONNECTIONS\n\
+             web          tcp   127.0.0.1:8080  inherited  17\n\
+             baton-admin  tcp   127.0.0.1:9901  inherited  -\n\
+             draining      generation 4 pid 50\n\
+             last upgrade  ok      2026-11-21T10:02:46Z  upgrade, generation 5 pid 51, 41.0 ms\n\
              last reload   none\n"
         );
     }

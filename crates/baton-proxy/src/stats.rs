@@ -30,14 +30,19 @@ pub(crate) struct ListenerStats {
 
 /// Counts an open connection until dropped.
 #[derive(Debug)]
-pub(crate) struct ConnGuard(Arc<ListenerStats>, bool);
+pub(crate) struct ConnGuard {
+    stats: Arc<ListenerStats>,
+    upgraded: bool,
+    /// The same connection in the library's count (`status`).
+    _open: baton::ConnectionGuard,
+}
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        if self.1 {
-            self.0.upgraded.fetch_sub(1, Ordering::Relaxed);
+        if self.upgraded {
+            self.stats.upgraded.fetch_sub(1, Ordering::Relaxed);
         } else {
-            self.0.connections.fetch_sub(1, Ordering::Relaxed);
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -65,13 +70,21 @@ impl ListenerStats {
     pub(crate) fn connection(self: &Arc<Self>) -> ConnGuard {
         self.accepted.fetch_add(1, Ordering::Relaxed);
         self.connections.fetch_add(1, Ordering::Relaxed);
-        ConnGuard(self.clone(), false)
+        ConnGuard {
+            stats: self.clone(),
+            upgraded: false,
+            _open: self.requests_metrics.connection(),
+        }
     }
 
     /// Counts an upgraded (WebSocket) connection until the guard drops.
     pub(crate) fn upgraded(self: &Arc<Self>) -> ConnGuard {
         self.upgraded.fetch_add(1, Ordering::Relaxed);
-        ConnGuard(self.clone(), true)
+        ConnGuard {
+            stats: self.clone(),
+            upgraded: true,
+            _open: self.requests_metrics.connection(),
+        }
     }
 
     /// Counts a request.

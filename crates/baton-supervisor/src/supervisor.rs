@@ -93,6 +93,8 @@ struct Inner {
     drain: Drain,
     notify_dir: PathBuf,
     listeners: Vec<Value>,
+    /// Old children retired by a reload and not gone yet (`status`).
+    draining: Mutex<Vec<control::DrainingGeneration>>,
     /// Old children being stopped in the background (retired by a reload,
     /// or not ready in time); a stop waits for them.
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -263,6 +265,7 @@ impl Supervisor {
                 drain: Drain::new(Duration::from_secs(1)),
                 notify_dir,
                 listeners,
+                draining: Mutex::new(Vec::new()),
                 background: Mutex::new(Vec::new()),
             }),
         };
@@ -644,6 +647,9 @@ impl Supervisor {
         old.retiring.store(true, Ordering::SeqCst);
         let cfg_signal = self.inner.config.stop_signal;
         let drain = self.inner.config.drain_timeout;
+        let (generation, pid) = (old.number, old.child.pid());
+        lock(&self.inner.draining).push(control::DrainingGeneration { generation, pid });
+        let s = self.clone();
         self.background(async move {
             let deadline = tokio::time::Instant::now() + drain;
             // Forwarded connections and requests finish on the old child
@@ -655,6 +661,7 @@ impl Supervisor {
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             stop_gracefully(&old.child, cfg_signal, left).await;
+            lock(&s.inner.draining).retain(|d| d.pid != pid);
         });
     }
 
@@ -904,6 +911,12 @@ impl Supervisor {
                 address: info["address"].as_str().unwrap_or_default().to_owned(),
                 inherited: None,
                 port_env: l.port_env.clone(),
+                connections: self
+                    .inner
+                    .fronts
+                    .iter()
+                    .find(|(n, _)| *n == l.name)
+                    .map(|(_, f)| f.open() as u64),
             })
             .collect();
         let mut extra = serde_json::Map::new();
@@ -953,6 +966,7 @@ impl Supervisor {
             listeners,
             last_upgrade: None,
             last_reload: lock(&self.inner.last_reload).clone(),
+            draining: lock(&self.inner.draining).clone(),
             extra,
         };
         serde_json::to_value(&status).unwrap_or_else(|e| control::failure(e.to_string()))

@@ -255,6 +255,8 @@ pub(crate) struct Inner {
     /// The service's metrics (`/metrics`).
     metrics: crate::metrics::Metrics,
     metrics_hook: Mutex<Option<MetricsHook>>,
+    /// The previous generation, until it exits.
+    draining: Mutex<Vec<control::DrainingGeneration>>,
     /// Connection migration to the next generation, once it is active and
     /// takes connections.
     outgoing: Mutex<Option<Arc<crate::migrate::Outgoing>>>,
@@ -362,6 +364,7 @@ impl Baton {
                 outgoing: Mutex::new(None),
                 metrics: crate::metrics::Metrics::new(generation),
                 metrics_hook: Mutex::new(None),
+                draining: Mutex::new(Vec::new()),
                 incoming: Mutex::new(Default::default()),
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
@@ -664,6 +667,7 @@ impl Baton {
         // senders go (the application's receivers then end).
         let receivers = std::mem::take(&mut *lock(&self.inner.incoming));
         let takes: Vec<String> = receivers.keys().cloned().collect();
+        let previous = handshake.as_ref().and_then(|h| h.previous_pid());
         let handover = match handshake {
             Some(h) => Some(h.ready(takes).await?),
             None => None,
@@ -678,6 +682,11 @@ impl Baton {
             }
             if result.is_ok() {
                 self.inner.metrics.upgrade(true, None);
+            }
+            // Listed before `active` goes out: the upgrade's caller may ask
+            // for `status` the moment it has its answer.
+            if let (Ok(()), Some(pid)) = (&result, previous) {
+                self.watch_draining(pid);
             }
             let link = confirm
                 .send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
@@ -1378,6 +1387,23 @@ impl Baton {
         text
     }
 
+    /// Lists the previous generation (`pid`) in `status` as draining until
+    /// it exits.
+    fn watch_draining(&self, pid: u32) {
+        let Ok(exited) = crate::handoff::exit_of(pid) else {
+            return; // gone already
+        };
+        let generation = self.inner.generation.saturating_sub(1);
+        lock(&self.inner.draining).push(control::DrainingGeneration { generation, pid });
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            exited.await;
+            if let Some(inner) = inner.upgrade() {
+                lock(&inner.draining).retain(|d| d.pid != pid);
+            }
+        });
+    }
+
     /// Where an HTTP server records the requests of `listener` (see
     /// [`RequestMetrics`](crate::RequestMetrics)): counted in `/metrics` as
     /// `baton_requests_total{listener,code_class}` and
@@ -1413,6 +1439,7 @@ impl Baton {
                 .listeners()
                 .into_iter()
                 .map(|l| control::ListenerStatus {
+                    connections: self.inner.metrics.open_connections(&l.name),
                     name: l.name,
                     kind: l.kind.to_string(),
                     address: l.address.to_string(),
@@ -1422,6 +1449,7 @@ impl Baton {
                 .collect(),
             last_upgrade: lock(&self.inner.last_upgrade).clone(),
             last_reload: lock(&self.inner.last_reload).clone(),
+            draining: lock(&self.inner.draining).clone(),
             extra: serde_json::Map::new(),
         };
         let mut status =

@@ -128,6 +128,10 @@ pub struct Status {
     pub last_upgrade: Option<Outcome>,
     /// The last reload, once there was one.
     pub last_reload: Option<Outcome>,
+    /// Earlier generations (for `baton run`: old children) still finishing
+    /// what they had when they were replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<DrainingGeneration>,
     /// Everything else, by name.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
@@ -148,6 +152,21 @@ pub struct ListenerStatus {
     /// `baton run --port-env`: the variable of the child's own port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_env: Option<String>,
+    /// Connections open on it now, where the server counts them (`baton
+    /// proxy`, servers that record through
+    /// [`RequestMetrics::connection`](crate::RequestMetrics::connection),
+    /// `baton run --http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
+}
+
+/// An earlier generation that is still draining, in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainingGeneration {
+    /// Its generation number.
+    pub generation: u64,
+    /// Its pid.
+    pub pid: u32,
 }
 
 /// How an upgrade, take-over or reload ended, in [`Status`].

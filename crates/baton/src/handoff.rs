@@ -243,6 +243,15 @@ impl TakingOver {
     }
 }
 
+/// A watch on process `pid` (not ours to reap): resolves when it exits.
+/// Fails if it cannot be watched (it is gone already).
+pub(crate) fn exit_of(pid: u32) -> io::Result<impl std::future::Future<Output = ()> + Send> {
+    let watch = TakingOver::open(pid)?;
+    Ok(async move {
+        let _ = watch.pidfd.readable().await;
+    })
+}
+
 impl Peer {
     pub(crate) async fn exited(&self) {
         match self {
@@ -774,6 +783,17 @@ pub(crate) struct ChildHandshake {
     pub parent: std::sync::Arc<Parent>,
     /// Set when [`ChildHandshake::ready`] begins.
     pub ready_started: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ChildHandshake {
+    /// The previous generation's pid: our parent's, or the one we take
+    /// over from.
+    pub(crate) fn previous_pid(&self) -> Option<u32> {
+        match &*self.parent {
+            Parent::Spawned => env::var(env::BATON_PARENT_PID).and_then(|p| p.parse().ok()),
+            Parent::TakenOver { pid, .. } => Some(*pid),
+        }
+    }
 }
 
 /// Moves the real stderr onto fd 2, once.

@@ -89,7 +89,7 @@ pub use crate::drain::{Drain, DrainOutcome, Shutdown};
 pub use crate::error::{BoxError, Error, ReloadError, UpgradeError};
 pub use crate::handoff::Upgraded;
 pub use crate::listeners::{ListenAddr, ListenSpec, ListenerInfo, ListenerKind};
-pub use crate::metrics::RequestMetrics;
+pub use crate::metrics::{ConnectionGuard, RequestMetrics};
 pub use crate::notify::{
     fd_store_enabled as sd_fd_store_enabled, notify as sd_notify, store_fds as sd_store_fds,
 };

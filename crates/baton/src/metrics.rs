@@ -72,6 +72,8 @@ struct Requests {
     classes: [AtomicU64; 5],
     buckets: [AtomicU64; BUCKETS_US.len() + 1],
     sum_us: AtomicU64,
+    /// Connections open now (this generation's; not carried).
+    open: AtomicU64,
 }
 
 impl Requests {
@@ -139,6 +141,18 @@ impl RequestMetrics {
         r.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Counts an open connection of this listener until the guard drops:
+    /// shown in `status` (and `baton ctl status`).
+    pub fn connection(&self) -> ConnectionGuard {
+        self.0.open.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.0.clone())
+    }
+
+    /// Connections open now (see [`connection`](Self::connection)).
+    pub fn open_connections(&self) -> u64 {
+        self.0.open.load(Ordering::Relaxed)
+    }
+
     /// Requests recorded (here and, once carried, by earlier generations).
     pub fn total(&self) -> u64 {
         self.0
@@ -146,6 +160,17 @@ impl RequestMetrics {
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .sum()
+    }
+}
+
+/// An open connection, counted by [`RequestMetrics::connection`] until
+/// dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Requests>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -305,6 +330,13 @@ impl Metrics {
     /// The request counters of `listener`.
     pub(crate) fn requests(&self, listener: &str) -> RequestMetrics {
         RequestMetrics(self.requests.get(listener))
+    }
+
+    /// Open connections of `listener`, if its server counts them.
+    pub(crate) fn open_connections(&self, listener: &str) -> Option<u64> {
+        lock(&self.requests.0)
+            .get(listener)
+            .map(|r| r.open.load(Ordering::Relaxed))
     }
 
     /// Adds the previous generation's totals to ours.

@@ -167,3 +167,63 @@ fn request_counts_and_durations_carry_over_an_upgrade() {
     assert_eq!(sample(&m, bad), 1.0, "{m}");
     assert_eq!(sample(&m, count), 9.0, "{m}");
 }
+
+/// `status` counts each listener's open connections and lists the previous
+/// generation as draining until it exits.
+#[test]
+fn status_shows_connections_and_the_draining_generation() {
+    use std::io::{Read, Write};
+    let a = Upstream::http("a");
+    let p = Proxy::start(
+        "status-draining",
+        "settle = \"0s\"\nidle_grace = \"30s\"",
+        &web_to_a(&[a.addr]),
+    );
+    let web = p.addr("web");
+    let old_pid = p.status()["pid"].as_u64().unwrap();
+    // One keep-alive connection, answered once: open on generation 1.
+    let mut c = TcpStream::connect(web).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = c.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let web_row = |s: &serde_json::Value| {
+        s["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "web")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(web_row(&p.status())["connections"], 1, "{}", p.status());
+
+    let answer = p.upgrade();
+    assert_eq!(answer["ok"], true, "{answer}");
+    // The idle keep-alive connection holds generation 1 (idle grace 30 s).
+    let s = p.status();
+    assert_eq!(s["generation"], 2, "{s}");
+    assert_eq!(web_row(&s)["connections"], 0, "{s}");
+    assert_eq!(
+        s["draining"],
+        serde_json::json!([{"generation": 1, "pid": old_pid}]),
+        "{s}"
+    );
+    let table = crate::text(&p.ctl(&["status"]));
+    assert!(
+        table.contains(&format!("draining      generation 1 pid {old_pid}")),
+        "{table}"
+    );
+    // The client leaves; generation 1 exits, and is no longer listed.
+    drop(c);
+    baton_testkit::assert_eventually!(
+        Duration::from_secs(20),
+        p.status().get("draining").is_none(),
+        "generation 1 still listed as draining"
+    );
+}
