@@ -9,6 +9,7 @@ mod fd_store;
 mod handoff;
 mod lifecycle;
 mod migrate;
+mod redis_consumer;
 mod rollback;
 mod settle;
 mod sockets;
