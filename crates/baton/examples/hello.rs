@@ -5,6 +5,9 @@
 //! curl http://127.0.0.1:8080/          # hello from generation 1 pid ...
 //! kill -USR2 $(cat /tmp/hello.pid)     # or: {"command":"upgrade"} on the control socket
 //! ```
+//!
+//! At an upgrade its keep-alive connections move to the next generation
+//! ([`baton::http::Server`]); with `--no-migrate` they are drained.
 mod common;
 
 use clap::Parser;
@@ -66,6 +69,15 @@ async fn main() -> anyhow::Result<()> {
     // A reload has nothing to re-read here; it proves the path works.
     baton.on_reload(|| async { Ok(()) });
 
+    // At an upgrade, keep-alive connections move to the next generation
+    // (`--no-migrate`: they are drained with `Connection: close`).
+    let servers = (!args.no_migrate).then(|| {
+        (
+            baton::http::Server::new(&baton, "http"),
+            baton::http::Server::new(&baton, "unix"),
+        )
+    });
+
     baton.ready().await?;
     common::announce(
         &baton,
@@ -74,9 +86,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(admin) = admin {
         tokio::spawn(baton::admin::serve(admin, baton.clone()));
     }
-    tokio::spawn(baton::http::serve(http, app.clone(), baton.shutdown()));
-    if let Some(unix) = unix {
-        tokio::spawn(baton::http::serve(unix, app, baton.shutdown()));
+    match servers {
+        Some((tcp_server, unix_server)) => {
+            tokio::spawn(tcp_server.serve(http, app.clone()));
+            if let Some(unix) = unix {
+                tokio::spawn(unix_server.serve(unix, app));
+            }
+        }
+        None => {
+            tokio::spawn(baton::http::serve(http, app.clone(), baton.shutdown()));
+            if let Some(unix) = unix {
+                tokio::spawn(baton::http::serve(unix, app, baton.shutdown()));
+            }
+        }
     }
     baton.wait().await;
     Ok(())

@@ -18,6 +18,17 @@
 //! Upgraded connections (WebSocket) leave hyper's hands: spawn their tasks
 //! with [`Shutdown::spawn`] and watch [`Shutdown::draining`] /
 //! [`Shutdown::expired`].
+//!
+//! [`Server`] does more at an upgrade: it hands each keep-alive connection
+//! to the next generation instead of closing it (connection migration,
+//! see [`Baton::migrate`]). A connection with a request in flight finishes
+//! that request here first, without `Connection: close`, and moves right
+//! after its response; an idle one moves at once, with the bytes of a next
+//! request already read. The client sees nothing: the same connection,
+//! answered by the next generation. Where a connection cannot move (the
+//! next generation is an older binary or refuses it, a stop rather than an
+//! upgrade, a request that arrived just as it was moving), it is drained as
+//! above.
 
 use std::future::Future;
 use std::io;
@@ -34,8 +45,204 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use bytes::Bytes;
+
+use crate::baton::{Baton, State, StopReason};
 use crate::drain::Shutdown;
 use crate::error::BoxError;
+use crate::migrate::{Connection, Migrated};
+
+/// A Baton server's HTTP/1.1 server whose keep-alive connections move to
+/// the next generation at an upgrade instead of being closed (see the
+/// [module docs](self)); at a stop, or where a connection cannot move, it
+/// drains as [`serve`] does.
+///
+/// Create it before [`Baton::ready`]: that tells the previous generation
+/// that this one takes the connections of the listener.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let baton = baton::Baton::from_env()?;
+/// let listener = baton.tcp("http", "127.0.0.1:8080").await?;
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi\n" }));
+/// let server = baton::http::Server::new(&baton, "http");
+/// baton.ready().await?;
+/// tokio::spawn(server.serve(listener, app));
+/// baton.wait().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    baton: Baton,
+    listener: Arc<str>,
+    incoming: tokio::sync::mpsc::Receiver<Migrated>,
+}
+
+impl Server {
+    /// A server for the listener named `name` (as given to
+    /// [`Baton::tcp`] or [`Baton::unix`]), taking the connections the
+    /// previous generation moves here.
+    pub fn new(baton: &Baton, name: &str) -> Server {
+        Server {
+            incoming: baton.accept_migrated(name),
+            baton: baton.clone(),
+            listener: Arc::from(name),
+        }
+    }
+
+    /// Serves `service` on the connections accepted from `listener` and on
+    /// those the previous generation moves here, until draining; then
+    /// moves each connection to the next generation, or drains it. Returns
+    /// once the accept loop has stopped (the connections go on in tasks of
+    /// the drain, which [`Baton::wait`] waits for).
+    pub async fn serve<L, S, B>(self, listener: L, service: S) -> io::Result<()>
+    where
+        L: Accept,
+        L::Io: Migratable,
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let Server {
+            baton,
+            listener: name,
+            mut incoming,
+        } = self;
+        let shutdown = baton.shutdown();
+        {
+            // Connections the previous generation moves here (until it
+            // closes the channel).
+            let (baton, name, service, handle) = (
+                baton.clone(),
+                name.clone(),
+                service.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                while let Some(m) = incoming.recv().await {
+                    let io = match L::Io::from_connection(m.connection) {
+                        Ok(io) => io,
+                        Err(_) => {
+                            tracing::warn!(listener = %name, "a moved connection of another kind; closed");
+                            continue;
+                        }
+                    };
+                    let svc = WithPeer {
+                        inner: service.clone(),
+                        peer: io.peer(),
+                    };
+                    let state = Bytes::from(m.state);
+                    let conn =
+                        serve_moving(io, state, svc, handle.clone(), baton.clone(), name.clone());
+                    handle.spawn(conn);
+                }
+            });
+        }
+        accept_loop(listener, service, shutdown, move |io, svc, handle| {
+            serve_moving(io, Bytes::new(), svc, handle, baton.clone(), name.clone())
+        })
+        .await
+    }
+}
+
+/// Serves one connection of a [`Server`]: after `prefix` (bytes of a next
+/// request read by the previous generation), until it ends; at an
+/// upgrade's drain it moves to the next generation once no request is in
+/// flight, else it winds down as [`serve_connection`] does.
+async fn serve_moving<I, S, B>(
+    io: I,
+    prefix: Bytes,
+    service: S,
+    shutdown: Shutdown,
+    baton: Baton,
+    listener: Arc<str>,
+) where
+    I: Migratable + AsyncRead + AsyncWrite + Unpin,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let in_flight = Arc::new(InFlight::default());
+    let moving = Moving {
+        baton: baton.clone(),
+        in_flight: in_flight.clone(),
+    };
+    let io = Tracked::new(Prefixed::new(prefix, io));
+    let (activity, hold) = (io.activity.clone(), io.hold.clone());
+    let mut conn = hyper_connection(io, service.clone(), shutdown.clone(), Some(moving.clone()));
+    tokio::select! {
+        r = &mut conn => { log_conn(r); return; }
+        _ = shutdown.draining() => {}
+    }
+    if !moving.possible() {
+        return wind_down(conn, activity, shutdown).await;
+    }
+    // The request in flight finishes here first (its response carries no
+    // `Connection: close`).
+    loop {
+        let changed = in_flight.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if in_flight.now.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::select! {
+            r = &mut conn => { log_conn(r); return; }
+            _ = changed => {}
+            _ = shutdown.expired() => return,
+        }
+    }
+    // Idle: hyper stops reading, flushes, and gives the socket back, with
+    // what it read of a next request; no FIN reaches the client. hyper
+    // makes progress only when polled here, so no request can have started
+    // since the check above.
+    let started = in_flight.started.load(Ordering::SeqCst);
+    hold.store(true, Ordering::SeqCst);
+    std::pin::Pin::new(&mut conn).graceful_shutdown();
+    let done = tokio::select! {
+        r = &mut conn => r,
+        _ = shutdown.expired() => return,
+    };
+    if done.is_err() || in_flight.started.load(Ordering::SeqCst) != started {
+        // Broken, or a request got in after all (it was answered with
+        // `Connection: close`): closed here.
+        return;
+    }
+    let Some(parts) = conn.into_parts() else {
+        return; // upgraded: the application has it
+    };
+    let tracked = parts.io.into_inner();
+    let Prefixed {
+        prefix: rest,
+        inner: io,
+    } = tracked.inner;
+    let mut state = parts.read_buf.to_vec();
+    state.extend_from_slice(&rest);
+    let back = match baton
+        .migrate(&listener, io.into_connection(), state.clone())
+        .await
+    {
+        Ok(()) => return,
+        Err(c) => c,
+    };
+    // Not moved: served and drained here after all.
+    let Ok(io) = I::from_connection(back) else {
+        return;
+    };
+    let io = Tracked::new(Prefixed::new(Bytes::from(state), io));
+    let activity = io.activity.clone();
+    let conn = hyper_connection(io, service, shutdown.clone(), None);
+    wind_down(conn, activity, shutdown).await;
+}
 
 /// A listener [`serve`] can accept from: TCP or Unix.
 pub trait Accept: Send + 'static {
@@ -59,6 +266,46 @@ impl Accept for tokio::net::UnixListener {
     async fn accept(&self) -> io::Result<(Self::Io, PeerAddr)> {
         let (s, _) = tokio::net::UnixListener::accept(self).await?;
         Ok((s, PeerAddr(None)))
+    }
+}
+
+/// A connection [`Server`] can hand to the next generation.
+pub trait Migratable: Sized + Send + 'static {
+    /// As a connection to migrate.
+    fn into_connection(self) -> Connection;
+    /// Back from a migrated connection (`Err` if it is of another kind).
+    fn from_connection(c: Connection) -> Result<Self, Connection>;
+    /// The client's address.
+    fn peer(&self) -> PeerAddr;
+}
+
+impl Migratable for tokio::net::TcpStream {
+    fn into_connection(self) -> Connection {
+        Connection::Tcp(self)
+    }
+    fn from_connection(c: Connection) -> Result<Self, Connection> {
+        match c {
+            Connection::Tcp(s) => Ok(s),
+            other => Err(other),
+        }
+    }
+    fn peer(&self) -> PeerAddr {
+        PeerAddr(self.peer_addr().ok())
+    }
+}
+
+impl Migratable for tokio::net::UnixStream {
+    fn into_connection(self) -> Connection {
+        Connection::Unix(self)
+    }
+    fn from_connection(c: Connection) -> Result<Self, Connection> {
+        match c {
+            Connection::Unix(s) => Ok(s),
+            other => Err(other),
+        }
+    }
+    fn peer(&self) -> PeerAddr {
+        PeerAddr(None)
     }
 }
 
@@ -119,6 +366,26 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    accept_loop(listener, service, shutdown, |io, svc, handle| {
+        serve_connection(io, svc, handle)
+    })
+    .await
+}
+
+/// Accepts until draining (again after a take-back), serving each
+/// connection with `conn`.
+async fn accept_loop<L, S, F, Fut>(
+    listener: L,
+    service: S,
+    shutdown: Shutdown,
+    conn: F,
+) -> io::Result<()>
+where
+    L: Accept,
+    S: Clone,
+    F: Fn(L::Io, WithPeer<S>, Shutdown) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut shutdown = shutdown;
     loop {
         let (io, peer) = tokio::select! {
@@ -144,7 +411,7 @@ where
             peer,
         };
         let handle = shutdown.clone();
-        shutdown.spawn(serve_connection(io, svc, handle));
+        shutdown.spawn(conn(io, svc, handle));
     }
     // Stop accepting: this generation's listening fd closes here.
     drop(listener);
@@ -164,43 +431,140 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let activity = Arc::new(Activity::new());
-    let io = Tracked {
-        inner: io,
-        activity: activity.clone(),
-    };
+    let io = Tracked::new(Prefixed::new(Bytes::new(), io));
+    let activity = io.activity.clone();
+    let conn = hyper_connection(io, service, shutdown.clone(), None);
+    drain_connection(conn, activity, shutdown).await;
+}
+
+/// Requests in flight on one connection (from the service call to the end
+/// of the response body), for [`Server`] to move it between two.
+#[derive(Debug, Default)]
+struct InFlight {
+    now: std::sync::atomic::AtomicUsize,
+    started: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+/// Counts a request in flight until dropped (with the response body).
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn new(f: &Arc<InFlight>) -> Self {
+        f.now.fetch_add(1, Ordering::SeqCst);
+        f.started.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(f.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+type HyperConn<I, S> = hyper::server::conn::http1::UpgradeableConnection<
+    TokioIo<Tracked<Prefixed<I>>>,
+    CloseWhenDraining<TowerToHyperService<Box<S>>>,
+>;
+
+/// hyper's connection over `io`, with `Connection: close` once draining
+/// (unless `moving` says the connection is to move instead).
+fn hyper_connection<I, S, B>(
+    io: Tracked<Prefixed<I>>,
+    service: S,
+    shutdown: Shutdown,
+    moving: Option<Moving>,
+) -> HyperConn<I, S>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let svc = CloseWhenDraining {
-        inner: TowerToHyperService::new(service),
-        shutdown: shutdown.clone(),
+        inner: TowerToHyperService::new(Box::new(service)),
+        shutdown,
+        moving,
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new());
-    let conn = builder
+    builder
         .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
+        .with_upgrades()
+}
 
+/// What a connection that may move to the next generation needs.
+#[derive(Clone)]
+struct Moving {
+    baton: Baton,
+    in_flight: Arc<InFlight>,
+}
+
+impl Moving {
+    /// Whether this drain is an upgrade's (only then is there a next
+    /// generation to move to).
+    fn possible(&self) -> bool {
+        matches!(
+            *self.baton.state().borrow(),
+            State::Draining(StopReason::Upgraded { .. })
+        )
+    }
+}
+
+/// Serves `conn` until it ends, with the keep-alive wind-down once draining.
+async fn drain_connection<I, S, B>(
+    mut conn: HyperConn<I, S>,
+    activity: Arc<Activity>,
+    shutdown: Shutdown,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     tokio::select! {
-        r = conn.as_mut() => { log_conn(r); return; }
+        r = &mut conn => { log_conn(r); return; }
         _ = shutdown.draining() => {}
     }
+    wind_down(conn, activity, shutdown).await;
+}
+
+/// The keep-alive wind-down of a draining connection.
+async fn wind_down<I, S, B>(mut conn: HyperConn<I, S>, activity: Arc<Activity>, shutdown: Shutdown)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     // Draining: requests now get `Connection: close`. Close only once the
     // client has been silent for the idle grace.
     let grace = shutdown.idle_grace();
     loop {
         let idle = activity.idle_for();
         if idle >= grace {
-            conn.as_mut().graceful_shutdown();
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
             break;
         }
         tokio::select! {
-            r = conn.as_mut() => { log_conn(r); return; }
+            r = &mut conn => { log_conn(r); return; }
             _ = tokio::time::sleep(grace - idle) => {}
             _ = shutdown.expired() => return,
         }
     }
     tokio::select! {
-        r = conn.as_mut() => log_conn(r),
+        r = &mut conn => log_conn(r),
         _ = shutdown.expired() => {}
     }
 }
@@ -235,11 +599,82 @@ impl Activity {
 }
 
 pin_project_lite::pin_project! {
-    /// An IO that records when bytes were last read.
+    /// An IO that records when bytes were last read, and whose shutdown
+    /// can be held back (the connection moves to the next generation: no
+    /// FIN may reach the client).
     struct Tracked<I> {
         #[pin]
         inner: I,
         activity: Arc<Activity>,
+        hold: Arc<std::sync::atomic::AtomicBool>,
+    }
+}
+
+impl<I> Tracked<I> {
+    fn new(inner: I) -> Self {
+        Tracked {
+            inner,
+            activity: Arc::new(Activity::new()),
+            hold: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An IO that first reads out `prefix` (the bytes of a next request
+    /// that the previous generation had read already).
+    struct Prefixed<I> {
+        prefix: Bytes,
+        #[pin]
+        inner: I,
+    }
+}
+
+impl<I> Prefixed<I> {
+    fn new(prefix: Bytes, inner: I) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -271,7 +706,12 @@ impl<I: AsyncWrite> AsyncWrite for Tracked<I> {
         self.project().inner.poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        if this.hold.load(Ordering::SeqCst) {
+            // Flushed already (hyper flushes before it shuts down).
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
@@ -287,24 +727,33 @@ impl<I: AsyncWrite> AsyncWrite for Tracked<I> {
 
 /// Adds `Connection: close` to responses once draining has begun; hyper then
 /// closes the connection right after that response.
+/// With `moving` (a [`Server`] connection), it counts the requests in
+/// flight, and an upgrade's drain adds nothing: the connection moves to the
+/// next generation after the response instead.
 #[derive(Clone)]
 struct CloseWhenDraining<S> {
     inner: S,
     shutdown: Shutdown,
+    moving: Option<Moving>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for CloseWhenDraining<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
 {
-    type Response = Response<B>;
+    type Response = Response<InFlightBody<B>>;
     type Error = S::Error;
     type Future = CloseWhenDrainingFuture<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         CloseWhenDrainingFuture {
+            guard: self
+                .moving
+                .as_ref()
+                .map(|m| InFlightGuard::new(&m.in_flight)),
             inner: self.inner.call(req),
             draining: self.shutdown.draining_token().clone(),
+            moving: self.moving.clone(),
         }
     }
 }
@@ -316,6 +765,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         draining: tokio_util::sync::CancellationToken,
+        moving: Option<Moving>,
+        guard: Option<InFlightGuard>,
     }
 }
 
@@ -323,22 +774,73 @@ impl<F, B, E> Future for CloseWhenDrainingFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<InFlightBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut resp = match this.inner.poll(cx) {
+        let resp = match this.inner.poll(cx) {
             Poll::Ready(Ok(resp)) => resp,
-            other => return other,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
         };
+        let (mut parts, body) = resp.into_parts();
         // Checked when the response is ready, not when the request came in:
         // a request that was in flight when draining began also closes its
-        // connection.
-        if this.draining.is_cancelled() && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            resp.headers_mut()
+        // connection, unless the connection moves.
+        if this.draining.is_cancelled()
+            && parts.status != http::StatusCode::SWITCHING_PROTOCOLS
+            && !this.moving.as_ref().is_some_and(Moving::possible)
+        {
+            parts
+                .headers
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        Poll::Ready(Ok(resp))
+        let body = InFlightBody {
+            inner: body,
+            guard: this.guard.take(),
+        };
+        Poll::Ready(Ok(Response::from_parts(parts, body)))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its request's [`InFlightGuard`] until it
+    /// has been sent whole (or dropped).
+    pub(crate) struct InFlightBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<InFlightGuard>,
+    }
+}
+
+impl<B> std::fmt::Debug for InFlightBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlightBody").finish_non_exhaustive()
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard.take();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -48,7 +48,8 @@ fn read_response(conn: &mut TcpStream) -> String {
 
 #[test]
 fn in_flight_request_finishes_then_exit_hooks_run() {
-    let mut r = Running::start("hello", &["--drain-timeout", "10s"]);
+    // Drained, not moved to the next generation (see migrate.rs for that).
+    let mut r = Running::start("hello", &["--drain-timeout", "10s", "--no-migrate"]);
     let old = r.pid();
     let mut conn = TcpStream::connect(r.addr()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))

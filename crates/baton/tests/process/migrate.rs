@@ -237,3 +237,231 @@ fn a_next_generation_that_never_adopts_loses_no_connection() {
     assert!(failures.is_empty(), "{failures:?}");
     assert!(!r.server.is_gone(first), "the old generation drains them");
 }
+
+/// Keep-alive HTTP clients, each on one connection for the whole test,
+/// sending `GET /` as fast as answers come; each records the generation of
+/// every answer. A close, an error or `Connection: close` is a failure.
+struct HttpClients {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<Vec<u64>>>,
+}
+
+/// One response on `c`: (head, body).
+fn http_response(c: &mut TcpStream) -> std::io::Result<(String, String)> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&raw[end + 4..end + 4 + len]).into_owned();
+                return Ok((head, body));
+            }
+        }
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed after {} bytes", raw.len()),
+            ));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+impl HttpClients {
+    fn start(addr: SocketAddr, n: usize) -> HttpClients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let threads = (0..n)
+            .map(|c| {
+                let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
+                std::thread::spawn(move || {
+                    let mut conn = TcpStream::connect(addr).unwrap();
+                    conn.set_read_timeout(Some(Duration::from_secs(10)))
+                        .unwrap();
+                    conn.set_nodelay(true).unwrap();
+                    let mut generations = Vec::new();
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let r = conn
+                            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                            .and_then(|()| http_response(&mut conn));
+                        let (head, body) = match r {
+                            Ok(r) => r,
+                            Err(e) => {
+                                failures.lock().unwrap().push(format!("client {c}: {e}"));
+                                return generations;
+                            }
+                        };
+                        if !head.starts_with("http/1.1 200") || head.contains("connection: close") {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("client {c}: {head:?}"));
+                            return generations;
+                        }
+                        // "hello from generation N pid P"
+                        let g: u64 = body
+                            .split_whitespace()
+                            .nth(3)
+                            .and_then(|g| g.parse().ok())
+                            .unwrap_or(0);
+                        if generations.last() != Some(&g) {
+                            generations.push(g);
+                        }
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    generations
+                })
+            })
+            .collect();
+        HttpClients {
+            stop,
+            answered,
+            failures,
+            threads,
+        }
+    }
+
+    fn wait_for_progress(&self, n: u64) {
+        let start = self.answered.load(Ordering::Relaxed);
+        assert_eventually!(
+            Duration::from_secs(10),
+            self.answered.load(Ordering::Relaxed) >= start + n
+                || !self.failures.lock().unwrap().is_empty(),
+            "no progress"
+        );
+        let failures = self.failures.lock().unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+    }
+
+    fn stop(self) -> (Vec<Vec<u64>>, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let seen = self
+            .threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let failures = self.failures.lock().unwrap().clone();
+        (seen, failures)
+    }
+}
+
+/// `baton::http::Server` moves keep-alive connections: 16 clients sending
+/// continuously through five upgrades of `hello` with a 60 s drain timeout.
+/// No connection closes, no request fails, every client is answered by
+/// every generation in turn, and each old generation exits at once.
+#[test]
+fn http_keepalive_connections_move_through_five_upgrades_and_none_closes() {
+    let mut r = Running::start("hello", &["--drain-timeout", "60s", "--settle", "300ms"]);
+    let clients = HttpClients::start(r.addr(), 16);
+    clients.wait_for_progress(500);
+    let mut old = r.pid();
+    for i in 0..5 {
+        let a = r.upgrade(r#"{"command":"upgrade"}"#);
+        assert_eq!(a["ok"], true, "upgrade {i}: {a}");
+        let answered = Instant::now();
+        assert_eventually!(
+            Duration::from_secs(5),
+            r.server.is_gone(old),
+            "upgrade {i}: old generation {old} still running"
+        );
+        assert!(
+            answered.elapsed() < Duration::from_secs(2),
+            "upgrade {i}: the old generation took {:?} to exit",
+            answered.elapsed()
+        );
+        clients.wait_for_progress(500);
+        old = a["pid"].as_u64().unwrap() as u32;
+    }
+    let (seen, failures) = clients.stop();
+    assert!(failures.is_empty(), "{failures:?}");
+    for (c, generations) in seen.iter().enumerate() {
+        assert_eq!(
+            generations,
+            &[1, 2, 3, 4, 5, 6],
+            "client {c} was answered by each generation in turn, on one connection"
+        );
+    }
+}
+
+/// A request in flight at the upgrade finishes on the old generation,
+/// without `Connection: close`, and the connection moves right after: its
+/// next request is answered by the new generation.
+#[test]
+fn an_http_request_in_flight_finishes_on_the_old_generation_then_its_connection_moves() {
+    let mut r = Running::start("hello", &["--drain-timeout", "60s", "--settle", "300ms"]);
+    let old = r.pid();
+    let mut conn = TcpStream::connect(r.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let (_, body) = http_response(&mut conn).unwrap();
+    assert!(body.starts_with("hello from generation 1 "), "{body}");
+    // In flight during the upgrade: sent on an accepted connection before
+    // the upgrade begins.
+    conn.write_all(b"GET /sleep/1000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let slow = std::thread::spawn(move || {
+        let r = http_response(&mut conn);
+        (r, conn)
+    });
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(a["ok"], true, "{a}");
+    let (resp, mut conn) = slow.join().unwrap();
+    let (head, body) = resp.unwrap();
+    assert!(body.starts_with("hello from generation 1 "), "{body}");
+    assert!(!head.contains("connection: close"), "{head}");
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let (head, body) = http_response(&mut conn).unwrap();
+    assert!(
+        body.starts_with("hello from generation 2 "),
+        "the same connection, answered by the new generation: {head} {body}"
+    );
+    // Nothing left on the old generation: it exits, drain timeout or not.
+    assert_eventually!(
+        Duration::from_secs(5),
+        r.server.is_gone(old),
+        "the old generation is still running"
+    );
+}
+
+/// Bytes of a next request that the old generation had read already go
+/// with the connection: a pipelined request split over the move is
+/// answered whole by the new generation.
+#[test]
+fn a_partly_sent_http_request_moves_with_its_bytes() {
+    let mut r = Running::start("hello", &["--drain-timeout", "60s", "--settle", "300ms"]);
+    let old = r.pid();
+    let mut conn = TcpStream::connect(r.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    http_response(&mut conn).unwrap();
+    // Half a head, read by generation 1 before the upgrade.
+    conn.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let a = r.upgrade(r#"{"command":"upgrade"}"#);
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eventually!(
+        Duration::from_secs(5),
+        r.server.is_gone(old),
+        "the old generation kept the connection"
+    );
+    conn.write_all(b"st: t\r\n\r\n").unwrap();
+    let (head, body) = http_response(&mut conn).unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(body.starts_with("hello from generation 2 "), "{body}");
+}
