@@ -179,11 +179,20 @@ fn a_next_generation_that_takes_no_connections_leaves_them_draining_on_the_old_o
 
 /// Upgrades `r` to the misbehaving next generation in `mode`.
 fn upgrade_to_bad_migrator(r: &mut Running, mode: &str) -> u32 {
+    upgrade_to_bad_migrator_of(r, mode, "echo")
+}
+
+/// Upgrades `r` to the misbehaving next generation in `mode`, which says it
+/// takes the connections of `listener`.
+fn upgrade_to_bad_migrator_of(r: &mut Running, mode: &str, listener: &str) -> u32 {
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/process/fixtures/bad_migrator.py");
     let script = r.dir.script(
         &format!("bad-{mode}"),
-        &format!("BAD_MIGRATOR={mode} exec python3 {}", fixture.display()),
+        &format!(
+            "BAD_MIGRATOR={mode} BAD_MIGRATOR_LISTENER={listener} exec python3 {}",
+            fixture.display()
+        ),
     );
     let a = r.upgrade(&format!(
         r#"{{"command":"upgrade","binary":"{}"}}"#,
@@ -464,4 +473,64 @@ fn a_partly_sent_http_request_moves_with_its_bytes() {
     let (head, body) = http_response(&mut conn).unwrap();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(body.starts_with("hello from generation 2 "), "{body}");
+}
+
+/// HTTP fault cases: a next generation SIGKILLed in the middle of a
+/// transfer, and one that takes no connections (an older binary). The old
+/// generation keeps and drains its connections (`Connection: close`, the
+/// client reconnects): not one request fails.
+#[test]
+fn http_connections_that_cannot_move_are_drained_and_lose_nothing() {
+    use baton_testkit::{Load, Target};
+    let mut r = Running::start("hello", &["--drain-timeout", "60s", "--settle", "5s"]);
+    let first = r.pid();
+    let load = Load::start(Target::Tcp(r.addr()), 4, 2, Duration::from_secs(120));
+    load.wait_for_progress(200, Duration::from_secs(10));
+    let bad = upgrade_to_bad_migrator_of(&mut r, "die", "http");
+    assert_eventually!(
+        Duration::from_secs(5),
+        r.server.is_gone(bad),
+        "it did not die"
+    );
+    // It died within the settle period: the old generation took the
+    // service back, with every connection.
+    assert_eventually!(
+        Duration::from_secs(10),
+        r.control(r#"{"command":"status"}"#)["state"] == "active",
+        "the old generation did not take the service back"
+    );
+    load.wait_for_progress(200, Duration::from_secs(10));
+    assert!(!r.server.is_gone(first));
+
+    // A next generation that does not take connections: they drain.
+    let plain = r.dir.script(
+        "no-migrate",
+        &format!("exec {} \"$@\" --no-migrate", example("hello").display()),
+    );
+    let a = r.upgrade(&format!(
+        r#"{{"command":"upgrade","binary":"{}"}}"#,
+        plain.display()
+    ));
+    assert_eq!(a["ok"], true, "{a}");
+    load.wait_for_progress(200, Duration::from_secs(10));
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(
+        report.keepalive_connects > 4,
+        "the connections were drained (Connection: close), not kept: {report:?}"
+    );
+    let g = a["generation"].as_u64().unwrap();
+    assert!(
+        report
+            .bodies
+            .iter()
+            .any(|b| b.contains(&format!("generation {g} "))),
+        "the plain next generation served: {:?}",
+        report.bodies
+    );
+    assert_eventually!(
+        Duration::from_secs(15),
+        r.server.is_gone(first),
+        "the old generation did not finish draining"
+    );
 }
