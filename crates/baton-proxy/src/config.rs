@@ -61,6 +61,7 @@ struct RawServer {
     upgrade_timeout: Option<Spanned<String>>,
     idle_grace: Option<Spanned<String>>,
     settle: Option<Spanned<String>>,
+    migrate: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,6 +207,9 @@ pub struct ServerSettings {
     /// After an upgrade, how long the old generation keeps its sockets and
     /// watches the new one (default 2 s; see `baton::Builder::settle`).
     pub settle: Duration,
+    /// At an upgrade, hand keep-alive client connections to the next
+    /// generation instead of draining them (default true).
+    pub migrate: bool,
 }
 
 /// `[[listeners]]`.
@@ -822,6 +826,7 @@ impl Validator<'_> {
                 "idle_grace",
             ),
             settle: self.any_duration(&raw.server.settle, Duration::from_secs(2), "settle"),
+            migrate: raw.server.migrate.unwrap_or(true),
         };
 
         // Upstreams first: listeners and routes refer to them.
@@ -1077,6 +1082,19 @@ mod tests {
             c.server.pid_file.as_deref(),
             Some(Path::new("/run/baton/proxy.pid"))
         );
+    }
+
+    #[test]
+    fn migrate_defaults_to_true_and_must_be_a_boolean() {
+        assert!(builtin().unwrap().server.migrate);
+        let c = parse(
+            "[server]\nmigrate = false\n\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n",
+            None,
+        )
+        .unwrap();
+        assert!(!c.server.migrate);
+        let e = parse("[server]\nmigrate = \"no\"\n", Some(Path::new("p.toml"))).unwrap_err();
+        assert!(e.to_string().starts_with("p.toml:2:"), "{e}");
     }
 
     #[test]

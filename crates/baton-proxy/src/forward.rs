@@ -66,6 +66,39 @@ pub(crate) struct HttpContext {
     /// Idle upstream connections of client connections that went away
     /// (shared by every listener).
     pub(crate) idle: Arc<IdlePool>,
+    /// The process whose upgrade moves keep-alive connections to the next
+    /// generation (`None`: they are drained).
+    pub(crate) baton: Option<baton::Baton>,
+}
+
+/// A client stream that can move to the next generation.
+pub(crate) trait Movable: Sized {
+    /// As a connection to migrate, or back if it cannot be.
+    fn into_connection(self) -> Result<baton::migrate::Connection, Self>;
+    /// Back from a connection that did not move.
+    fn from_connection(c: baton::migrate::Connection) -> Option<Self>;
+}
+
+impl Movable for tokio::net::TcpStream {
+    fn into_connection(self) -> Result<baton::migrate::Connection, Self> {
+        Ok(baton::migrate::Connection::Tcp(self))
+    }
+    fn from_connection(c: baton::migrate::Connection) -> Option<Self> {
+        match c {
+            baton::migrate::Connection::Tcp(s) => Some(s),
+            baton::migrate::Connection::Unix(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Movable for tokio::io::DuplexStream {
+    fn into_connection(self) -> Result<baton::migrate::Connection, Self> {
+        Err(self)
+    }
+    fn from_connection(_: baton::migrate::Connection) -> Option<Self> {
+        None
+    }
 }
 
 /// Serves one client connection until it closes, the drain winds it down,
@@ -78,18 +111,60 @@ pub(crate) async fn serve<S>(
     shutdown: baton::Shutdown,
     guard: ConnGuard,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Movable,
+{
+    serve_moved(stream, peer, ctx, shutdown, guard, BytesMut::new()).await;
+}
+
+/// [`serve`], starting from `prefix`: the bytes of a next request that the
+/// previous generation had read when it moved the connection here. At an
+/// upgrade's drain, a connection waiting for its next request moves to the
+/// next generation (with what it read of that request) instead of winding
+/// down; one that cannot move winds down as usual.
+pub(crate) async fn serve_moved<S>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: Arc<HttpContext>,
+    shutdown: baton::Shutdown,
+    guard: ConnGuard,
+    prefix: BytesMut,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Movable,
 {
     let mut client = Client::new(stream, peer, ctx, shutdown.clone());
-    let upgraded = tokio::select! {
-        u = client.run() => u,
-        _ = shutdown.expired() => None,
+    client.rbuf = prefix;
+    let upgraded = loop {
+        let upgraded = tokio::select! {
+            u = client.run() => u,
+            _ = shutdown.expired() => None,
+        };
+        // The client's upstream connections serve others from now on.
+        if !client.local.is_empty() {
+            let local = std::mem::take(&mut client.local);
+            client.ctx.idle.put(local);
+        }
+        if !client.move_now {
+            break upgraded;
+        }
+        let Client {
+            stream, rbuf, ctx, ..
+        } = client;
+        let Some(baton) = ctx.baton.clone() else {
+            return;
+        };
+        let back = match stream.into_connection() {
+            Ok(conn) => match baton.migrate(&ctx.listener, conn, rbuf.to_vec()).await {
+                Ok(()) => return,
+                Err(conn) => S::from_connection(conn),
+            },
+            Err(stream) => Some(stream),
+        };
+        // It did not move: served and wound down here after all.
+        let Some(stream) = back else { return };
+        client = Client::new(stream, peer, ctx, shutdown.clone());
+        client.rbuf = rbuf;
+        client.stay = true;
     };
-    // The client's upstream connections serve others from now on.
-    if !client.local.is_empty() {
-        let local = std::mem::take(&mut client.local);
-        client.ctx.idle.put(local);
-    }
     let Some(up) = upgraded else {
         return;
     };
@@ -137,6 +212,11 @@ struct Client<S> {
     /// When the client last sent bytes or a response ended: the keep-alive
     /// timeout and the drain's idle grace count from here.
     last_active: Instant,
+    /// Set when the connection is to move to the next generation now
+    /// (between two requests, at an upgrade's drain).
+    move_now: bool,
+    /// It tried to move and could not: it winds down here.
+    stay: bool,
 }
 
 /// How a request ended, for the connection.
@@ -170,7 +250,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             local: Vec::new(),
             timer: Timer::new(now + KEEPALIVE_TIMEOUT),
             last_active: now,
+            move_now: false,
+            stay: false,
         }
+    }
+
+    /// Whether, draining, this connection moves to the next generation
+    /// (an upgrade's drain, with a process that migrates) instead of
+    /// winding down.
+    fn moves(&self) -> bool {
+        !self.stay
+            && self.ctx.baton.as_ref().is_some_and(|b| {
+                matches!(
+                    *b.state().borrow(),
+                    baton::State::Draining(baton::StopReason::Upgraded { .. })
+                )
+            })
+    }
+
+    /// Whether responses close the connection (draining, and not moving).
+    fn closing(&self) -> bool {
+        self.shutdown.is_draining() && !self.moves()
     }
 
     /// Serves requests until the connection is done; returns it if it was
@@ -236,6 +336,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         loop {
             self.timer.set(self.last_active + KEEPALIVE_TIMEOUT);
             let draining = self.shutdown.is_draining();
+            if draining && self.moves() {
+                // Between two requests: what was read of the next one goes
+                // with the connection.
+                self.move_now = true;
+                return false;
+            }
             if draining && self.rbuf.is_empty() {
                 let grace = self.last_active + self.shutdown.idle_grace();
                 if Instant::now() >= grace {
@@ -389,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         keep: bool,
         http10: bool,
     ) -> Outcome {
-        let keep = keep && !self.shutdown.is_draining();
+        let keep = keep && !self.closing();
         self.wbuf.clear();
         h1::put_response(
             &mut self.wbuf,
@@ -539,7 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                         let client = ClientSide {
                             http10: f.http10,
                             keep: f.client_keep,
-                            draining: self.shutdown.is_draining(),
+                            draining: self.closing(),
                         };
                         let wbuf = &mut self.wbuf;
                         conn.read_head(&mut self.timer, |resp, fields| {
@@ -820,6 +926,7 @@ mod tests {
             routes: ArcSwap::from_pointee(tables.remove("web").unwrap()),
             stats: crate::stats::for_listener(l, l.address, baton::RequestMetrics::detached()),
             idle: Arc::new(IdlePool::default()),
+            baton: None,
         })
     }
 

@@ -122,6 +122,7 @@ impl Front {
                 baton::RequestMetrics::detached(),
             )),
             idle: Arc::new(IdlePool::default()),
+            baton: None,
         });
         Front {
             ctx,

@@ -75,7 +75,11 @@ pub(crate) struct DrainSettings {
     pub(crate) drain_timeout: Duration,
 }
 
-/// Starts serving `listener`.
+/// Connections the previous generation moves to this one (for an HTTP
+/// listener of the first configuration).
+pub(crate) type Incoming = tokio::sync::mpsc::Receiver<baton::migrate::Migrated>;
+
+/// Starts serving `listener` (and the connections in `incoming`).
 pub(crate) fn spawn(
     process: baton::Shutdown,
     listener: TcpListener,
@@ -83,6 +87,7 @@ pub(crate) fn spawn(
     stats: Arc<ListenerStats>,
     dispatch: Dispatch,
     settings: DrainSettings,
+    incoming: Option<Incoming>,
 ) -> Running {
     let remove = CancellationToken::new();
     let closed = CancellationToken::new();
@@ -94,7 +99,7 @@ pub(crate) fn spawn(
         closed: closed.clone(),
     };
     tokio::spawn(serve(
-        process, listener, dispatch, stats, settings, remove, closed,
+        process, listener, dispatch, stats, settings, remove, closed, incoming,
     ));
     running
 }
@@ -102,6 +107,7 @@ pub(crate) fn spawn(
 /// Serves `listener` period after period (see the module's documentation)
 /// until the process stops for good or a reload removes it; then closes the
 /// listening socket (`closed` fires).
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     mut process: baton::Shutdown,
     listener: TcpListener,
@@ -110,6 +116,7 @@ async fn serve(
     settings: DrainSettings,
     remove: CancellationToken,
     closed: CancellationToken,
+    mut incoming: Option<Incoming>,
 ) {
     let _closed = closed.drop_guard();
     let name = stats.name.clone();
@@ -122,7 +129,15 @@ async fn serve(
                 _ = remove.cancelled() => true,
             }
         };
-        let removed = accept_until(&listener, &dispatch, &stats, &drain.handle(), stop).await;
+        let removed = accept_until(
+            &listener,
+            &dispatch,
+            &stats,
+            &drain.handle(),
+            stop,
+            &mut incoming,
+        )
+        .await;
         if removed {
             tracing::info!(listener = %name, "listener removed by reload; draining it");
         }
@@ -185,20 +200,36 @@ async fn finish_period(
 }
 
 /// Accepts connections (accept errors handled by
-/// [`baton::accept::accepted`]) and serves each with a clone of `shutdown`
-/// until `stop` resolves; returns what it resolved to.
+/// [`baton::accept::accepted`]), and takes those the previous generation
+/// moves here, and serves each with a clone of `shutdown` until `stop`
+/// resolves; returns what it resolved to.
 async fn accept_until(
     listener: &TcpListener,
     dispatch: &Dispatch,
     stats: &Arc<ListenerStats>,
     shutdown: &baton::Shutdown,
     stop: impl Future<Output = bool>,
+    incoming: &mut Option<Incoming>,
 ) -> bool {
     tokio::pin!(stop);
     loop {
+        let moved = async {
+            match incoming.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let accepted = tokio::select! {
             biased;
             stopped = &mut stop => return stopped,
+            m = moved => {
+                match m {
+                    // The previous generation is done moving connections.
+                    None => *incoming = None,
+                    Some(m) => adopt(m, dispatch, stats, shutdown),
+                }
+                continue;
+            }
             a = listener.accept() => a,
         };
         let Some((io, peer)) = baton::accept::accepted(accepted, &stats.name).await else {
@@ -221,4 +252,33 @@ async fn accept_until(
             }
         }
     }
+}
+
+/// Serves a connection the previous generation moved here, from the bytes
+/// of a next request it had read already.
+fn adopt(
+    m: baton::migrate::Migrated,
+    dispatch: &Dispatch,
+    stats: &Arc<ListenerStats>,
+    shutdown: &baton::Shutdown,
+) {
+    let (Dispatch::Http(ctx), baton::migrate::Connection::Tcp(io)) = (dispatch, m.connection)
+    else {
+        tracing::warn!(listener = %stats.name, "a moved connection this listener cannot serve; closed");
+        return;
+    };
+    let Ok(peer) = io.peer_addr() else {
+        return; // the client is gone
+    };
+    let _ = io.set_nodelay(true);
+    let guard = stats.connection();
+    let prefix = bytes::BytesMut::from(&m.state[..]);
+    shutdown.spawn(crate::forward::serve_moved(
+        io,
+        peer,
+        ctx.clone(),
+        shutdown.clone(),
+        guard,
+        prefix,
+    ));
 }

@@ -129,7 +129,13 @@ fn take_unique<T>(v: &mut Vec<Arc<T>>) -> Vec<Arc<T>> {
 }
 
 /// A listener bound before the generation is ready.
-type Pending = (ListenerConfig, TcpListener, Arc<ListenerStats>, Dispatch);
+type Pending = (
+    ListenerConfig,
+    TcpListener,
+    Arc<ListenerStats>,
+    Dispatch,
+    Option<listener::Incoming>,
+);
 
 struct Inner {
     baton: baton::Baton,
@@ -146,6 +152,9 @@ struct Inner {
     registry: Registry,
     idle: Arc<IdlePool>,
     settings: DrainSettings,
+    /// `[server] migrate` at start: keep-alive connections move at an
+    /// upgrade.
+    migrate: bool,
 }
 
 /// A running proxy. Cheap to clone.
@@ -221,6 +230,7 @@ impl Proxy {
     pub async fn bind(baton: baton::Baton, config: Config) -> Result<Proxy, ProxyError> {
         let registry = Registry::default();
         let pools = build_pools(&config, &registry);
+        let config_migrate = config.server.migrate;
         let idle = Arc::new(IdlePool::default());
         let settings = DrainSettings {
             idle_grace: config.server.idle_grace,
@@ -233,8 +243,13 @@ impl Proxy {
             let bound = tcp.local_addr().unwrap_or(l.address);
             let stats = stats::for_listener(l, bound, baton.requests(&l.name));
             let table = tables.remove(&l.name).unwrap_or_default();
-            let dispatch = make_dispatch(l, table, &pools, &stats, &idle);
-            pending.push((l.clone(), tcp, stats, dispatch));
+            let migrate = config.server.migrate.then_some(&baton);
+            let dispatch = make_dispatch(l, table, &pools, &stats, &idle, migrate);
+            // Keep-alive connections of an HTTP listener that the previous
+            // generation moves here at its upgrade.
+            let incoming = (l.protocol == Protocol::Http && config.server.migrate)
+                .then(|| baton.accept_migrated(&l.name));
+            pending.push((l.clone(), tcp, stats, dispatch, incoming));
         }
         let admin = match config.admin {
             Some(address) => Some(
@@ -264,6 +279,7 @@ impl Proxy {
                 registry,
                 idle,
                 settings,
+                migrate: config_migrate,
             }),
         };
         let weak = Arc::downgrade(&proxy.inner);
@@ -298,7 +314,7 @@ impl Proxy {
     pub fn start(&self) {
         let pending = std::mem::take(&mut *lock(&self.inner.pending));
         let mut listeners = lock(&self.inner.listeners);
-        for (config, tcp, stats, dispatch) in pending {
+        for (config, tcp, stats, dispatch, incoming) in pending {
             let running = listener::spawn(
                 self.inner.baton.shutdown(),
                 tcp,
@@ -306,6 +322,7 @@ impl Proxy {
                 stats,
                 dispatch,
                 self.inner.settings,
+                incoming,
             );
             listeners.insert(config.name.clone(), running);
         }
@@ -332,7 +349,7 @@ impl Proxy {
         out.extend(
             lock(&self.inner.pending)
                 .iter()
-                .map(|(c, _, s, _)| (c.name.clone(), s.bound)),
+                .map(|(c, _, s, _, _)| (c.name.clone(), s.bound)),
         );
         out
     }
@@ -534,7 +551,8 @@ impl Proxy {
             let b = tcp.local_addr().unwrap_or(l.address);
             let stats = stats::for_listener(&l, b, baton.requests(&l.name));
             let table = tables.remove(&l.name).unwrap_or_default();
-            let dispatch = make_dispatch(&l, table, &pools, &stats, &self.inner.idle);
+            let migrate = self.inner.migrate.then_some(baton);
+            let dispatch = make_dispatch(&l, table, &pools, &stats, &self.inner.idle, migrate);
             let running = listener::spawn(
                 baton.shutdown(),
                 tcp,
@@ -542,6 +560,7 @@ impl Proxy {
                 stats,
                 dispatch,
                 self.inner.settings,
+                None,
             );
             tracing::info!(listener = %l.name, address = %b, "listener added by reload");
             lock(&self.inner.listeners).insert(l.name.clone(), running);
@@ -693,6 +712,7 @@ fn make_dispatch(
     pools: &HashMap<String, Arc<Pool>>,
     stats: &Arc<ListenerStats>,
     idle: &Arc<IdlePool>,
+    migrate: Option<&baton::Baton>,
 ) -> Dispatch {
     match l.protocol {
         Protocol::Http => Dispatch::Http(Arc::new(HttpContext {
@@ -700,6 +720,7 @@ fn make_dispatch(
             routes: ArcSwap::from_pointee(routes),
             stats: stats.clone(),
             idle: idle.clone(),
+            baton: migrate.cloned(),
         })),
         Protocol::Tcp => {
             let pool = l

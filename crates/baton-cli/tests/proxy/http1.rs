@@ -674,7 +674,8 @@ fn a_response_streaming_when_the_drain_begins_leaves_the_client_its_grace() {
     let grace = Duration::from_millis(300);
     let p = Proxy::start(
         "h1-drain-stream",
-        "idle_grace = \"300ms\"",
+        // The drain's wind-down, not the move to the next generation.
+        "idle_grace = \"300ms\"\nmigrate = false",
         &web_to_a(&[up]),
     );
     let s = connect(p.addr("web"));

@@ -34,7 +34,8 @@ fn twenty_upgrades_under_load_lose_no_request() {
         "failed requests: {:?} (ok: {})",
         report.failures, report.ok
     );
-    assert!(report.keepalive_connects > 2, "{report:?}");
+    // The keep-alive connections moved from generation to generation.
+    assert_eq!(report.keepalive_connects, 2, "{report:?}");
     let last = *pids.last().unwrap();
     let status = p.status();
     assert_eq!(status["pid"], last);
@@ -90,4 +91,40 @@ fn stop_drains_and_exits_zero_removing_the_control_socket() {
     assert!(p.server.first_exit().unwrap().success());
     assert!(!p.control.exists(), "control socket left behind");
     assert!(!p.pid_file.exists(), "pid file left behind");
+}
+
+/// Client keep-alive connections move to the next generation: 16 clients
+/// through five upgrades with a 60 s drain timeout, not one reconnects or
+/// fails, and each old generation exits at once.
+#[test]
+fn keepalive_client_connections_move_through_five_upgrades() {
+    let a = Upstream::http("a");
+    let mut p = Proxy::start(
+        "upgrade-migrate",
+        "drain_timeout = \"60s\"\nsettle = \"300ms\"",
+        &web_to_a(&[a.addr]),
+    );
+    let load = Load::start(Target::Tcp(p.addr("web")), 16, 2, Duration::from_secs(120));
+    load.wait_for_progress(300, Duration::from_secs(20));
+    let mut old = p.pid();
+    for i in 0..5 {
+        let answer = p.upgrade();
+        assert_eq!(answer["ok"], true, "upgrade {i}: {answer}");
+        let answered = std::time::Instant::now();
+        assert_eventually!(
+            Duration::from_secs(5),
+            p.server.is_gone(old),
+            "upgrade {i}: generation {old} still running"
+        );
+        assert!(
+            answered.elapsed() < Duration::from_secs(2),
+            "upgrade {i}: the old generation took {:?} to exit",
+            answered.elapsed()
+        );
+        old = answer["pid"].as_u64().unwrap() as u32;
+        load.wait_for_progress(300, Duration::from_secs(20));
+    }
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(report.keepalive_connects, 16, "{report:?}");
 }
