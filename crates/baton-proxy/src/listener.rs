@@ -272,13 +272,12 @@ fn adopt(
     };
     let _ = io.set_nodelay(true);
     let guard = stats.connection();
+    let moved = stats.moved_in();
     let prefix = bytes::BytesMut::from(&m.state[..]);
-    shutdown.spawn(crate::forward::serve_moved(
-        io,
-        peer,
-        ctx.clone(),
-        shutdown.clone(),
-        guard,
-        prefix,
-    ));
+    let serving =
+        crate::forward::serve_moved(io, peer, ctx.clone(), shutdown.clone(), guard, prefix);
+    shutdown.spawn(async move {
+        let _moved = moved;
+        serving.await;
+    });
 }

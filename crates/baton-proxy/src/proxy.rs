@@ -617,13 +617,13 @@ impl Proxy {
         let p = &status["proxy"];
         let mut registry = prometheus_client::registry::Registry::default();
         let conns = Family::<ConnState, Gauge>::default();
-        for state in ["active", "draining"] {
+        for state in ["active", "draining", "migrated"] {
             let n = p["connections"][state].as_i64().unwrap_or(0);
             conns.get_or_create(&ConnState { state }).set(n);
         }
         registry.register(
             "baton_connections",
-            "Client connections of this generation, by state",
+            "Client connections of this generation, by state: accepted here (active), moved here from the previous generation (migrated), on listeners a reload removed (draining)",
             conns,
         );
         let up = Family::<Server, Gauge>::default();
@@ -661,7 +661,9 @@ impl Proxy {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
-        let active: usize = listeners.iter().map(|s| s.open()).sum();
+        let open: usize = listeners.iter().map(|s| s.open()).sum();
+        let migrated: usize = listeners.iter().map(|s| s.migrated()).sum();
+        let active = open.saturating_sub(migrated);
         let draining_conns: usize = draining.iter().map(|s| s.open()).sum();
         let upstreams: serde_json::Map<String, Value> = loaded
             .pools
@@ -676,7 +678,7 @@ impl Proxy {
                 "routes": loaded.config.routes.len(),
                 "listeners": listeners.iter().map(|s| s.status()).collect::<Vec<_>>(),
                 "draining_listeners": draining.iter().map(|s| s.status()).collect::<Vec<_>>(),
-                "connections": {"active": active, "draining": draining_conns},
+                "connections": {"active": active, "draining": draining_conns, "migrated": migrated},
                 "upstreams": upstreams,
             }
         })

@@ -21,6 +21,8 @@ pub(crate) struct ListenerStats {
     pub(crate) bound: SocketAddr,
     connections: AtomicUsize,
     upgraded: AtomicUsize,
+    /// Of `connections`: those a previous generation moved here.
+    migrated: AtomicUsize,
     accepted: AtomicU64,
     requests: AtomicU64,
     draining: AtomicBool,
@@ -60,6 +62,7 @@ impl ListenerStats {
             bound,
             connections: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
+            migrated: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             draining: AtomicBool::new(false),
@@ -85,6 +88,19 @@ impl ListenerStats {
             upgraded: true,
             _open: self.requests_metrics.connection(),
         }
+    }
+
+    /// Counts, until the guard drops, an open connection that a previous
+    /// generation moved here (it is counted by [`connection`](Self::connection)
+    /// too).
+    pub(crate) fn moved_in(self: &Arc<Self>) -> MovedIn {
+        self.migrated.fetch_add(1, Ordering::Relaxed);
+        MovedIn(self.clone())
+    }
+
+    /// Open connections that a previous generation moved here.
+    pub(crate) fn migrated(&self) -> usize {
+        self.migrated.load(Ordering::Relaxed)
     }
 
     /// Counts a request.
@@ -116,9 +132,21 @@ impl ListenerStats {
             "draining": self.is_draining(),
             "connections": self.connections.load(Ordering::Relaxed),
             "upgraded": self.upgraded.load(Ordering::Relaxed),
+            "migrated": self.migrated(),
             "accepted": self.accepted.load(Ordering::Relaxed),
             "requests": self.requests.load(Ordering::Relaxed),
         })
+    }
+}
+
+/// A connection moved here from a previous generation, counted until
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct MovedIn(Arc<ListenerStats>);
+
+impl Drop for MovedIn {
+    fn drop(&mut self) {
+        self.0.migrated.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

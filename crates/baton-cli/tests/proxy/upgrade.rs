@@ -102,8 +102,12 @@ fn keepalive_client_connections_move_through_five_upgrades() {
     let mut p = Proxy::start(
         "upgrade-migrate",
         "drain_timeout = \"60s\"\nsettle = \"300ms\"",
-        &web_to_a(&[a.addr]),
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\n\n{}",
+            web_to_a(&[a.addr])
+        ),
     );
+    let admin: std::net::SocketAddr = p.ready["admin"].as_str().unwrap().parse().unwrap();
     let load = Load::start(Target::Tcp(p.addr("web")), 16, 2, Duration::from_secs(120));
     load.wait_for_progress(300, Duration::from_secs(20));
     let mut old = p.pid();
@@ -124,6 +128,16 @@ fn keepalive_client_connections_move_through_five_upgrades() {
         old = answer["pid"].as_u64().unwrap() as u32;
         load.wait_for_progress(300, Duration::from_secs(20));
     }
+    // The last generation serves the 16 connections it was handed.
+    let mut c = std::net::TcpStream::connect(admin).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (_, metrics, _) = baton_testkit::http_get(&mut c, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "baton_connections{state=\"migrated\"} 16"),
+        "{metrics}"
+    );
     let report = load.stop();
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     assert_eq!(report.keepalive_connects, 16, "{report:?}");
