@@ -86,7 +86,7 @@ impl Movable for tokio::net::TcpStream {
     fn from_connection(c: baton::migrate::Connection) -> Option<Self> {
         match c {
             baton::migrate::Connection::Tcp(s) => Some(s),
-            baton::migrate::Connection::Unix(_) => None,
+            _ => None,
         }
     }
 }
@@ -171,9 +171,50 @@ pub(crate) async fn serve_moved<S>(
     drop(guard);
     let _upgraded = client.ctx.stats.upgraded();
     let _in_flight = up.in_flight;
-    let Client { stream, rbuf, .. } = client;
+    let Client {
+        stream, rbuf, ctx, ..
+    } = client;
     let mut conn = up.conn;
     let to_client = conn.buf.split();
+    let moving = ctx.baton.clone().map(|baton| websocket::Moving {
+        baton,
+        listener: ctx.listener.clone(),
+    });
+    let stream = match moving {
+        Some(moving) => match stream.into_connection() {
+            Ok(baton::migrate::Connection::Tcp(client)) => {
+                // What was read past the handshake goes first, then the pair
+                // can move at an upgrade.
+                let mut client = client;
+                let mut upstream = conn.stream;
+                let mut state = websocket::PairState {
+                    websocket: up.websocket,
+                    ..Default::default()
+                };
+                let first = async {
+                    upstream.write_all(&rbuf).await?;
+                    state.to_upstream.feed(&rbuf);
+                    client.write_all(&to_client).await?;
+                    state.to_client.feed(&to_client);
+                    std::io::Result::Ok(())
+                };
+                let ok = tokio::select! {
+                    r = first => r.is_ok(),
+                    _ = shutdown.expired() => false,
+                };
+                if ok {
+                    websocket::splice_pair(client, upstream, state, &shutdown, Some(moving)).await;
+                }
+                return;
+            }
+            Ok(other) => match S::from_connection(other) {
+                Some(stream) => stream,
+                None => return,
+            },
+            Err(stream) => stream,
+        },
+        None => stream,
+    };
     websocket::splice(
         stream,
         conn.stream,

@@ -36,8 +36,9 @@ use crate::upstream::Pool;
 pub(crate) enum Dispatch {
     /// HTTP routing.
     Http(Arc<HttpContext>),
-    /// Every connection to this pool.
-    Tcp(Arc<ArcSwap<Pool>>),
+    /// Every connection to this pool; with the process whose upgrade moves
+    /// the connections to the next generation (`None`: they drain).
+    Tcp(Arc<ArcSwap<Pool>>, Option<baton::Baton>),
 }
 
 /// A listener that is serving.
@@ -242,30 +243,60 @@ async fn accept_until(
             Dispatch::Http(ctx) => {
                 shutdown.spawn(crate::forward::serve(io, peer, ctx.clone(), handle, guard));
             }
-            Dispatch::Tcp(pool) => {
+            Dispatch::Tcp(pool, baton) => {
                 let pool = pool.load_full();
                 let name = stats.name.clone();
+                let moving = baton.clone().map(|baton| crate::websocket::Moving {
+                    baton,
+                    listener: name.clone(),
+                });
                 shutdown.spawn(async move {
                     let _guard = guard;
-                    crate::tcp::serve(io, peer, &pool, &handle, &name).await;
+                    crate::tcp::serve(io, peer, &pool, &handle, &name, moving).await;
                 });
             }
         }
     }
 }
 
-/// Serves a connection the previous generation moved here, from the bytes
-/// of a next request it had read already.
+/// Serves a connection the previous generation moved here: an HTTP
+/// client connection from the bytes of a next request it had read already,
+/// or a spliced pair (WebSocket, TCP pass-through) from its frame
+/// positions.
 fn adopt(
     m: baton::migrate::Migrated,
     dispatch: &Dispatch,
     stats: &Arc<ListenerStats>,
     shutdown: &baton::Shutdown,
 ) {
-    let (Dispatch::Http(ctx), baton::migrate::Connection::Tcp(io)) = (dispatch, m.connection)
-    else {
-        tracing::warn!(listener = %stats.name, "a moved connection this listener cannot serve; closed");
-        return;
+    use baton::migrate::Connection;
+    let (ctx, io) = match (dispatch, m.connection) {
+        (Dispatch::Http(ctx), Connection::Tcp(io)) => (ctx, io),
+        (dispatch, Connection::TcpPair { client, upstream }) => {
+            let Ok(state) = serde_json::from_slice::<crate::websocket::PairState>(&m.state) else {
+                tracing::warn!(listener = %stats.name, "a moved connection pair with a state it cannot read; closed");
+                return;
+            };
+            let (guard, baton) = match dispatch {
+                Dispatch::Http(ctx) => (stats.upgraded(), ctx.baton.clone()),
+                Dispatch::Tcp(_, baton) => (stats.connection(), baton.clone()),
+            };
+            let moved = stats.moved_in();
+            let moving = baton.map(|baton| crate::websocket::Moving {
+                baton,
+                listener: stats.name.clone(),
+            });
+            let handle = shutdown.clone();
+            shutdown.spawn(async move {
+                let (_guard, _moved) = (guard, moved);
+                crate::websocket::splice_pair(client, upstream, state, &handle, moving).await;
+            });
+            return;
+        }
+        _ => {
+            tracing::warn!(listener = %stats.name, "a moved connection this listener cannot serve; closed");
+            return;
+        }
     };
     let Ok(peer) = io.peer_addr() else {
         return; // the client is gone

@@ -247,7 +247,9 @@ impl Proxy {
             let dispatch = make_dispatch(l, table, &pools, &stats, &idle, migrate);
             // Keep-alive connections of an HTTP listener that the previous
             // generation moves here at its upgrade.
-            let incoming = (l.protocol == Protocol::Http && config.server.migrate)
+            let incoming = config
+                .server
+                .migrate
                 .then(|| baton.accept_migrated(&l.name));
             pending.push((l.clone(), tcp, stats, dispatch, incoming));
         }
@@ -533,7 +535,7 @@ impl Proxy {
                         let table = tables.remove(&r.config.name).unwrap_or_default();
                         old_tables.push(ctx.routes.swap(Arc::new(table)));
                     }
-                    Dispatch::Tcp(pool) => {
+                    Dispatch::Tcp(pool, _) => {
                         let upstream = new
                             .listeners
                             .iter()
@@ -744,7 +746,7 @@ fn make_dispatch(
                         &Registry::default(),
                     ))
                 });
-            Dispatch::Tcp(Arc::new(ArcSwap::new(pool)))
+            Dispatch::Tcp(Arc::new(ArcSwap::new(pool)), migrate.cloned())
         }
     }
 }

@@ -17,6 +17,7 @@ pub(crate) async fn serve(
     pool: &Pool,
     shutdown: &baton::Shutdown,
     listener: &str,
+    moving: Option<crate::websocket::Moving>,
 ) {
     let mut tried = Vec::new();
     let (server, mut upstream) = loop {
@@ -44,6 +45,13 @@ pub(crate) async fn serve(
     let _ = upstream.set_nodelay(true);
     let _in_flight = server.begin();
     tracing::debug!(listener, client = %peer, server = %server.addr, "tcp connection");
+    if moving.is_some() {
+        // Moves to the next generation at an upgrade, with its upstream
+        // connection.
+        let state = crate::websocket::PairState::default();
+        crate::websocket::splice_pair(client, upstream, state, shutdown, moving).await;
+        return;
+    }
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
             if let Ok((up, down)) = r {

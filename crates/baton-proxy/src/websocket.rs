@@ -55,9 +55,41 @@ pub(crate) async fn splice<C, U>(
     if !first {
         return;
     }
+    finish(
+        &mut cr,
+        &mut cw,
+        &mut ur,
+        &mut uw,
+        websocket,
+        shutdown,
+        &mut to_upstream,
+        &mut to_client,
+    )
+    .await;
+}
+
+/// Copies both ways until both sides are done or `expired`; at the drain
+/// timeout a WebSocket gets its close frames (where each direction is at a
+/// frame boundary).
+#[allow(clippy::too_many_arguments)]
+async fn finish<CR, CW, UR, UW>(
+    cr: &mut CR,
+    cw: &mut CW,
+    ur: &mut UR,
+    uw: &mut UW,
+    websocket: bool,
+    shutdown: &baton::Shutdown,
+    to_upstream: &mut FrameCursor,
+    to_client: &mut FrameCursor,
+) where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
     let expired = {
-        let a = pump(&mut cr, &mut uw, &mut to_upstream);
-        let b = pump(&mut ur, &mut cw, &mut to_client);
+        let a = pump(cr, uw, to_upstream);
+        let b = pump(ur, cw, to_client);
         tokio::select! {
             _ = async { tokio::join!(a, b) } => false,
             _ = shutdown.expired() => true,
@@ -79,6 +111,167 @@ pub(crate) async fn splice<C, U>(
     // A peer that does not read must not hold the drain up.
     let _ = tokio::time::timeout(Duration::from_secs(1), polite).await;
     tracing::debug!(websocket, "upgraded connection closed at the drain timeout");
+}
+
+/// How a spliced pair may move to the next generation: the process, and
+/// the listener whose connections the next generation takes.
+#[derive(Debug, Clone)]
+pub(crate) struct Moving {
+    pub(crate) baton: baton::Baton,
+    pub(crate) listener: String,
+}
+
+impl Moving {
+    /// Whether this drain is an upgrade's (there is a next generation).
+    fn possible(&self) -> bool {
+        matches!(
+            *self.baton.state().borrow(),
+            baton::State::Draining(baton::StopReason::Upgraded { .. })
+        )
+    }
+}
+
+/// What travels with a moving pair: the protocol and each direction's frame
+/// position (so that the next generation can still close politely at a
+/// frame boundary).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PairState {
+    pub(crate) websocket: bool,
+    pub(crate) to_upstream: FrameCursor,
+    pub(crate) to_client: FrameCursor,
+}
+
+/// Like [`splice`] for a TCP client and upstream; with `moving`, at an
+/// upgrade's drain both directions stop at their next read (nothing read is
+/// left unwritten), and the pair moves to the next generation with its
+/// frame positions. A pair that cannot move (one direction already ended,
+/// or the next generation does not take it) is spliced on here.
+pub(crate) async fn splice_pair(
+    mut client: tokio::net::TcpStream,
+    mut upstream: tokio::net::TcpStream,
+    mut state: PairState,
+    shutdown: &baton::Shutdown,
+    moving: Option<Moving>,
+) {
+    if let Some(moving) = moving {
+        let stop = || async {
+            shutdown.draining().await;
+            if !moving.possible() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let ends = {
+            let (mut cr, mut cw) = client.split();
+            let (mut ur, mut uw) = upstream.split();
+            let a = pump_until(&mut cr, &mut uw, &mut state.to_upstream, stop());
+            let b = pump_until(&mut ur, &mut cw, &mut state.to_client, stop());
+            tokio::select! {
+                ends = async { tokio::join!(a, b) } => Some(ends),
+                _ = shutdown.expired() => None,
+            }
+        };
+        match ends {
+            Some((End::Stopped, End::Stopped)) => {
+                let bytes = serde_json::to_vec(&state).unwrap_or_default();
+                let pair = baton::migrate::Connection::TcpPair { client, upstream };
+                match moving.baton.migrate(&moving.listener, pair, bytes).await {
+                    Ok(()) => return,
+                    Err(baton::migrate::Connection::TcpPair {
+                        client: c,
+                        upstream: u,
+                    }) => {
+                        client = c;
+                        upstream = u;
+                    }
+                    Err(_) => return,
+                }
+            }
+            // Both done, or broken.
+            Some((End::Eof | End::Failed, End::Eof | End::Failed)) => return,
+            // Half done, or the drain expired: spliced on (and closed at
+            // the drain timeout) below.
+            Some(_) | None => {}
+        }
+    }
+    let websocket = state.websocket;
+    splice_from(client, upstream, websocket, shutdown, state).await;
+}
+
+/// How one direction of a pair ended.
+enum End {
+    /// The reader reached its end; the writer was shut down.
+    Eof,
+    /// Stopped between two reads: nothing read is left unwritten.
+    Stopped,
+    /// An error on either side.
+    Failed,
+}
+
+/// Copies `r` to `w` like [`pump`] until EOF, an error, or `stop` resolves
+/// while it waits for the next read.
+async fn pump_until<R, W>(
+    r: &mut R,
+    w: &mut W,
+    cursor: &mut FrameCursor,
+    stop: impl std::future::Future<Output = ()>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    tokio::pin!(stop);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // A read cancelled here has taken nothing.
+        let n = tokio::select! {
+            biased;
+            _ = &mut stop => return End::Stopped,
+            r = r.read(&mut buf) => match r {
+                Ok(n) => n,
+                Err(_) => return End::Failed,
+            },
+        };
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return End::Eof;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return End::Failed;
+        }
+        cursor.feed(&buf[..n]);
+    }
+}
+
+/// [`splice`] with frame positions given (a pair that came from the
+/// previous generation, or one that did not move).
+async fn splice_from<C, U>(
+    client: C,
+    upstream: U,
+    websocket: bool,
+    shutdown: &baton::Shutdown,
+    state: PairState,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let PairState {
+        mut to_upstream,
+        mut to_client,
+        ..
+    } = state;
+    finish(
+        &mut cr,
+        &mut cw,
+        &mut ur,
+        &mut uw,
+        websocket,
+        shutdown,
+        &mut to_upstream,
+        &mut to_client,
+    )
+    .await;
 }
 
 /// Copies `r` to `w` until EOF (then shuts `w` down), feeding what was
@@ -109,7 +302,7 @@ where
 }
 
 /// Tracks WebSocket frame boundaries in a byte stream.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct FrameCursor {
     header: Vec<u8>,
     remaining: u64,

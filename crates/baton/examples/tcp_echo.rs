@@ -73,7 +73,7 @@ async fn echo(baton: baton::Baton, mut stream: TcpStream, conn: baton::Shutdown,
                 match baton.migrate("echo", Connection::Tcp(stream), Vec::new()).await {
                     Ok(()) => return,
                     Err(Connection::Tcp(s)) => { stream = s; continue }
-                    Err(Connection::Unix(_)) => return,
+                    Err(_) => return,
                 }
             }
             r = stream.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },

@@ -46,11 +46,27 @@ const QUEUE: usize = 4096;
 
 /// A connection that can move to the next generation.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Connection {
     /// From a TCP listener.
     Tcp(tokio::net::TcpStream),
     /// From a Unix listener.
     Unix(tokio::net::UnixStream),
+    /// A client connection from a TCP listener together with the
+    /// connection a proxy opened for it (a WebSocket or TCP pass-through):
+    /// both fds travel in one message.
+    TcpPair {
+        /// The client's connection.
+        client: tokio::net::TcpStream,
+        /// The upstream connection.
+        upstream: tokio::net::TcpStream,
+    },
+}
+
+fn tcp_of(fd: OwnedFd) -> io::Result<tokio::net::TcpStream> {
+    let s = std::net::TcpStream::from(fd);
+    s.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(s)
 }
 
 impl Connection {
@@ -58,29 +74,48 @@ impl Connection {
         match self {
             Connection::Tcp(_) => "tcp",
             Connection::Unix(_) => "unix",
+            Connection::TcpPair { .. } => "tcp-pair",
         }
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
         match self {
-            Connection::Tcp(s) => s.as_fd(),
-            Connection::Unix(s) => s.as_fd(),
+            Connection::Tcp(s) => vec![s.as_fd()],
+            Connection::Unix(s) => vec![s.as_fd()],
+            Connection::TcpPair { client, upstream } => vec![client.as_fd(), upstream.as_fd()],
         }
     }
 
-    fn adopt(kind: &str, fd: OwnedFd) -> io::Result<Connection> {
+    /// How many fds a connection of `kind` comes with (`None`: unknown).
+    fn fd_count(kind: &str) -> Option<usize> {
         match kind {
-            "tcp" => {
-                let s = std::net::TcpStream::from(fd);
-                s.set_nonblocking(true)?;
-                Ok(Connection::Tcp(tokio::net::TcpStream::from_std(s)?))
-            }
-            "unix" => {
-                let s = std::os::unix::net::UnixStream::from(fd);
+            "tcp" | "unix" => Some(1),
+            "tcp-pair" => Some(2),
+            _ => None,
+        }
+    }
+
+    fn adopt(kind: &str, mut fds: Vec<OwnedFd>) -> io::Result<Connection> {
+        let wrong = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("connection kind {kind:?} with the wrong fds"),
+            )
+        };
+        match (kind, fds.len()) {
+            ("tcp", 1) => Ok(Connection::Tcp(tcp_of(fds.remove(0))?)),
+            ("unix", 1) => {
+                let s = std::os::unix::net::UnixStream::from(fds.remove(0));
                 s.set_nonblocking(true)?;
                 Ok(Connection::Unix(tokio::net::UnixStream::from_std(s)?))
             }
-            other => Err(io::Error::new(
+            ("tcp-pair", 2) => {
+                let upstream = tcp_of(fds.remove(1))?;
+                let client = tcp_of(fds.remove(0))?;
+                Ok(Connection::TcpPair { client, upstream })
+            }
+            ("tcp" | "unix" | "tcp-pair", _) => Err(wrong()),
+            (other, _) => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unknown connection kind {other:?}"),
             )),
@@ -236,7 +271,7 @@ impl Outgoing {
         frame.extend_from_slice(state);
         let sent = {
             let writer = self.writer.lock().await;
-            fdpass::send_all(&writer, &frame, &[conn.fd()]).await
+            fdpass::send_all(&writer, &frame, &conn.fds()).await
         };
         if let Err(e) = sent {
             lock(&self.pending).remove(&id);
@@ -295,8 +330,11 @@ pub(crate) async fn receive(stream: Arc<tokio::net::UnixStream>, receivers: Rece
             }
             let body = buf[end + 1..end + 1 + state].to_vec();
             buf.drain(..end + 1 + state);
-            let fd = fds.pop_front();
-            let answer = adopt(&receivers, fd, &listener, &kind, body, deadline_us);
+            // Its fds came with the line's first byte, after those of the
+            // messages before it.
+            let wanted = Connection::fd_count(&kind).unwrap_or(1);
+            let mine: Vec<OwnedFd> = (0..wanted).filter_map(|_| fds.pop_front()).collect();
+            let answer = adopt(&receivers, mine, &listener, &kind, body, deadline_us);
             let line = match answer {
                 Ok(()) => line_of(&Wire::Adopted { id }),
                 Err(message) => {
@@ -328,20 +366,22 @@ pub(crate) async fn receive(stream: Arc<tokio::net::UnixStream>, receivers: Rece
 
 fn adopt(
     receivers: &Receivers,
-    fd: Option<OwnedFd>,
+    fds: Vec<OwnedFd>,
     listener: &str,
     kind: &str,
     state: Vec<u8>,
     deadline_us: u64,
 ) -> Result<(), String> {
-    let fd = fd.ok_or_else(|| "no fd came with it".to_owned())?;
+    if fds.is_empty() {
+        return Err("no fd came with it".to_owned());
+    }
     if sys::monotonic_usec() > deadline_us {
         return Err("past its deadline".to_owned());
     }
     let tx = receivers
         .get(listener)
         .ok_or_else(|| format!("no receiver for listener {listener:?}"))?;
-    let connection = Connection::adopt(kind, fd).map_err(|e| e.to_string())?;
+    let connection = Connection::adopt(kind, fds).map_err(|e| e.to_string())?;
     tx.try_send(Migrated { connection, state })
         .map_err(|e| format!("the application does not take it: {e}"))
 }

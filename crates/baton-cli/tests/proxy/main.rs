@@ -7,6 +7,7 @@ mod check;
 mod differential;
 mod health;
 mod http1;
+mod migrate;
 mod reload;
 mod routing;
 mod settle;

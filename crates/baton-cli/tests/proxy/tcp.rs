@@ -52,7 +52,12 @@ respond = {{ status = 200, body = "ok" }}
 #[test]
 fn tcp_listener_forwards_and_drains_across_an_upgrade() {
     let e = Upstream::tcp_echo("echo");
-    let mut p = Proxy::start("tcp-upgrade", "drain_timeout = \"3s\"", &config(&e, true));
+    // Drained, not moved (migrate.rs moves them).
+    let mut p = Proxy::start(
+        "tcp-upgrade",
+        "drain_timeout = \"3s\"\nmigrate = false",
+        &config(&e, true),
+    );
     let db = p.addr("db");
     let mut conn = connect(db);
     echo(&mut conn, "hello");

@@ -87,7 +87,12 @@ respond = {{ status = 200, body = "{fixed}" }}
             upstream_toml("a", &[a.addr], "")
         )
     };
-    let p = Proxy::start("websocket", "drain_timeout = \"3s\"", &body("one"));
+    // Drained, not moved (migrate.rs moves them).
+    let p = Proxy::start(
+        "websocket",
+        "drain_timeout = \"3s\"\nmigrate = false",
+        &body("one"),
+    );
     let web = p.addr("web");
     let mut ws = Ws::connect(web);
     ws.echo("before");
