@@ -142,3 +142,35 @@ fn keepalive_client_connections_move_through_five_upgrades() {
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     assert_eq!(report.keepalive_connects, 16, "{report:?}");
 }
+
+/// A next generation that takes no connections (here: `migrate = false` in
+/// the file it starts with, as an older binary would behave): the old one
+/// drains its keep-alive connections, and no request fails.
+#[test]
+fn an_upgrade_to_a_generation_that_takes_no_connections_drains_them() {
+    let a = Upstream::http("a");
+    let body = web_to_a(&[a.addr]);
+    let mut p = Proxy::start("upgrade-no-migrate", "drain_timeout = \"10s\"", &body);
+    let load = Load::start(Target::Tcp(p.addr("web")), 4, 2, Duration::from_secs(60));
+    load.wait_for_progress(200, Duration::from_secs(20));
+    p.write_raw(&format!(
+        "[server]\ncontrol_socket = {:?}\npid_file = {:?}\ndrain_timeout = \"10s\"\nmigrate = false\n\n{body}",
+        p.control.to_str().unwrap(),
+        p.pid_file.to_str().unwrap()
+    ));
+    let old = p.pid();
+    let answer = p.upgrade();
+    assert_eq!(answer["ok"], true, "{answer}");
+    load.wait_for_progress(200, Duration::from_secs(20));
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(
+        report.keepalive_connects > 4,
+        "drained (Connection: close), not moved: {report:?}"
+    );
+    assert_eventually!(
+        Duration::from_secs(20),
+        p.server.is_gone(old),
+        "the old generation did not finish draining"
+    );
+}
