@@ -1352,3 +1352,48 @@ fn uvicorn_behind_http_mode_reloads_without_a_failed_request() {
         );
     }
 }
+
+/// A supervisor that takes over goes on counting where the previous one
+/// stopped: `baton_reloads_total` and `baton_child_restarts_total` on the
+/// admin socket it took over.
+#[test]
+fn a_supervisor_taking_over_carries_the_counters_on() {
+    let fx = fixture();
+    let args = [
+        "--listen",
+        "http=127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--admin",
+        "127.0.0.1:0",
+        "--restart-on-crash",
+        "--settle",
+        "100ms",
+    ];
+    let command = ["python3", fx.to_str().unwrap()];
+    let mut all = vec!["--takeover"];
+    all.extend_from_slice(&args);
+    let mut run = Run::start(&all, &command);
+    assert_eq!(run.reload()["ok"], true);
+    // One crash restart.
+    let victim = run.status()["pid"].as_u64().unwrap() as u32;
+    baton_testkit::send_signal(victim, rustix::process::Signal::KILL);
+    assert_eventually!(
+        Duration::from_secs(10),
+        run.status()["restarts"] == 1,
+        "no crash restart"
+    );
+    let admin: SocketAddr = run.status()["admin"].as_str().unwrap().parse().unwrap();
+    let _last = supervisor_takeovers(&mut run, 1, &args, &command);
+    let mut c = std::net::TcpStream::connect(admin).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (status, metrics, _) = baton_testkit::http_get(&mut c, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    for line in [
+        "baton_reloads_total{result=\"ok\"} 1",
+        "baton_child_restarts_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    assert_eq!(run.status()["restarts"], 1, "{}", run.status());
+}

@@ -331,6 +331,18 @@ impl Supervisor {
         sup.keep_in_fd_store();
         let _ = baton::sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
         if let Some(acked) = acked {
+            // The service's counters go on from the previous supervisor's.
+            if let Some(c) = acked.carried() {
+                sup.inner
+                    .reloads_ok
+                    .fetch_add(c.reloads_ok, Ordering::SeqCst);
+                sup.inner
+                    .reloads_failed
+                    .fetch_add(c.reloads_failed, Ordering::SeqCst);
+                sup.inner
+                    .crash_restarts
+                    .fetch_add(c.child_restarts, Ordering::SeqCst);
+            }
             acked.confirm(Ok(())).await;
             tracing::info!("took over from the previous supervisor");
         }
@@ -1002,7 +1014,12 @@ impl Supervisor {
                 // No more forwarding or control answers here: the new
                 // supervisor does both now.
                 self.inner.drain.start();
-                if let Err(reason) = successor.confirm(CONFIRM_TIMEOUT).await {
+                let carried = baton::takeover::Carried {
+                    reloads_ok: self.inner.reloads_ok.load(Ordering::SeqCst),
+                    reloads_failed: self.inner.reloads_failed.load(Ordering::SeqCst),
+                    child_restarts: self.inner.crash_restarts.load(Ordering::SeqCst),
+                };
+                if let Err(reason) = successor.confirm_with(CONFIRM_TIMEOUT, carried).await {
                     tracing::warn!(pid, %reason, "the new supervisor did not confirm");
                 }
                 Ok(pid)

@@ -42,6 +42,14 @@ pub(crate) struct Totals {
     /// Requests by listener (absent from an older binary's `ack`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub requests: BTreeMap<String, RequestTotals>,
+    /// Children replaced after they died (`baton run`'s, handed to the
+    /// supervisor that takes over).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub child_restarts: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Upper bounds of the request duration buckets, in microseconds (0.5 ms
@@ -324,6 +332,7 @@ impl Metrics {
                 .iter()
                 .map(|(l, r)| (l.clone(), r.totals()))
                 .collect(),
+            child_restarts: 0,
         }
     }
 

@@ -48,8 +48,8 @@ impl Offer {
     /// gave up on this one; exit.
     pub async fn ready(self) -> Result<Acked, Error> {
         match self.handshake.ready(Vec::new()).await? {
-            Handover::Confirm(c, _) => Ok(Acked(Some(c))),
-            Handover::Orphaned => Ok(Acked(None)),
+            Handover::Confirm(c, totals) => Ok(Acked(Some(c), totals.map(Carried::from))),
+            Handover::Orphaned => Ok(Acked(None, None)),
         }
     }
 
@@ -63,9 +63,38 @@ impl Offer {
 /// The running generation stopped accepting (or died: then there is no one
 /// to confirm to); this process is the service now.
 #[derive(Debug)]
-pub struct Acked(Option<handoff::Confirm>);
+pub struct Acked(Option<handoff::Confirm>, Option<Carried>);
+
+/// The counters of the service that the running generation hands to the
+/// one taking over, so that they go on instead of starting at zero (see
+/// [`Successor::confirm_with`] and [`Acked::carried`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Reloads that worked.
+    pub reloads_ok: u64,
+    /// Reloads that failed.
+    pub reloads_failed: u64,
+    /// Children replaced after they died (`baton run`).
+    pub child_restarts: u64,
+}
+
+impl From<crate::metrics::Totals> for Carried {
+    fn from(t: crate::metrics::Totals) -> Carried {
+        Carried {
+            reloads_ok: t.reloads_ok,
+            reloads_failed: t.reloads_failed,
+            child_restarts: t.child_restarts,
+        }
+    }
+}
 
 impl Acked {
+    /// What the previous generation counted (`None`: it sent nothing, or
+    /// it is gone).
+    pub fn carried(&self) -> Option<Carried> {
+        self.1
+    }
+
     /// Tells the previous generation that this one is active (pid file
     /// written, control socket served), or what went wrong.
     pub async fn confirm(self, result: Result<(), String>) {
@@ -114,6 +143,21 @@ impl Successor {
     /// confirm that it is.
     pub async fn confirm(&mut self, timeout: Duration) -> Result<(), String> {
         self.0.ack(timeout, None).await
+    }
+
+    /// [`confirm`](Self::confirm), handing over this side's counters.
+    pub async fn confirm_with(
+        &mut self,
+        timeout: Duration,
+        carried: Carried,
+    ) -> Result<(), String> {
+        let totals = crate::metrics::Totals {
+            reloads_ok: carried.reloads_ok,
+            reloads_failed: carried.reloads_failed,
+            child_restarts: carried.child_restarts,
+            ..Default::default()
+        };
+        self.0.ack(timeout, Some(totals)).await
     }
 }
 
