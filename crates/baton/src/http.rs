@@ -176,7 +176,7 @@ async fn serve_moving<I, S, B>(
         baton: baton.clone(),
         in_flight: in_flight.clone(),
     };
-    let io = Tracked::new(Prefixed::new(prefix, io));
+    let io = Tracked::new(prefix, io);
     let (activity, hold) = (io.activity.clone(), io.hold.clone());
     let mut conn = hyper_connection(io, service.clone(), shutdown.clone(), Some(moving.clone()));
     tokio::select! {
@@ -220,11 +220,11 @@ async fn serve_moving<I, S, B>(
     let Some(parts) = conn.into_parts() else {
         return; // upgraded: the application has it
     };
-    let tracked = parts.io.into_inner();
-    let Prefixed {
-        prefix: rest,
+    let Tracked {
         inner: io,
-    } = tracked.inner;
+        prefix: rest,
+        ..
+    } = parts.io.into_inner();
     let mut state = parts.read_buf.to_vec();
     state.extend_from_slice(&rest);
     let back = match baton
@@ -238,7 +238,7 @@ async fn serve_moving<I, S, B>(
     let Ok(io) = I::from_connection(back) else {
         return;
     };
-    let io = Tracked::new(Prefixed::new(Bytes::from(state), io));
+    let io = Tracked::new(Bytes::from(state), io);
     let activity = io.activity.clone();
     let conn = hyper_connection(io, service, shutdown.clone(), None);
     wind_down(conn, activity, shutdown).await;
@@ -431,7 +431,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let io = Tracked::new(Prefixed::new(Bytes::new(), io));
+    let io = Tracked::new(Bytes::new(), io);
     let activity = io.activity.clone();
     let conn = hyper_connection(io, service, shutdown.clone(), None);
     drain_connection(conn, activity, shutdown).await;
@@ -465,14 +465,14 @@ impl Drop for InFlightGuard {
 }
 
 type HyperConn<I, S> = hyper::server::conn::http1::UpgradeableConnection<
-    TokioIo<Tracked<Prefixed<I>>>,
+    TokioIo<Tracked<I>>,
     CloseWhenDraining<TowerToHyperService<Box<S>>>,
 >;
 
 /// hyper's connection over `io`, with `Connection: close` once draining
 /// (unless `moving` says the connection is to move instead).
 fn hyper_connection<I, S, B>(
-    io: Tracked<Prefixed<I>>,
+    io: Tracked<I>,
     service: S,
     shutdown: Shutdown,
     moving: Option<Moving>,
@@ -599,44 +599,31 @@ impl Activity {
 }
 
 pin_project_lite::pin_project! {
-    /// An IO that records when bytes were last read, and whose shutdown
-    /// can be held back (the connection moves to the next generation: no
-    /// FIN may reach the client).
+    /// An IO that first reads out `prefix` (the bytes of a next request
+    /// that the previous generation had read already), records when bytes
+    /// were last read, and whose shutdown can be held back (the connection
+    /// moves to the next generation: no FIN may reach the client).
     struct Tracked<I> {
         #[pin]
         inner: I,
+        prefix: Bytes,
         activity: Arc<Activity>,
         hold: Arc<std::sync::atomic::AtomicBool>,
     }
 }
 
 impl<I> Tracked<I> {
-    fn new(inner: I) -> Self {
+    fn new(prefix: Bytes, inner: I) -> Self {
         Tracked {
             inner,
+            prefix,
             activity: Arc::new(Activity::new()),
             hold: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An IO that first reads out `prefix` (the bytes of a next request
-    /// that the previous generation had read already).
-    struct Prefixed<I> {
-        prefix: Bytes,
-        #[pin]
-        inner: I,
-    }
-}
-
-impl<I> Prefixed<I> {
-    fn new(prefix: Bytes, inner: I) -> Self {
-        Prefixed { prefix, inner }
-    }
-}
-
-impl<I: AsyncRead> AsyncRead for Prefixed<I> {
+impl<I: AsyncRead> AsyncRead for Tracked<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -648,43 +635,6 @@ impl<I: AsyncRead> AsyncRead for Prefixed<I> {
             buf.put_slice(&this.prefix.split_to(n));
             return Poll::Ready(Ok(()));
         }
-        this.inner.poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite> AsyncWrite for Prefixed<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-impl<I: AsyncRead> AsyncRead for Tracked<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
