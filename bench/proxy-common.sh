@@ -30,21 +30,22 @@ start_upstream() {
     wait_port "$UP"
 }
 
-# start_nginx -> NGX (its port), NGX_WORKER (its one worker's pid): one
-# worker, proxy_pass to the upstream on $UP with upstream keep-alive,
-# access log off.
+# start_nginx [NAME] -> NGX (its port), NGX_WORKER (its one worker's pid):
+# one worker, proxy_pass to the upstream on $UP with upstream keep-alive,
+# access log off; its files in $WORK/NAME (default nginx).
 start_nginx() {
+    local d="$WORK/${1:-nginx}"
     NGX=$(free_port)
-    mkdir -p "$WORK/nginx"
-    cat >"$WORK/nginx/nginx.conf" <<EOF
+    mkdir -p "$d"
+    cat >"$d/nginx.conf" <<EOF
 worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
+    client_body_temp_path $d/body;
+    proxy_temp_path $d/proxy;
     upstream app { server 127.0.0.1:$UP; keepalive 64; }
     server {
         listen 127.0.0.1:$NGX;
@@ -59,10 +60,46 @@ http {
     }
 }
 EOF
-    nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+    nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
     PIDS+=($!)
     wait_port "$NGX"
-    NGX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)
+    NGX_WORKER=$(pgrep -P "$(cat "$d/nginx.pid")" | head -1)
+}
+
+# start_fast_upstream BYTES -> UPF (its port): nginx, one worker, answering
+# every request with 200 and the same file of BYTES bytes from the page
+# cache, access log off: a fast upstream, so that the proxy in front of it
+# is what is measured.
+start_fast_upstream() {
+    local bytes=$1 d="$WORK/fast-$1"
+    UPF=$(free_port)
+    mkdir -p "$d/www"
+    python3 -c "import sys; open(sys.argv[1], 'w').write('x' * $bytes)" "$d/www/body"
+    # nginx's worker may run as another user (nobody, when started as
+    # root): it must be able to reach the file.
+    chmod o+x "$WORK" "$d"
+    chmod o+rx "$d/www"
+    chmod o+r "$d/www/body"
+    cat >"$d/nginx.conf" <<EOF
+worker_processes 1;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $d/body-temp;
+    keepalive_requests 1000000;
+    default_type text/plain;
+    server {
+        listen 127.0.0.1:$UPF;
+        root $d/www;
+        location / { try_files /body =404; }
+    }
+}
+EOF
+    nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
+    PIDS+=($!)
+    wait_port "$UPF"
 }
 
 # wrk_summary < wrk --latency output -> "rps p50_ms p99_ms requests errors"

@@ -3,6 +3,7 @@
 # upstream (`baton hello`), under the same wrk load, on 127.0.0.1 only.
 #
 #   bash bench/proxy-vs-nginx.sh [DURATION_SECONDS] [CONNECTIONS] [ROUNDS]
+#   FAST_ONLY=1 bash bench/proxy-vs-nginx.sh ...   # only the fast-upstream tables
 #
 # Measures, for each proxy and for keep-alive and new-connection-per-request
 # clients: requests/s, p50/p99 latency (wrk --latency), CPU time per request
@@ -11,6 +12,11 @@
 # worker, proxy_pass to an upstream block with `keepalive`, access log off.
 # baton proxy: release build, TOKIO_WORKER_THREADS=1 (one worker, like
 # nginx) and again with the default (one per core), access log off.
+#
+# Then the same with a fast upstream (nginx answering 200 with a 2-byte
+# body, and with a 4 KiB one), which leaves the proxies' own cost to measure: both proxies
+# in front of it, one worker each and baton proxy with one per core,
+# rounds interleaved.
 #
 # Then, through baton proxy only: `baton bench` with 20 reloads and with 20
 # upgrades under load (failed requests must be 0), and the time to reload a
@@ -34,7 +40,7 @@ cleanup() {
     for sock in "$WORK"/*.sock; do
         [ -S "$sock" ] && [ -n "${BATON:-}" ] && timeout 5 "$BATON" ctl --socket "$sock" stop >/dev/null 2>&1 || true
     done
-    [ -f "$WORK/nginx/nginx.pid" ] && kill -QUIT "$(cat "$WORK/nginx/nginx.pid")" 2>/dev/null || true
+    for f in "$WORK"/*/nginx.pid; do [ -f "$f" ] && kill -QUIT "$(cat "$f")" 2>/dev/null || true; done
     sleep 1
     for f in "$WORK"/*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
@@ -104,26 +110,46 @@ measure() { # label pid port mode
     echo "| $label | $mode | $rps | $p50 | $p99 | $cpu_us | $(rss_kb "$pid") / $(hwm_kb "$pid") | $bad |"
 }
 
+# table TITLE: nginx ($NGX, $NGX_WORKER), baton proxy with one worker ($B1,
+# $B1PORT) and one per core ($BD, $BDPORT), rounds interleaved.
+table() {
+    echo "## $1 ($(nproc) cores, wrk -t1 -c$CONNS -d${DURATION}s)"
+    echo
+    echo "| proxy | clients | req/s | p50 ms | p99 ms | CPU µs/req | RSS / peak KiB | errors |"
+    echo "|---|---|---|---|---|---|---|---|"
+    for round in $(seq 1 "$ROUNDS"); do
+    for mode in keepalive close; do
+        # warm both up (pools, page cache) without measuring
+        wrk -t1 -c8 -d1s "http://127.0.0.1:$NGX/" >/dev/null 2>&1 || true
+        wrk -t1 -c8 -d1s "http://127.0.0.1:$B1PORT/" >/dev/null 2>&1 || true
+        measure "nginx 1 worker" "$NGX_WORKER" "$NGX" "$mode"
+        measure "baton proxy 1 worker" "$B1" "$B1PORT" "$mode"
+        measure "baton proxy $(nproc) workers" "$BD" "$BDPORT" "$mode"
+    done
+    done
+    echo
+}
+
 start_baton b1 1
 B1=$BPID; B1PORT=$BPORT
 start_baton bd default
 BD=$BPID; BDPORT=$BPORT
+[ -z "${FAST_ONLY:-}" ] && table "proxy throughput and latency, upstream: baton hello"
 
-echo "## proxy throughput and latency ($(nproc) cores, wrk -t1 -c$CONNS -d${DURATION}s, upstream: baton hello)"
-echo
-echo "| proxy | clients | req/s | p50 ms | p99 ms | CPU µs/req | RSS / peak KiB | errors |"
-echo "|---|---|---|---|---|---|---|---|"
-for round in $(seq 1 "$ROUNDS"); do
-for mode in keepalive close; do
-    # warm both up (pools, page cache) without measuring
-    wrk -t1 -c8 -d1s "http://127.0.0.1:$NGX/" >/dev/null 2>&1 || true
-    wrk -t1 -c8 -d1s "http://127.0.0.1:$B1PORT/" >/dev/null 2>&1 || true
-    measure "nginx 1 worker" "$NGX_WORKER" "$NGX" "$mode"
-    measure "baton proxy 1 worker" "$B1" "$B1PORT" "$mode"
-    measure "baton proxy $(nproc) workers" "$BD" "$BDPORT" "$mode"
+# ---- a fast upstream -----------------------------------------------------------
+SAVED=("$UP" "$NGX" "$NGX_WORKER" "$B1" "$B1PORT" "$BD" "$BDPORT")
+for bytes in 2 4096; do
+    start_fast_upstream "$bytes"
+    UP=$UPF
+    start_nginx "nginx-fast-$bytes"
+    start_baton "f1-$bytes" 1
+    B1=$BPID; B1PORT=$BPORT
+    start_baton "fd-$bytes" default
+    BD=$BPID; BDPORT=$BPORT
+    table "proxy throughput and latency, fast upstream (nginx, a $bytes-byte body)"
 done
-done
-echo
+UP=${SAVED[0]}; NGX=${SAVED[1]}; NGX_WORKER=${SAVED[2]}; B1=${SAVED[3]}; B1PORT=${SAVED[4]}; BD=${SAVED[5]}; BDPORT=${SAVED[6]}
+[ -n "${FAST_ONLY:-}" ] && exit 0
 
 # ---- zero failed requests across 20 reloads and 20 upgrades ------------------
 echo "## baton bench through baton proxy"
