@@ -42,12 +42,14 @@ pub async fn run(opts: HelloOptions) -> anyhow::Result<()> {
         async move { body }
     });
     baton.on_reload(|| async { Ok(()) });
+    // At an upgrade its keep-alive connections move to the next generation.
+    let server = baton::http::Server::new(&baton, "http");
     baton.ready().await?;
     println!(
         "{}",
         serde_json::json!({"event": "ready", "pid": std::process::id(), "generation": baton.generation(), "listen": local.to_string()})
     );
-    tokio::spawn(baton::http::serve(http, app, baton.shutdown()));
+    tokio::spawn(server.serve(http, app));
     baton.wait().await;
     Ok(())
 }
