@@ -35,22 +35,7 @@ start_nginx
 start_baton() { # name binary -> BPORT BPID
     local name=$1 bin=$2
     BPORT=$(free_port)
-    cat >"$WORK/$name.toml" <<EOF
-[server]
-control_socket = "$WORK/$name.sock"
-
-[[listeners]]
-name = "web"
-address = "127.0.0.1:$BPORT"
-
-[upstreams.app]
-servers = ["127.0.0.1:$UP"]
-
-[[routes]]
-listener = "web"
-path_prefix = "/"
-upstream = "app"
-EOF
+    proxy_config "$WORK/$name.toml" "$BPORT"
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn "$bin" proxy --config "$WORK/$name.toml" >/dev/null 2>&1 &
     BPID=$!
     PIDS+=($BPID)

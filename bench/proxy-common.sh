@@ -1,21 +1,48 @@
-# Shared by bench/proxy-vs-nginx.sh and bench/proxy-ab.sh (sourced, not
-# run): tools, ports, process counters, the upstream, nginx, and wrk's
+# Shared by bench/proxy-vs-nginx.sh, bench/proxy-ab.sh and
+# bench/proxy-instructions.sh (sourced, not run): tools, ports, process
+# counters, the upstream, the proxy's configuration, nginx, and wrk's
 # summary. Expects WORK (a scratch directory) and the array PIDS (what
-# cleanup kills) to be set by the caller.
+# cleanup kills) to be set by the caller; NO_PEERS=1 skips installing nginx
+# and wrk (a caller that runs neither).
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
+if [ -z "${NO_PEERS:-}" ] && { ! need nginx || ! need wrk; }; then
     echo "installing nginx and wrk" >&2
     apt-get update -qq >/dev/null && apt-get install -y -qq nginx-light wrk >/dev/null
 fi
 
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 200); do
+wait_port() { # PORT [SECONDS, default 10]
+    local tries=$(( ${2:-10} * 20 ))
+    for _ in $(seq 1 "$tries"); do
         if python3 -c "import socket,sys;socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then return 0; fi
         sleep 0.05
     done
     echo "port $1 never opened" >&2; return 1
+}
+
+# proxy_config FILE PORT [SERVER_LINES]: a baton proxy configuration with
+# one HTTP listener "web" on 127.0.0.1:PORT sending everything to the
+# upstream on $UP, its control socket at FILE's name with .sock, and
+# SERVER_LINES added to [server].
+proxy_config() {
+    cat >"$1" <<EOF
+[server]
+control_socket = "${1%.toml}.sock"
+${3:-}
+
+[[listeners]]
+name = "web"
+address = "127.0.0.1:$2"
+
+[upstreams.app]
+servers = ["127.0.0.1:$UP"]
+
+[[routes]]
+listener = "web"
+path_prefix = "/"
+upstream = "app"
+EOF
 }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }

@@ -26,14 +26,7 @@ cleanup() {
 trap cleanup EXIT
 command -v valgrind >/dev/null || { apt-get update -qq >/dev/null && apt-get install -y -qq valgrind >/dev/null; }
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 600); do
-        if python3 -c "import socket,sys;socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "port $1 never opened" >&2; return 1
-}
+NO_PEERS=1 . "$(dirname "$0")/proxy-common.sh"
 
 UP=$(free_port)
 "$A" hello --listen "127.0.0.1:$UP" >/dev/null 2>&1 &
@@ -70,28 +63,13 @@ EOF
 instructions() {
     local bin=$1 n=$2 port out
     port=$(free_port)
-    cat >"$WORK/p.toml" <<EOF
-[server]
-control_socket = "$WORK/p.sock"
-
-[[listeners]]
-name = "web"
-address = "127.0.0.1:$port"
-
-[upstreams.app]
-servers = ["127.0.0.1:$UP"]
-
-[[routes]]
-listener = "web"
-path_prefix = "/"
-upstream = "app"
-EOF
+    proxy_config "$WORK/p.toml" "$port"
     out=$WORK/callgrind.$n.out
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn timeout 600 valgrind --tool=callgrind --callgrind-out-file="$out" \
         "$bin" proxy --config "$WORK/p.toml" >/dev/null 2>"$WORK/valgrind.err" &
     local pid=$!
     PIDS+=($pid)
-    wait_port "$port"
+    wait_port "$port" 60 # valgrind starts slowly
     requests "$port" "$n"
     kill -TERM "$pid"
     wait "$pid" || true

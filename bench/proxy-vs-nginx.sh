@@ -63,24 +63,8 @@ start_baton() { # name threads -> sets BPORT BPID BSOCK
     local name=$1 threads=$2
     BPORT=$(free_port)
     BSOCK="$WORK/$name.sock"
-    cat >"$WORK/$name.toml" <<EOF
-[server]
-control_socket = "$BSOCK"
-pid_file = "$WORK/$name.pid"
-drain_timeout = "10s"
-
-[[listeners]]
-name = "web"
-address = "127.0.0.1:$BPORT"
-
-[upstreams.app]
-servers = ["127.0.0.1:$UP"]
-
-[[routes]]
-listener = "web"
-path_prefix = "/"
-upstream = "app"
-EOF
+    proxy_config "$WORK/$name.toml" "$BPORT" "pid_file = \"$WORK/$name.pid\"
+drain_timeout = \"10s\""
     if [ "$threads" = default ]; then
         RUST_LOG=warn "$BATON" proxy --config "$WORK/$name.toml" >"$WORK/$name.out" 2>"$WORK/$name.err" &
     else

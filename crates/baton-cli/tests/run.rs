@@ -105,30 +105,22 @@ fn assert_no_loss(report: &LoadReport) {
 
 /// Twenty reloads under load, each a new pid and generation; old children gone.
 fn twenty_reloads(run: &Run, expect_body: &str) {
-    let load = Load::start(Target::Tcp(run.addr()), 4, 4, Duration::from_secs(120));
-    load.wait_for_progress(100, Duration::from_secs(10));
-    let mut pids = vec![run.status()["pid"].as_u64().unwrap()];
-    for i in 0..20u64 {
-        let a = run.reload();
-        assert_eq!(a["ok"], true, "reload {i}: {a}");
-        assert_eq!(a["generation"], i + 2, "{a}");
-        let pid = a["pid"].as_u64().unwrap();
-        assert!(!pids.contains(&pid));
-        pids.push(pid);
-        load.wait_for_progress(50, Duration::from_secs(10));
-    }
-    let report = load.stop();
+    let (report, pids) = reloads_under_load(run, 20);
     assert_no_loss(&report);
     assert!(
         report.bodies.iter().any(|b| b.contains(expect_body)),
         "the last child served: {:?}",
         report.bodies.iter().rev().take(3).collect::<Vec<_>>()
     );
+    old_children_gone(&pids);
+}
+
+/// Every pid but the last (the current child) is gone.
+fn old_children_gone(pids: &[u32]) {
     for pid in &pids[..pids.len() - 1] {
-        let pid = *pid as u32;
         assert_eventually!(
             Duration::from_secs(15),
-            baton_testkit::proc_state(pid).is_none(),
+            baton_testkit::proc_state(*pid).is_none(),
             "old child {pid} still there"
         );
     }
@@ -1076,10 +1068,14 @@ fn reloads_under_load(run: &Run, reloads: u64) -> (LoadReport, Vec<u32>) {
     let load = Load::start(Target::Tcp(run.addr()), 4, 4, Duration::from_secs(120));
     load.wait_for_progress(100, Duration::from_secs(10));
     let mut pids = vec![run.status()["pid"].as_u64().unwrap() as u32];
+    let first = run.status()["generation"].as_u64().unwrap();
     for i in 0..reloads {
         let a = run.reload();
         assert_eq!(a["ok"], true, "reload {i}: {a}");
-        pids.push(a["pid"].as_u64().unwrap() as u32);
+        assert_eq!(a["generation"], first + i + 1, "{a}");
+        let pid = a["pid"].as_u64().unwrap() as u32;
+        assert!(!pids.contains(&pid), "reload {i} reused pid {pid}");
+        pids.push(pid);
         load.wait_for_progress(50, Duration::from_secs(10));
     }
     (load.stop(), pids)
@@ -1128,13 +1124,7 @@ fn http_mode_loses_nothing_when_the_child_closes_idle_connections_at_shutdown() 
             .any(|b| b.contains("python generation 1 ")),
         "the first child served"
     );
-    for pid in &pids[..pids.len() - 1] {
-        assert_eventually!(
-            Duration::from_secs(15),
-            baton_testkit::proc_state(*pid).is_none(),
-            "old child {pid} still there"
-        );
-    }
+    old_children_gone(&pids);
     // The child served its own socket, not the public one.
     let status = run.status();
     let public: SocketAddr = status["listeners"][0]["address"]
@@ -1344,13 +1334,7 @@ fn uvicorn_behind_http_mode_reloads_without_a_failed_request() {
         "{:?}",
         report.bodies.iter().rev().take(3).collect::<Vec<_>>()
     );
-    for pid in &pids[..pids.len() - 1] {
-        assert_eventually!(
-            Duration::from_secs(15),
-            baton_testkit::proc_state(*pid).is_none(),
-            "old child {pid} still there"
-        );
-    }
+    old_children_gone(&pids);
 }
 
 /// A supervisor that takes over goes on counting where the previous one

@@ -300,13 +300,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// (an upgrade's drain, with a process that migrates) instead of
     /// winding down.
     fn moves(&self) -> bool {
-        !self.stay
-            && self.ctx.baton.as_ref().is_some_and(|b| {
-                matches!(
-                    *b.state().borrow(),
-                    baton::State::Draining(baton::StopReason::Upgraded { .. })
-                )
-            })
+        !self.stay && self.ctx.baton.as_ref().is_some_and(baton::Baton::moving_on)
     }
 
     /// Whether responses close the connection (draining, and not moving).

@@ -121,16 +121,6 @@ pub(crate) struct Moving {
     pub(crate) listener: String,
 }
 
-impl Moving {
-    /// Whether this drain is an upgrade's (there is a next generation).
-    fn possible(&self) -> bool {
-        matches!(
-            *self.baton.state().borrow(),
-            baton::State::Draining(baton::StopReason::Upgraded { .. })
-        )
-    }
-}
-
 /// What travels with a moving pair: the protocol and each direction's frame
 /// position (so that the next generation can still close politely at a
 /// frame boundary).
@@ -156,7 +146,7 @@ pub(crate) async fn splice_pair(
     if let Some(moving) = moving {
         let stop = || async {
             shutdown.draining().await;
-            if !moving.possible() {
+            if !moving.baton.moving_on() {
                 std::future::pending::<()>().await;
             }
         };
@@ -193,8 +183,7 @@ pub(crate) async fn splice_pair(
             Some(_) | None => {}
         }
     }
-    let websocket = state.websocket;
-    splice_from(client, upstream, websocket, shutdown, state).await;
+    splice_from(client, upstream, shutdown, state).await;
 }
 
 /// How one direction of a pair ended.
@@ -244,22 +233,17 @@ where
 
 /// [`splice`] with frame positions given (a pair that came from the
 /// previous generation, or one that did not move).
-async fn splice_from<C, U>(
-    client: C,
-    upstream: U,
-    websocket: bool,
-    shutdown: &baton::Shutdown,
-    state: PairState,
-) where
+async fn splice_from<C, U>(client: C, upstream: U, shutdown: &baton::Shutdown, state: PairState)
+where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let PairState {
+        websocket,
         mut to_upstream,
         mut to_client,
-        ..
     } = state;
     finish(
         &mut cr,

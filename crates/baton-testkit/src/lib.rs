@@ -435,6 +435,26 @@ pub fn tcp_listen_inodes(port: u16) -> Vec<u64> {
     out
 }
 
+/// Bytes waiting to be read on the server's end of the loopback TCP
+/// connection from `client` to `server` (`/proc/net/tcp`'s rx_queue), if
+/// that socket exists: 0 once the server has read what the client sent.
+pub fn tcp_unread(server: SocketAddr, client: SocketAddr) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |a: &str| {
+        a.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || port(f[1]) != Some(server.port()) || port(f[2]) != Some(client.port()) {
+            return None;
+        }
+        let rx = f[4].rsplit(':').next()?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
+
 /// Sends one request to a control socket and returns the answer (bounded).
 pub fn control(socket: &Path, request: &str, timeout: Duration) -> Value {
     let mut s = StdUnixStream::connect(socket)

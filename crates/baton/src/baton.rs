@@ -409,6 +409,16 @@ impl Baton {
         !self.inner.first_start
     }
 
+    /// Whether this generation is draining because a next one took over
+    /// (an upgrade or a take-over): only then can its connections move
+    /// there ([`migrate`](Self::migrate)). Cheap: one read of the state.
+    pub fn moving_on(&self) -> bool {
+        matches!(
+            *self.inner.state.borrow(),
+            State::Draining(StopReason::Upgraded { .. })
+        )
+    }
+
     /// Watches the lifecycle.
     pub fn state(&self) -> watch::Receiver<State> {
         self.inner.state.subscribe()
@@ -577,10 +587,7 @@ impl Baton {
         conn: crate::migrate::Connection,
         state: Vec<u8>,
     ) -> Result<(), crate::migrate::Connection> {
-        if !matches!(
-            *self.inner.state.borrow(),
-            State::Draining(StopReason::Upgraded { .. })
-        ) {
+        if !self.moving_on() {
             return Err(conn);
         }
         // The link starts once the new generation confirmed it is active.

@@ -47,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use bytes::Bytes;
 
-use crate::baton::{Baton, State, StopReason};
+use crate::baton::Baton;
 use crate::drain::Shutdown;
 use crate::error::BoxError;
 use crate::migrate::{Connection, Migrated};
@@ -183,7 +183,7 @@ async fn serve_moving<I, S, B>(
         r = &mut conn => { log_conn(r); return; }
         _ = shutdown.draining() => {}
     }
-    if !moving.possible() {
+    if !moving.baton.moving_on() {
         return wind_down(conn, activity, shutdown).await;
     }
     // The request in flight finishes here first (its response carries no
@@ -505,17 +505,6 @@ struct Moving {
     in_flight: Arc<InFlight>,
 }
 
-impl Moving {
-    /// Whether this drain is an upgrade's (only then is there a next
-    /// generation to move to).
-    fn possible(&self) -> bool {
-        matches!(
-            *self.baton.state().borrow(),
-            State::Draining(StopReason::Upgraded { .. })
-        )
-    }
-}
-
 /// Serves `conn` until it ends, with the keep-alive wind-down once draining.
 async fn drain_connection<I, S, B>(
     mut conn: HyperConn<I, S>,
@@ -739,7 +728,7 @@ where
         // connection, unless the connection moves.
         if this.draining.is_cancelled()
             && parts.status != http::StatusCode::SWITCHING_PROTOCOLS
-            && !this.moving.as_ref().is_some_and(Moving::possible)
+            && !this.moving.as_ref().is_some_and(|m| m.baton.moving_on())
         {
             parts
                 .headers

@@ -459,9 +459,15 @@ fn a_partly_sent_http_request_moves_with_its_bytes() {
     conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     http_response(&mut conn).unwrap();
-    // Half a head, read by generation 1 before the upgrade.
+    // Half a head, read by generation 1 before the upgrade: its socket's
+    // receive queue is empty once it has.
     conn.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let (server, client) = (conn.peer_addr().unwrap(), conn.local_addr().unwrap());
+    assert_eventually!(
+        Duration::from_secs(5),
+        baton_testkit::tcp_unread(server, client) == Some(0),
+        "generation 1 did not read the half head"
+    );
     let a = r.upgrade(r#"{"command":"upgrade"}"#);
     assert_eq!(a["ok"], true, "{a}");
     assert_eventually!(
