@@ -13,71 +13,62 @@ use baton_testkit::{assert_eventually, example};
 
 use crate::Running;
 
-/// One connection per client, numbered messages echoed back in order; any
-/// error (a close, a reset, a wrong echo) is a failure. Never reconnects.
-struct Clients {
+/// Clients, one thread and one connection each, each repeating `step` on
+/// its connection (with its own state `T`) until stopped; an error ends a
+/// client and is a failure. Never reconnects.
+struct Clients<T> {
     stop: Arc<AtomicBool>,
-    echoed: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
     failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<u64>>,
+    threads: Vec<std::thread::JoinHandle<T>>,
 }
 
-impl Clients {
-    fn start(addr: SocketAddr, n: usize) -> Clients {
+impl<T: Default + Send + 'static> Clients<T> {
+    fn start_with<F>(addr: SocketAddr, n: usize, pause: Duration, step: F) -> Clients<T>
+    where
+        F: Fn(usize, &mut TcpStream, &mut T) -> Result<(), String> + Clone + Send + 'static,
+    {
         let stop = Arc::new(AtomicBool::new(false));
-        let echoed = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let deadline = Instant::now() + Duration::from_secs(120);
         let threads = (0..n)
             .map(|c| {
-                let (stop, echoed, failures) = (stop.clone(), echoed.clone(), failures.clone());
+                let (stop, done, failures, step) =
+                    (stop.clone(), done.clone(), failures.clone(), step.clone());
                 std::thread::spawn(move || {
                     let mut conn = TcpStream::connect(addr).unwrap();
                     conn.set_read_timeout(Some(Duration::from_secs(10)))
                         .unwrap();
                     conn.set_nodelay(true).unwrap();
-                    let mut sent = 0u64;
+                    let mut state = T::default();
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let msg = format!("client {c} message {sent}\n");
-                        let mut back = vec![0u8; msg.len()];
-                        let r = conn
-                            .write_all(msg.as_bytes())
-                            .and_then(|()| conn.read_exact(&mut back));
-                        if let Err(e) = r {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("client {c} at {sent}: {e}"));
-                            return sent;
+                        if let Err(e) = step(c, &mut conn, &mut state) {
+                            failures.lock().unwrap().push(format!("client {c}: {e}"));
+                            break;
                         }
-                        if back != msg.as_bytes() {
-                            failures.lock().unwrap().push(format!(
-                                "client {c} at {sent}: echoed {:?}",
-                                String::from_utf8_lossy(&back)
-                            ));
-                            return sent;
+                        done.fetch_add(1, Ordering::Relaxed);
+                        if !pause.is_zero() {
+                            std::thread::sleep(pause);
                         }
-                        sent += 1;
-                        echoed.fetch_add(1, Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(2));
                     }
-                    sent
+                    state
                 })
             })
             .collect();
         Clients {
             stop,
-            echoed,
+            done,
             failures,
             threads,
         }
     }
 
     fn wait_for_progress(&self, n: u64) {
-        let start = self.echoed.load(Ordering::Relaxed);
+        let start = self.done.load(Ordering::Relaxed);
         assert_eventually!(
             Duration::from_secs(10),
-            self.echoed.load(Ordering::Relaxed) >= start + n
+            self.done.load(Ordering::Relaxed) >= start + n
                 || !self.failures.lock().unwrap().is_empty(),
             "no progress"
         );
@@ -85,15 +76,41 @@ impl Clients {
         assert!(failures.is_empty(), "{failures:?}");
     }
 
-    fn stop(self) -> (Vec<u64>, Vec<String>) {
+    fn stop(self) -> (Vec<T>, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
-        let sent = self
+        let states = self
             .threads
             .into_iter()
             .map(|t| t.join().unwrap())
             .collect();
         let failures = self.failures.lock().unwrap().clone();
-        (sent, failures)
+        (states, failures)
+    }
+}
+
+impl Clients<u64> {
+    /// Numbered messages echoed back in order (the state: how many).
+    fn start(addr: SocketAddr, n: usize) -> Clients<u64> {
+        Clients::start_with(
+            addr,
+            n,
+            Duration::from_millis(2),
+            |c, conn, sent: &mut u64| {
+                let msg = format!("client {c} message {sent}\n");
+                let mut back = vec![0u8; msg.len()];
+                conn.write_all(msg.as_bytes())
+                    .and_then(|()| conn.read_exact(&mut back))
+                    .map_err(|e| format!("at {sent}: {e}"))?;
+                if back != msg.as_bytes() {
+                    return Err(format!(
+                        "at {sent}: echoed {:?}",
+                        String::from_utf8_lossy(&back)
+                    ));
+                }
+                *sent += 1;
+                Ok(())
+            },
+        )
     }
 }
 
@@ -249,12 +266,32 @@ fn a_next_generation_that_never_adopts_loses_no_connection() {
 
 /// Keep-alive HTTP clients, each on one connection for the whole test,
 /// sending `GET /` as fast as answers come; each records the generation of
-/// every answer. A close, an error or `Connection: close` is a failure.
-struct HttpClients {
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<Vec<u64>>>,
+/// every answer (the state: the generations in turn). A close, an error or
+/// `Connection: close` is a failure.
+fn http_clients(addr: SocketAddr, n: usize) -> Clients<Vec<u64>> {
+    Clients::start_with(
+        addr,
+        n,
+        Duration::ZERO,
+        |_, conn, generations: &mut Vec<u64>| {
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            let (head, body) = http_response(conn).map_err(|e| e.to_string())?;
+            if !head.starts_with("http/1.1 200") || head.contains("connection: close") {
+                return Err(format!("{head:?}"));
+            }
+            // "hello from generation N pid P"
+            let g: u64 = body
+                .split_whitespace()
+                .nth(3)
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0);
+            if generations.last() != Some(&g) {
+                generations.push(g);
+            }
+            Ok(())
+        },
+    )
 }
 
 /// One response on `c`: (head, body).
@@ -285,86 +322,6 @@ fn http_response(c: &mut TcpStream) -> std::io::Result<(String, String)> {
     }
 }
 
-impl HttpClients {
-    fn start(addr: SocketAddr, n: usize) -> HttpClients {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let threads = (0..n)
-            .map(|c| {
-                let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    let mut conn = TcpStream::connect(addr).unwrap();
-                    conn.set_read_timeout(Some(Duration::from_secs(10)))
-                        .unwrap();
-                    conn.set_nodelay(true).unwrap();
-                    let mut generations = Vec::new();
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let r = conn
-                            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                            .and_then(|()| http_response(&mut conn));
-                        let (head, body) = match r {
-                            Ok(r) => r,
-                            Err(e) => {
-                                failures.lock().unwrap().push(format!("client {c}: {e}"));
-                                return generations;
-                            }
-                        };
-                        if !head.starts_with("http/1.1 200") || head.contains("connection: close") {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("client {c}: {head:?}"));
-                            return generations;
-                        }
-                        // "hello from generation N pid P"
-                        let g: u64 = body
-                            .split_whitespace()
-                            .nth(3)
-                            .and_then(|g| g.parse().ok())
-                            .unwrap_or(0);
-                        if generations.last() != Some(&g) {
-                            generations.push(g);
-                        }
-                        answered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    generations
-                })
-            })
-            .collect();
-        HttpClients {
-            stop,
-            answered,
-            failures,
-            threads,
-        }
-    }
-
-    fn wait_for_progress(&self, n: u64) {
-        let start = self.answered.load(Ordering::Relaxed);
-        assert_eventually!(
-            Duration::from_secs(10),
-            self.answered.load(Ordering::Relaxed) >= start + n
-                || !self.failures.lock().unwrap().is_empty(),
-            "no progress"
-        );
-        let failures = self.failures.lock().unwrap();
-        assert!(failures.is_empty(), "{failures:?}");
-    }
-
-    fn stop(self) -> (Vec<Vec<u64>>, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        let seen = self
-            .threads
-            .into_iter()
-            .map(|t| t.join().unwrap())
-            .collect();
-        let failures = self.failures.lock().unwrap().clone();
-        (seen, failures)
-    }
-}
-
 /// `baton::http::Server` moves keep-alive connections: 16 clients sending
 /// continuously through five upgrades of `hello` with a 60 s drain timeout.
 /// No connection closes, no request fails, every client is answered by
@@ -372,7 +329,7 @@ impl HttpClients {
 #[test]
 fn http_keepalive_connections_move_through_five_upgrades_and_none_closes() {
     let mut r = Running::start("hello", &["--drain-timeout", "60s", "--settle", "300ms"]);
-    let clients = HttpClients::start(r.addr(), 16);
+    let clients = http_clients(r.addr(), 16);
     clients.wait_for_progress(500);
     let mut old = r.pid();
     for i in 0..5 {
