@@ -71,14 +71,20 @@ fn once(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::Error::msg(e.to_string())
 }
 
-/// Validates the file; prints every problem as `FILE:LINE:COL: message` on
-/// stderr, and for a valid file a `FILE:LINE:COL: warning: …` for each
-/// listener address that cannot be bound right now. Returns whether it is
+/// Validates the file and reads the certificates it names; prints every
+/// problem as `FILE:LINE:COL: message` on stderr, and for a valid file a
+/// `FILE:LINE:COL: warning: …` for each listener address that cannot be
+/// bound right now and each expired certificate. Returns whether it is
 /// valid (warnings do not change that).
 pub fn check(config: &Path) -> bool {
-    match baton_proxy::config::load(config) {
-        Ok(c) => {
-            for w in baton_proxy::config::bind_warnings(&c) {
+    let loaded = baton_proxy::config::load(config)
+        .and_then(|c| baton_proxy::tls::load(&c).map(|(_, warnings)| (c, warnings)));
+    match loaded {
+        Ok((c, tls_warnings)) => {
+            for w in baton_proxy::config::bind_warnings(&c)
+                .into_iter()
+                .chain(tls_warnings)
+            {
                 eprintln!("{w}");
             }
             println!(

@@ -78,6 +78,16 @@ struct RawListener {
     #[serde(default)]
     protocol: Protocol,
     upstream: Option<Spanned<String>>,
+    #[serde(default)]
+    certificates: Vec<Spanned<RawCertificate>>,
+    tls_min_version: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,17 +139,26 @@ pub enum Protocol {
     /// HTTP/1.1 reverse proxying by route.
     #[default]
     Http,
+    /// HTTP/1.1 over TLS, reverse proxying by route (the listener's
+    /// `certificates`).
+    Https,
     /// Raw TCP: every connection is spliced to one upstream.
     Tcp,
 }
 
 impl Protocol {
-    /// `"http"` or `"tcp"`.
+    /// `"http"`, `"https"` or `"tcp"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http => "http",
+            Protocol::Https => "https",
             Protocol::Tcp => "tcp",
         }
+    }
+
+    /// Whether it routes HTTP requests (`http` and `https`).
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
     }
 }
 
@@ -225,6 +244,40 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     /// For TCP listeners: the upstream every connection goes to.
     pub upstream: Option<String>,
+    /// For HTTPS listeners: the certificates and the TLS policy.
+    pub tls: Option<TlsSettings>,
+}
+
+/// The TLS side of an `https` listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    /// `[[listeners.certificates]]`, in file order: chosen by SNI from each
+    /// certificate's DNS names, the first for any other name.
+    pub certificates: Vec<CertificateFiles>,
+    /// `tls_min_version`: `"1.2"` (the default) or `"1.3"`.
+    pub min_version: TlsVersion,
+}
+
+/// The lowest TLS version an `https` listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+/// One `[[listeners.certificates]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateFiles {
+    /// The PEM chain (relative paths are from the configuration file's
+    /// directory).
+    pub cert: PathBuf,
+    /// The PEM key: PKCS#8, RSA or SEC1.
+    pub key: PathBuf,
+    /// Where the entry is written.
+    pub at: Position,
 }
 
 /// `[upstreams.NAME]`.
@@ -800,6 +853,71 @@ impl Validator<'_> {
         }
     }
 
+    /// The TLS settings of listener `name`: `https` needs certificates,
+    /// other protocols take none. The files are read later
+    /// ([`crate::tls::load`]).
+    fn tls(
+        &mut self,
+        name: &str,
+        protocol: Protocol,
+        certificates: &[Spanned<RawCertificate>],
+        min_version: &Option<Spanned<String>>,
+        span: &Range<usize>,
+        path: Option<&Path>,
+    ) -> Option<TlsSettings> {
+        if protocol != Protocol::Https {
+            if let Some(c) = certificates.first() {
+                self.err(
+                    c.span(),
+                    format!(
+                        "{} listener {name:?} takes no certificates; use protocol = \"https\"",
+                        protocol.as_str()
+                    ),
+                );
+            }
+            if let Some(v) = min_version {
+                self.err(
+                    v.span(),
+                    format!("tls_min_version is for https listeners; {name:?} is {}", protocol.as_str()),
+                );
+            }
+            return None;
+        }
+        if certificates.is_empty() {
+            self.err(
+                span.clone(),
+                format!("https listener {name:?} needs at least one [[listeners.certificates]] with cert and key"),
+            );
+        }
+        let dir = path.and_then(Path::parent).unwrap_or(Path::new(""));
+        let certificates = certificates
+            .iter()
+            .map(|c| {
+                let c = c.get_ref();
+                CertificateFiles {
+                    cert: dir.join(c.cert.get_ref()),
+                    key: dir.join(c.key.get_ref()),
+                    at: self.src.position(c.cert.span()),
+                }
+            })
+            .collect();
+        let min_version = match min_version.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+            None | Some(("1.2", _)) => TlsVersion::Tls12,
+            Some(("1.3", _)) => TlsVersion::Tls13,
+            Some((other, at)) => {
+                self.err(
+                    at,
+                    format!("tls_min_version {other:?} must be \"1.2\" or \"1.3\""),
+                );
+                TlsVersion::Tls12
+            }
+        };
+        Some(TlsSettings {
+            certificates,
+            min_version,
+        })
+    }
+
     fn config(&mut self, raw: RawConfig, path: Option<&Path>) -> Config {
         let server = ServerSettings {
             control_socket: raw
@@ -940,6 +1058,7 @@ impl Validator<'_> {
                     }
                 }
             }
+            let tls = self.tls(&name, l.protocol, &l.certificates, &l.tls_min_version, &span, path);
             let upstream = match (l.protocol, &l.upstream) {
                 (Protocol::Tcp, None) => {
                     self.err(
@@ -954,14 +1073,17 @@ impl Validator<'_> {
                     }
                     Some(u.get_ref().clone())
                 }
-                (Protocol::Http, Some(u)) => {
+                (p @ (Protocol::Http | Protocol::Https), Some(u)) => {
                     self.err(
                         u.span(),
-                        format!("http listener {name:?} takes no upstream; add [[routes]] for it"),
+                        format!(
+                            "{} listener {name:?} takes no upstream; add [[routes]] for it",
+                            p.as_str()
+                        ),
                     );
                     None
                 }
-                (Protocol::Http, None) => None,
+                (Protocol::Http | Protocol::Https, None) => None,
             };
             if let Some(address) = address {
                 listeners.push(ListenerConfig {
@@ -970,6 +1092,7 @@ impl Validator<'_> {
                     address_at: self.src.position(l.address.span()),
                     protocol: l.protocol,
                     upstream,
+                    tls,
                 });
             }
         }
@@ -984,7 +1107,7 @@ impl Validator<'_> {
                 None if !names.contains_key(&listener) => {
                     self.err(r.listener.span(), format!("unknown listener {listener:?}"));
                 }
-                Some(l) if l.protocol != Protocol::Http => {
+                Some(l) if !l.protocol.is_http() => {
                     self.err(
                         r.listener.span(),
                         format!("listener {listener:?} is a tcp listener; routes are for http listeners"),

@@ -69,6 +69,9 @@ pub(crate) struct HttpContext {
     /// The process whose upgrade moves keep-alive connections to the next
     /// generation (`None`: they are drained).
     pub(crate) baton: Option<baton::Baton>,
+    /// The TLS acceptor of an `https` listener (its certificates reload in
+    /// place).
+    pub(crate) tls: Option<baton::tls::Acceptor>,
 }
 
 /// A client stream that can move to the next generation.
@@ -88,6 +91,18 @@ impl Movable for tokio::net::TcpStream {
             baton::migrate::Connection::Tcp(s) => Some(s),
             _ => None,
         }
+    }
+}
+
+/// A TLS connection is served through a borrow (so that it can be closed
+/// with `close_notify` afterwards) and does not move: its session keys are
+/// in this process (it drains at an upgrade instead).
+impl Movable for &mut baton::tls::TlsStream<tokio::net::TcpStream> {
+    fn into_connection(self) -> Result<baton::migrate::Connection, Self> {
+        Err(self)
+    }
+    fn from_connection(_: baton::migrate::Connection) -> Option<Self> {
+        None
     }
 }
 
@@ -279,10 +294,14 @@ enum Outcome {
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     fn new(stream: S, peer: SocketAddr, ctx: Arc<HttpContext>, shutdown: baton::Shutdown) -> Self {
         let now = Instant::now();
+        let forwarded = match ctx.tls {
+            Some(_) => Peer::new(peer.ip()).over_tls(),
+            None => Peer::new(peer.ip()),
+        };
         Client {
             ctx,
             peer,
-            forwarded: Peer::new(peer.ip()),
+            forwarded,
             shutdown,
             stream,
             rbuf: BytesMut::with_capacity(READ_BUF),
@@ -962,6 +981,7 @@ mod tests {
             stats: crate::stats::for_listener(l, l.address, baton::RequestMetrics::detached()),
             idle: Arc::new(IdlePool::default()),
             baton: None,
+            tls: None,
         })
     }
 

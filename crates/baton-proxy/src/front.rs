@@ -123,6 +123,7 @@ impl Front {
             )),
             idle: Arc::new(IdlePool::default()),
             baton: None,
+            tls: None,
         });
         Front {
             ctx,

@@ -45,6 +45,7 @@ mod router;
 mod stats;
 mod tcp;
 mod timer;
+pub mod tls;
 mod upstream;
 mod websocket;
 

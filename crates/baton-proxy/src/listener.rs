@@ -240,6 +240,9 @@ async fn accept_until(
         let guard = stats.connection();
         let handle = shutdown.clone();
         match dispatch {
+            Dispatch::Http(ctx) if ctx.tls.is_some() => {
+                shutdown.spawn(serve_tls(io, peer, ctx.clone(), handle, guard));
+            }
             Dispatch::Http(ctx) => {
                 shutdown.spawn(crate::forward::serve(io, peer, ctx.clone(), handle, guard));
             }
@@ -257,6 +260,47 @@ async fn accept_until(
             }
         }
     }
+}
+
+/// A TLS handshake must be done within this (nginx bounds it with
+/// `client_header_timeout`, 60 s; a handshake takes a round trip or two).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves a connection of an `https` listener: the handshake (bounded by
+/// [`HANDSHAKE_TIMEOUT`] and by the drain's expiry), HTTP/1.1 over it, then
+/// `close_notify`.
+async fn serve_tls(
+    io: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    ctx: Arc<HttpContext>,
+    shutdown: baton::Shutdown,
+    guard: crate::stats::ConnGuard,
+) {
+    let Some(acceptor) = ctx.tls.clone() else {
+        return;
+    };
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io));
+    let mut tls = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(listener = %ctx.listener, %peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(listener = %ctx.listener, %peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        _ = shutdown.expired() => return,
+    };
+    crate::forward::serve(&mut tls, peer, ctx, shutdown, guard).await;
+    // Bounded: a client that does not read cannot hold the task.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::AsyncWriteExt::shutdown(&mut tls),
+    )
+    .await;
 }
 
 /// Serves a connection the previous generation moved here: an HTTP

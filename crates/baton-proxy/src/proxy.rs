@@ -82,6 +82,8 @@ struct Loaded {
 /// What a reload prepares on a blocking thread before it swaps anything.
 struct Built {
     config: Config,
+    /// The certificates of the `https` listeners, read and checked.
+    material: crate::tls::Material,
     pools: HashMap<String, Arc<Pool>>,
     /// Route tables by listener name.
     tables: HashMap<String, RouteTable>,
@@ -236,6 +238,10 @@ impl Proxy {
             idle_grace: config.server.idle_grace,
             drain_timeout: config.server.drain_timeout,
         };
+        let (mut material, warnings) = crate::tls::load(&config)?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
         let mut pending = Vec::new();
         let mut tables = RouteTable::build_all(&config.routes, &pools);
         for l in &config.listeners {
@@ -244,7 +250,8 @@ impl Proxy {
             let stats = stats::for_listener(l, bound, baton.requests(&l.name));
             let table = tables.remove(&l.name).unwrap_or_default();
             let migrate = config.server.migrate.then_some(&baton);
-            let dispatch = make_dispatch(l, table, &pools, &stats, &idle, migrate);
+            let tls = material.take(&l.name);
+            let dispatch = make_dispatch(l, table, &pools, &stats, &idle, migrate, tls);
             // Keep-alive connections of an HTTP listener that the previous
             // generation moves here at its upgrade.
             let incoming = config
@@ -379,10 +386,15 @@ impl Proxy {
                     // yield the CPU to them.
                     let built = in_background(move || {
                         let config = config::load(&path)?;
+                        let (material, warnings) = crate::tls::load(&config)?;
+                        for w in warnings {
+                            tracing::warn!("{w}");
+                        }
                         let pools = build_pools(&config, &inner.registry);
                         let tables = RouteTable::build_all(&config.routes, &pools);
                         Ok::<_, ProxyError>(Built {
                             config,
+                            material,
                             pools,
                             tables,
                         })
@@ -444,6 +456,7 @@ impl Proxy {
     ) -> Result<Loaded, ProxyError> {
         let Built {
             config: new,
+            mut material,
             pools,
             mut tables,
         } = built;
@@ -526,7 +539,9 @@ impl Proxy {
         for name in &removed {
             self.retire(name);
         }
-        // Swap routes and pools of the listeners that stay.
+        // Swap routes and pools of the listeners that stay, and their
+        // certificates (new handshakes use them at once).
+        let mut rotate = Vec::new();
         {
             let listeners = lock(&self.inner.listeners);
             for r in listeners.values() {
@@ -534,6 +549,17 @@ impl Proxy {
                     Dispatch::Http(ctx) => {
                         let table = tables.remove(&r.config.name).unwrap_or_default();
                         old_tables.push(ctx.routes.swap(Arc::new(table)));
+                        let settings = new
+                            .listeners
+                            .iter()
+                            .find(|l| l.name == r.config.name)
+                            .and_then(|l| l.tls.as_ref());
+                        if let (Some(acceptor), Some(settings), Some(certificates)) =
+                            (&ctx.tls, settings, material.take(&r.config.name))
+                        {
+                            acceptor.set_options(&crate::tls::options(settings));
+                            rotate.push((acceptor.clone(), certificates));
+                        }
                     }
                     Dispatch::Tcp(pool, _) => {
                         let upstream = new
@@ -549,12 +575,27 @@ impl Proxy {
                 }
             }
         }
+        for (acceptor, certificates) in rotate {
+            let _ = acceptor
+                .certificates()
+                .reload(|| async { Ok::<_, std::convert::Infallible>(certificates) })
+                .await;
+        }
         for (l, tcp) in bound {
             let b = tcp.local_addr().unwrap_or(l.address);
             let stats = stats::for_listener(&l, b, baton.requests(&l.name));
             let table = tables.remove(&l.name).unwrap_or_default();
             let migrate = self.inner.migrate.then_some(baton);
-            let dispatch = make_dispatch(&l, table, &pools, &stats, &self.inner.idle, migrate);
+            let tls = material.take(&l.name);
+            let dispatch = make_dispatch(
+                &l,
+                table,
+                &pools,
+                &stats,
+                &self.inner.idle,
+                migrate,
+                tls,
+            );
             let running = listener::spawn(
                 baton.shutdown(),
                 tcp,
@@ -717,14 +758,16 @@ fn make_dispatch(
     stats: &Arc<ListenerStats>,
     idle: &Arc<IdlePool>,
     migrate: Option<&baton::Baton>,
+    certificates: Option<baton::tls::Certificates>,
 ) -> Dispatch {
     match l.protocol {
-        Protocol::Http => Dispatch::Http(Arc::new(HttpContext {
+        Protocol::Http | Protocol::Https => Dispatch::Http(Arc::new(HttpContext {
             listener: l.name.clone(),
             routes: ArcSwap::from_pointee(routes),
             stats: stats.clone(),
             idle: idle.clone(),
             baton: migrate.cloned(),
+            tls: certificates.and_then(|c| crate::tls::acceptor(l, c)),
         })),
         Protocol::Tcp => {
             let pool = l

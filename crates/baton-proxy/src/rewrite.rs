@@ -71,13 +71,15 @@ impl<'a> Forwarded<'a> {
     }
 }
 
-/// The client's address as the forwarding fields write it.
+/// The client's address and scheme as the forwarding fields write them.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
     /// As an `X-Forwarded-For` element.
     text: String,
     /// As a `Forwarded` node (an IPv6 address quoted in brackets).
     node: String,
+    /// The client came over TLS (`https`, else `http`).
+    https: bool,
 }
 
 impl Peer {
@@ -89,6 +91,21 @@ impl Peer {
         Peer {
             text: ip.to_string(),
             node,
+            https: false,
+        }
+    }
+
+    /// The same client, over TLS.
+    pub(crate) fn over_tls(mut self) -> Peer {
+        self.https = true;
+        self
+    }
+
+    fn proto(&self) -> &'static [u8] {
+        if self.https {
+            b"https"
+        } else {
+            b"http"
         }
     }
 }
@@ -265,9 +282,12 @@ pub(crate) fn request_head(
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(peer.text.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nforwarded: for=");
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(peer.proto());
+    out.extend_from_slice(b"\r\nforwarded: for=");
     out.extend_from_slice(peer.node.as_bytes());
-    out.extend_from_slice(b";proto=http");
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(peer.proto());
     if let Some(host) = f.host.filter(|h| !h.contains('"') && !h.contains('\\')) {
         out.extend_from_slice(b";host=\"");
         out.extend_from_slice(host.as_bytes());
@@ -464,16 +484,17 @@ mod tests {
                 framing: Framing::None,
                 fields: &fields,
             };
-            let peer = Peer::new("2001:db8::1".parse().unwrap());
+            let peer = Peer::new("2001:db8::1".parse().unwrap()).over_tls();
             request_head(&mut out, &[], &f, None, None, SERVER, &peer);
             String::from_utf8(out).unwrap()
         };
         // A host with a quote is left out of `Forwarded` rather than
-        // escaped.
+        // escaped; a client over TLS is `https` in both fields.
         assert_eq!(
             field_values(&v6, "forwarded"),
-            ["for=\"[2001:db8::1]\";proto=http"]
+            ["for=\"[2001:db8::1]\";proto=https"]
         );
+        assert_eq!(field_values(&v6, "x-forwarded-proto"), ["https"]);
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub mod signals;
 pub mod sync;
 mod sys;
 pub mod takeover;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use crate::baton::{listen_fds, Baton, Builder, State, StopReason};
 pub use crate::drain::{Drain, DrainOutcome, Shutdown};
