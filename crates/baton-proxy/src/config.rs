@@ -276,7 +276,7 @@ pub struct CertificateFiles {
     pub cert: PathBuf,
     /// The PEM key: PKCS#8, RSA or SEC1.
     pub key: PathBuf,
-    /// Where the entry is written.
+    /// Where the entry (its `[[listeners.certificates]]`) is written.
     pub at: Position,
 }
 
@@ -878,7 +878,10 @@ impl Validator<'_> {
             if let Some(v) = min_version {
                 self.err(
                     v.span(),
-                    format!("tls_min_version is for https listeners; {name:?} is {}", protocol.as_str()),
+                    format!(
+                        "tls_min_version is for https listeners; {name:?} is {}",
+                        protocol.as_str()
+                    ),
                 );
             }
             return None;
@@ -892,16 +895,19 @@ impl Validator<'_> {
         let dir = path.and_then(Path::parent).unwrap_or(Path::new(""));
         let certificates = certificates
             .iter()
-            .map(|c| {
-                let c = c.get_ref();
+            .map(|entry| {
+                let c = entry.get_ref();
                 CertificateFiles {
                     cert: dir.join(c.cert.get_ref()),
                     key: dir.join(c.key.get_ref()),
-                    at: self.src.position(c.cert.span()),
+                    at: self.src.position(entry.span()),
                 }
             })
             .collect();
-        let min_version = match min_version.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+        let min_version = match min_version
+            .as_ref()
+            .map(|v| (v.get_ref().as_str(), v.span()))
+        {
             None | Some(("1.2", _)) => TlsVersion::Tls12,
             Some(("1.3", _)) => TlsVersion::Tls13,
             Some((other, at)) => {
@@ -1058,7 +1064,14 @@ impl Validator<'_> {
                     }
                 }
             }
-            let tls = self.tls(&name, l.protocol, &l.certificates, &l.tls_min_version, &span, path);
+            let tls = self.tls(
+                &name,
+                l.protocol,
+                &l.certificates,
+                &l.tls_min_version,
+                &span,
+                path,
+            );
             let upstream = match (l.protocol, &l.upstream) {
                 (Protocol::Tcp, None) => {
                     self.err(

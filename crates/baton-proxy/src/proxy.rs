@@ -587,15 +587,7 @@ impl Proxy {
             let table = tables.remove(&l.name).unwrap_or_default();
             let migrate = self.inner.migrate.then_some(baton);
             let tls = material.take(&l.name);
-            let dispatch = make_dispatch(
-                &l,
-                table,
-                &pools,
-                &stats,
-                &self.inner.idle,
-                migrate,
-                tls,
-            );
+            let dispatch = make_dispatch(&l, table, &pools, &stats, &self.inner.idle, migrate, tls);
             let running = listener::spawn(
                 baton.shutdown(),
                 tcp,

@@ -95,9 +95,7 @@ pub(crate) fn options(tls: &TlsSettings) -> Options {
         TlsVersion::Tls12 => Versions::Tls12And13,
         TlsVersion::Tls13 => Versions::Tls13,
     };
-    Options::default()
-        .versions(versions)
-        .alpn(&[b"http/1.1"])
+    Options::default().versions(versions).alpn(&[b"http/1.1"])
 }
 
 /// A new acceptor for listener `l` (an `https` one) with `certificates`.

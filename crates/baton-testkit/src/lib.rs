@@ -37,6 +37,8 @@ macro_rules! assert_eventually {
     }};
 }
 
+pub mod tls;
+
 /// Makes this process a child subreaper (orphaned descendants are reparented
 /// to it, so it can reap them) — PID 1 on these machines does not reap.
 pub fn become_subreaper() {
@@ -120,6 +122,12 @@ pub fn replay_corpus(target: &str, f: fn(&[u8])) {
         }
     }
     assert!(n > 0, "no corpus for {target} under {}", root.display());
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        self.path()
+    }
 }
 
 impl Drop for TempDir {
@@ -476,6 +484,9 @@ pub enum Target {
     Tcp(SocketAddr),
     /// A Unix socket path.
     Unix(PathBuf),
+    /// HTTPS: a TCP address, the name sent as SNI, and the client
+    /// configuration (whose session store lets new connections resume).
+    Tls(SocketAddr, String, Arc<rustls::ClientConfig>),
 }
 
 trait Conn: Read + Write + Send {}
@@ -496,6 +507,7 @@ impl Target {
                 s.set_read_timeout(Some(t))?;
                 Box::new(s)
             }
+            Target::Tls(a, name, config) => Box::new(tls::connect(*a, name, config)?),
         })
     }
 }

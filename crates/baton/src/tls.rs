@@ -292,7 +292,10 @@ impl Certificates {
                     Some(&first) if first != i => {
                         return Err(TlsError::DuplicateName {
                             name: name.clone(),
-                            first: list.get(first).map(|f| f.cert_path.clone()).unwrap_or_default(),
+                            first: list
+                                .get(first)
+                                .map(|f| f.cert_path.clone())
+                                .unwrap_or_default(),
                             second: c.cert_path.clone(),
                         })
                     }
@@ -439,16 +442,15 @@ fn build(
         Versions::Tls12And13 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         Versions::Tls13 => &[&rustls::version::TLS13],
     };
-    let builder = match ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions)
-    {
-        Ok(b) => b,
-        // The default provider supports both versions; should another
-        // provider be the process default, use its own defaults.
-        Err(_) => ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap_or_else(|_| ServerConfig::builder()),
-    };
+    let builder =
+        match ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions) {
+            Ok(b) => b,
+            // The default provider supports both versions; should another
+            // provider be the process default, use its own defaults.
+            Err(_) => ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap_or_else(|_| ServerConfig::builder()),
+        };
     let mut config = builder
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Resolver(certificates.clone())));

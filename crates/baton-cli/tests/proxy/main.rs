@@ -14,6 +14,7 @@ mod settle;
 mod smuggling;
 mod takeover;
 mod tcp;
+mod tls;
 mod upgrade;
 mod websocket;
 

@@ -1,0 +1,305 @@
+//! `https` listeners: certificates chosen by SNI, checked by `baton check`
+//! at the entry that names them, rotated by a reload under load, and
+//! binary upgrades under TLS load that lose no request.
+
+use std::process::Command;
+use std::time::Duration;
+
+use baton_testkit::tls::{self, rustls, TestCert};
+use baton_testkit::{assert_eventually, our_zombies, Load, Target, TempDir};
+
+use crate::{baton, text, upstream_toml, Proxy, Upstream};
+
+/// An `https` listener "secure" with `certs` (cert, key paths as written),
+/// every path routed to upstream "a" at `a`.
+fn secure(a: std::net::SocketAddr, certs: &[(&str, &str)], extra: &str) -> String {
+    let mut out = String::from(
+        "[[listeners]]\nname = \"secure\"\naddress = \"127.0.0.1:0\"\nprotocol = \"https\"\n",
+    );
+    out.push_str(extra);
+    for (cert, key) in certs {
+        out.push_str(&format!(
+            "[[listeners.certificates]]\ncert = {cert:?}\nkey = {key:?}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "\n{}\n[[routes]]\nlistener = \"secure\"\nupstream = \"a\"\n",
+        upstream_toml("a", &[a], "")
+    ));
+    out
+}
+
+fn paths(c: &TestCert) -> (&str, &str) {
+    (c.cert.to_str().unwrap(), c.key.to_str().unwrap())
+}
+
+#[test]
+fn sni_picks_the_certificate_and_the_upstream_is_told_https() {
+    let a = Upstream::http("a");
+    let certs = TempDir::new("tls-sni-certs");
+    let one = tls::cert(&certs, "one", &["one.test"]);
+    let two = tls::cert(&certs, "two", &["two.test", "*.two.test"]);
+    let p = Proxy::start(
+        "tls-sni",
+        "",
+        &secure(a.addr, &[paths(&one), paths(&two)], ""),
+    );
+    let addr = p.addr("secure");
+    let client = tls::client(&[&one, &two]);
+    for (name, want) in [
+        ("one.test", &one),
+        ("two.test", &two),
+        ("www.two.test", &two),
+    ] {
+        let got = tls::get(addr, name, "/", &client);
+        assert_eq!((got.status, got.body.as_str()), (200, "upstream a\n"));
+        assert_eq!(got.cert, want.der, "SNI {name}");
+    }
+    // A name no certificate has gets the first one (which the client then
+    // refuses: it is not valid for that name).
+    let other = tls::connect(addr, "other.test", &client);
+    assert!(other.is_err(), "a certificate for other.test was accepted");
+    let got = tls::get(addr, "one.test", "/headers", &client);
+    assert!(
+        got.body.contains("x-forwarded-proto: https\n"),
+        "{}",
+        got.body
+    );
+    assert!(got.body.contains(";proto=https"), "{}", got.body);
+    assert_eq!(got.version, "TLSv1_3");
+    // The status names the protocol.
+    assert_eq!(p.status()["proxy"]["listeners"][0]["protocol"], "https");
+}
+
+#[test]
+fn tls_min_version_1_3_refuses_a_tls_1_2_client() {
+    let a = Upstream::http("a");
+    let certs = TempDir::new("tls-ver-certs");
+    let one = tls::cert(&certs, "one", &["one.test"]);
+    let p = Proxy::start(
+        "tls-ver",
+        "",
+        &secure(a.addr, &[paths(&one)], "tls_min_version = \"1.3\"\n"),
+    );
+    let addr = p.addr("secure");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(one.der.clone()).unwrap();
+    let tls12 = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    assert!(tls::connect(addr, "one.test", &tls12).is_err());
+    let got = tls::get(addr, "one.test", "/", &tls::client(&[&one]));
+    assert_eq!((got.status, got.version.as_str()), (200, "TLSv1_3"));
+}
+
+/// Runs `baton check` on `toml` written as `DIR/proxy.toml`, where the
+/// certificates are made by `make` in DIR (so relative paths work).
+fn check(make: impl FnOnce(&TempDir) -> String) -> (std::process::Output, String) {
+    let dir = TempDir::new("tls-check");
+    let toml = make(&dir);
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(baton())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (out, path.to_str().unwrap().to_owned())
+}
+
+#[test]
+fn check_names_the_entry_and_the_file_that_is_wrong() {
+    let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    // Relative paths are from the configuration file's directory.
+    let (out, _) = check(|dir| {
+        tls::cert(dir, "good", &["good.test"]);
+        secure(upstream, &[("good.pem", "good.key")], "")
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let (out, path) = check(|dir| {
+        tls::cert(dir, "a", &["a.test"]);
+        tls::cert(dir, "b", &["b.test", "a.test"]);
+        tls::cert(dir, "c", &["c.test"]);
+        std::fs::write(
+            dir.join("junk.pem"),
+            "-----BEGIN CERTIFICATE-----\nnot base64\n",
+        )
+        .unwrap();
+        secure(
+            upstream,
+            &[
+                ("a.pem", "a.key"),
+                ("c.pem", "b.key"),
+                ("missing.pem", "a.key"),
+                ("junk.pem", "a.key"),
+            ],
+            "",
+        )
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let dir = std::path::Path::new(&path)
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    // Entry k (from 0) starts on line 5 + 3k: the listener takes 4.
+    for (line, what) in [
+        (
+            8,
+            format!("{dir}/b.key: the key does not match the certificate in {dir}/c.pem"),
+        ),
+        (11, format!("{dir}/missing.pem: cannot read")),
+        (14, format!("{dir}/junk.pem: not a PEM certificate chain")),
+    ] {
+        let prefix = format!("{path}:{line}:1: listener \"secure\": {what}");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&prefix)),
+            "no {prefix:?} in:\n{stderr}"
+        );
+    }
+
+    // Two certificates with one name: at the second.
+    let (out, path) = check(|dir| {
+        tls::cert(dir, "a", &["a.test"]);
+        tls::cert(dir, "b", &["b.test", "A.test"]);
+        secure(upstream, &[("a.pem", "a.key"), ("b.pem", "b.key")], "")
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{path}:8:1: listener \"secure\": "))
+            && stderr.contains("DNS name \"a.test\" is also a name of"),
+        "{stderr}"
+    );
+
+    // An expired certificate is a warning, not an error.
+    let (out, path) = check(|dir| {
+        tls::expired_cert(dir, "old", &["old.test"]);
+        secure(upstream, &[("old.pem", "old.key")], "")
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{path}:5:1: warning: listener \"secure\": certificate "
+        )) && stderr.contains("has expired"),
+        "{stderr}"
+    );
+
+    // An https listener needs certificates; others take none.
+    let (out, path) = check(|_| {
+        "[[listeners]]\nname = \"s\"\naddress = \"127.0.0.1:0\"\nprotocol = \"https\"\n\n[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\ntls_min_version = \"1.3\"\n[[listeners.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n".to_owned()
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        format!("{path}:1:1: https listener \"s\" needs at least one [[listeners.certificates]]"),
+        format!("{path}:9:19: tls_min_version is for https listeners"),
+        format!("{path}:10:1: http listener \"p\" takes no certificates"),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&want)),
+            "no {want:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_reload_rotates_the_certificate_under_load_and_a_bad_one_is_refused() {
+    let a = Upstream::http("a");
+    let certs = TempDir::new("tls-rotate-certs");
+    let first = tls::cert(&certs, "site", &["site.test"]);
+    let p = Proxy::start("tls-rotate", "", &secure(a.addr, &[paths(&first)], ""));
+    let addr = p.addr("secure");
+    // Trusts the first certificate and the next one (made now, written
+    // later).
+    let spare = TempDir::new("tls-rotate-next");
+    let next = tls::cert(&spare, "site", &["site.test"]);
+    let client = tls::client(&[&first, &next]);
+    // A session the client resumes names the certificate of its first
+    // handshake: certificates are looked at over a client of their own.
+    let served = || tls::get(addr, "site.test", "/", &tls::client(&[&first, &next])).cert;
+    let load = Load::start(
+        Target::Tls(addr, "site.test".into(), client.clone()),
+        4,
+        4,
+        Duration::from_secs(120),
+    );
+    load.wait_for_progress(200, Duration::from_secs(30));
+    assert_eq!(tls::get(addr, "site.test", "/", &client).cert, first.der);
+
+    // A key that is not the certificate's: the reload is refused, naming
+    // the file, and the old certificate keeps serving.
+    std::fs::copy(&next.cert, &first.cert).unwrap();
+    let answer = p.control(r#"{"command":"reload"}"#);
+    assert_eq!(answer["ok"], false, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.contains("the key does not match the certificate in")
+            && error.contains(first.key.to_str().unwrap()),
+        "{error}"
+    );
+    assert_eq!(served(), first.der);
+
+    // Both files of the next certificate: new handshakes get it at once.
+    std::fs::copy(&next.key, &first.key).unwrap();
+    p.reload_ok();
+    assert_eq!(served(), next.der);
+    load.wait_for_progress(200, Duration::from_secs(30));
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    // The keep-alive connections were not touched by either reload.
+    assert_eq!(report.keepalive_connects, 4, "{report:?}");
+}
+
+#[test]
+fn eight_upgrades_under_tls_load_lose_no_request() {
+    let a = Upstream::http("a");
+    let certs = TempDir::new("tls-upgrade-certs");
+    let site = tls::cert(&certs, "site", &["site.test"]);
+    let mut p = Proxy::start(
+        "tls-upgrade",
+        "drain_timeout = \"10s\"",
+        &secure(a.addr, &[paths(&site)], ""),
+    );
+    let addr = p.addr("secure");
+    let client = tls::client(&[&site]);
+    let load = Load::start(
+        Target::Tls(addr, "site.test".into(), client.clone()),
+        4,
+        4,
+        Duration::from_secs(180),
+    );
+    load.wait_for_progress(200, Duration::from_secs(30));
+    let mut pids = vec![p.pid()];
+    for i in 0..8u64 {
+        let answer = p.upgrade();
+        assert_eq!(
+            answer["ok"],
+            true,
+            "upgrade {i}: {answer}\n{}",
+            p.server.stderr()
+        );
+        pids.push(answer["pid"].as_u64().unwrap() as u32);
+        load.wait_for_progress(100, Duration::from_secs(30));
+    }
+    let report = load.stop();
+    assert_eq!(
+        report.failed, 0,
+        "failed requests: {:?} (ok: {})",
+        report.failures, report.ok
+    );
+    let got = tls::get(addr, "site.test", "/", &client);
+    assert_eq!((got.status, got.cert), (200, site.der.clone()));
+    for &pid in &pids[..pids.len() - 1] {
+        assert_eventually!(
+            Duration::from_secs(20),
+            p.server.is_gone(pid),
+            "generation pid {pid} still running"
+        );
+    }
+    assert_eq!(our_zombies(), Vec::<u32>::new());
+}
