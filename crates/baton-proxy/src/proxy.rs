@@ -157,6 +157,9 @@ struct Inner {
     /// `[server] migrate` at start: keep-alive connections move at an
     /// upgrade.
     migrate: bool,
+    /// The session ticket keys of every `https` listener, passed on from
+    /// generation to generation (`None`: no random source; no tickets).
+    tickets: Option<Arc<baton::tls::Tickets>>,
 }
 
 /// A running proxy. Cheap to clone.
@@ -239,6 +242,7 @@ impl Proxy {
             drain_timeout: config.server.drain_timeout,
         };
         let (mut material, warnings) = crate::tls::load(&config)?;
+        let tickets = baton::tls::Tickets::for_baton(&baton);
         for w in warnings {
             tracing::warn!("{w}");
         }
@@ -250,7 +254,9 @@ impl Proxy {
             let stats = stats::for_listener(l, bound, baton.requests(&l.name));
             let table = tables.remove(&l.name).unwrap_or_default();
             let migrate = config.server.migrate.then_some(&baton);
-            let tls = material.take(&l.name);
+            let tls = material
+                .take(&l.name)
+                .and_then(|c| crate::tls::acceptor(l, c, tickets.as_ref()));
             let dispatch = make_dispatch(l, table, &pools, &stats, &idle, migrate, tls);
             // Keep-alive connections of an HTTP listener that the previous
             // generation moves here at its upgrade.
@@ -289,6 +295,7 @@ impl Proxy {
                 idle,
                 settings,
                 migrate: config_migrate,
+                tickets,
             }),
         };
         let weak = Arc::downgrade(&proxy.inner);
@@ -557,7 +564,10 @@ impl Proxy {
                         if let (Some(acceptor), Some(settings), Some(certificates)) =
                             (&ctx.tls, settings, material.take(&r.config.name))
                         {
-                            acceptor.set_options(&crate::tls::options(settings));
+                            acceptor.set_options(&crate::tls::options(
+                                settings,
+                                self.inner.tickets.as_ref(),
+                            ));
                             rotate.push((acceptor.clone(), certificates));
                         }
                     }
@@ -586,7 +596,9 @@ impl Proxy {
             let stats = stats::for_listener(&l, b, baton.requests(&l.name));
             let table = tables.remove(&l.name).unwrap_or_default();
             let migrate = self.inner.migrate.then_some(baton);
-            let tls = material.take(&l.name);
+            let tls = material
+                .take(&l.name)
+                .and_then(|c| crate::tls::acceptor(&l, c, self.inner.tickets.as_ref()));
             let dispatch = make_dispatch(&l, table, &pools, &stats, &self.inner.idle, migrate, tls);
             let running = listener::spawn(
                 baton.shutdown(),
@@ -750,7 +762,7 @@ fn make_dispatch(
     stats: &Arc<ListenerStats>,
     idle: &Arc<IdlePool>,
     migrate: Option<&baton::Baton>,
-    certificates: Option<baton::tls::Certificates>,
+    tls: Option<baton::tls::Acceptor>,
 ) -> Dispatch {
     match l.protocol {
         Protocol::Http | Protocol::Https => Dispatch::Http(Arc::new(HttpContext {
@@ -759,7 +771,7 @@ fn make_dispatch(
             stats: stats.clone(),
             idle: idle.clone(),
             baton: migrate.cloned(),
-            tls: certificates.and_then(|c| crate::tls::acceptor(l, c)),
+            tls,
         })),
         Protocol::Tcp => {
             let pool = l

@@ -3,8 +3,9 @@
 //! at the certificate's entry in the configuration file.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use baton::tls::{Acceptor, Certificate, Certificates, Options, TlsError, Versions};
+use baton::tls::{Acceptor, Certificate, Certificates, Options, Tickets, TlsError, Versions};
 
 use crate::config::{Config, ConfigError, ListenerConfig, Problem, TlsSettings, TlsVersion};
 
@@ -88,18 +89,27 @@ fn listener(
     }
 }
 
-/// How an `https` listener serves TLS: its minimum version, and ALPN
-/// `http/1.1`.
-pub(crate) fn options(tls: &TlsSettings) -> Options {
+/// How an `https` listener serves TLS: its minimum version, ALPN
+/// `http/1.1`, and session tickets sealed with `tickets` (which the
+/// process passes on to the next generation).
+pub(crate) fn options(tls: &TlsSettings, tickets: Option<&Arc<Tickets>>) -> Options {
     let versions = match tls.min_version {
         TlsVersion::Tls12 => Versions::Tls12And13,
         TlsVersion::Tls13 => Versions::Tls13,
     };
-    Options::default().versions(versions).alpn(&[b"http/1.1"])
+    let options = Options::default().versions(versions).alpn(&[b"http/1.1"]);
+    match tickets {
+        Some(t) => options.tickets(t.clone()),
+        None => options,
+    }
 }
 
 /// A new acceptor for listener `l` (an `https` one) with `certificates`.
-pub(crate) fn acceptor(l: &ListenerConfig, certificates: Certificates) -> Option<Acceptor> {
+pub(crate) fn acceptor(
+    l: &ListenerConfig,
+    certificates: Certificates,
+    tickets: Option<&Arc<Tickets>>,
+) -> Option<Acceptor> {
     let tls = l.tls.as_ref()?;
-    Some(Acceptor::new(certificates, options(tls)))
+    Some(Acceptor::new(certificates, options(tls, tickets)))
 }

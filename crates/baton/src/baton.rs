@@ -102,6 +102,12 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 type ExitHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 type StatusHook = Arc<dyn Fn() -> Value + Send + Sync>;
+/// What a [`Baton::pass_on`] registers: how to export the state, how to
+/// take it in.
+type PassOn = (
+    Arc<dyn Fn() -> Value + Send + Sync>,
+    Arc<dyn Fn(Value) + Send + Sync>,
+);
 type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;
 type ReloadHandler =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> + Send + Sync>;
@@ -267,6 +273,8 @@ pub(crate) struct Inner {
     hooks: Mutex<Vec<ExitHook>>,
     reload: Mutex<Option<ReloadHandler>>,
     status_hook: Mutex<Option<StatusHook>>,
+    /// State passed from generation to generation, by name.
+    passed_on: Mutex<std::collections::BTreeMap<String, PassOn>>,
     last_reload: Mutex<Option<Outcome>>,
     last_upgrade: Mutex<Option<Outcome>>,
 }
@@ -369,6 +377,7 @@ impl Baton {
                 hooks: Mutex::new(Vec::new()),
                 reload: Mutex::new(None),
                 status_hook: Mutex::new(None),
+                passed_on: Mutex::new(std::collections::BTreeMap::new()),
                 last_reload: Mutex::new(None),
                 last_upgrade: Mutex::new(None),
             }),
@@ -636,6 +645,48 @@ impl Baton {
         *lock(&self.inner.status_hook) = Some(Arc::new(hook));
     }
 
+    /// Passes state on from generation to generation (TLS session ticket
+    /// keys, say: `baton::tls::Tickets`). When this generation hands its
+    /// sockets to the next one (an upgrade or a take-over), `export`'s
+    /// value goes with the `ack`, over the private handshake channel; a
+    /// generation that receives a value under `name` gives it to its
+    /// `import` inside [`ready`](Self::ready), before `ready` returns and
+    /// so before it serves. A value under a name this generation did not
+    /// register is ignored; registering a name again replaces it. Keep it
+    /// small: the `ack` is one line of at most 64 KiB.
+    pub fn pass_on<E, I>(&self, name: &str, export: E, import: I)
+    where
+        E: Fn() -> Value + Send + Sync + 'static,
+        I: Fn(Value) + Send + Sync + 'static,
+    {
+        lock(&self.inner.passed_on).insert(name.to_owned(), (Arc::new(export), Arc::new(import)));
+    }
+
+    /// The values every [`pass_on`](Self::pass_on) exports now.
+    fn exported(&self) -> std::collections::BTreeMap<String, Value> {
+        let hooks: Vec<(String, PassOn)> = lock(&self.inner.passed_on)
+            .iter()
+            .map(|(n, h)| (n.clone(), h.clone()))
+            .collect();
+        hooks
+            .into_iter()
+            .map(|(name, (export, _))| (name, export()))
+            .collect()
+    }
+
+    /// Gives each value passed on to the import registered for it.
+    fn import(&self, state: std::collections::BTreeMap<String, Value>) {
+        for (name, value) in state {
+            let import = lock(&self.inner.passed_on)
+                .get(&name)
+                .map(|(_, import)| import.clone());
+            match import {
+                Some(import) => import(value),
+                None => tracing::debug!(%name, "state passed on that nobody takes; ignored"),
+            }
+        }
+    }
+
     /// Reports that this generation is ready to serve.
     ///
     /// At first start it becomes the active generation at once. After an
@@ -680,8 +731,16 @@ impl Baton {
             None => None,
         };
         let orphaned = matches!(handover, Some(Handover::Orphaned));
+        let handover = handover.map(|h| match h {
+            Handover::Confirm(confirm, totals, state) => {
+                // Before anything is served.
+                self.import(state);
+                Handover::Confirm(confirm, totals, Default::default())
+            }
+            h => h,
+        });
         let result = self.become_active(orphaned);
-        if let Some(Handover::Confirm(confirm, totals)) = handover {
+        if let Some(Handover::Confirm(confirm, totals, _)) = handover {
             // The service's counters go on where the previous generation's
             // stopped, plus the upgrade that made this one.
             if let Some(t) = totals {
@@ -1122,7 +1181,11 @@ impl Baton {
         // `wait` does not let this generation exit before this is answered,
         // whatever the drain timeout.
         let confirmed = child
-            .ack(CONFIRM_TIMEOUT, Some(self.inner.metrics.totals()))
+            .ack(
+                CONFIRM_TIMEOUT,
+                Some(self.inner.metrics.totals()),
+                self.exported(),
+            )
             .await;
         if confirmed.is_ok() {
             if let Some(link) = child.start_link() {

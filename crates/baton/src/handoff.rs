@@ -15,6 +15,7 @@
 //!   period is not taken for a failure. The channel stays open through the
 //!   settle period; the old generation watches the new one's exit (pidfd).
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -57,6 +58,10 @@ pub(crate) enum Message {
         /// The old generation's metric totals, which the new one carries on.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         totals: Option<crate::metrics::Totals>,
+        /// State the application hands on, by name
+        /// ([`crate::Baton::pass_on`]); absent: none.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        state: BTreeMap<String, serde_json::Value>,
     },
     Active,
     Leaving,
@@ -155,13 +160,14 @@ impl ReadyChild {
         &mut self,
         timeout: Duration,
         totals: Option<crate::metrics::Totals>,
+        state: BTreeMap<String, serde_json::Value>,
     ) -> Result<(), String> {
         let Some(handshake) = self.handshake.as_mut() else {
             return Err("the handshake was already used".to_owned());
         };
         handshake
             .get_mut()
-            .write_all(&Message::Ack { totals }.line())
+            .write_all(&Message::Ack { totals, state }.line())
             .await
             .map_err(|e| format!("could not acknowledge: {e}"))?;
         let mut line = Vec::new();
@@ -666,8 +672,13 @@ impl ParentLink {
 #[derive(Debug)]
 pub(crate) enum Handover {
     /// The previous generation stopped accepting: confirm with this; it
-    /// sent its metric totals (a current binary does).
-    Confirm(Confirm, Option<crate::metrics::Totals>),
+    /// sent its metric totals (a current binary does) and the state the
+    /// application hands on.
+    Confirm(
+        Confirm,
+        Option<crate::metrics::Totals>,
+        BTreeMap<String, serde_json::Value>,
+    ),
     /// The previous generation is gone (it died before the hand-over): this
     /// one holds every inherited socket and takes over on its own.
     Orphaned,
@@ -884,8 +895,8 @@ impl ChildHandshake {
             Ok(None) => return Err(crate::Error::RolledBack),
             Err(e) => return Err(crate::Error::Handshake(e.into())),
         };
-        let totals = match Message::parse(&line) {
-            Ok(Message::Ack { totals }) => totals,
+        let (totals, state) = match Message::parse(&line) {
+            Ok(Message::Ack { totals, state }) => (totals, state),
             // The process this one takes over from gave up on it.
             Ok(Message::Error { message }) => return Err(crate::Error::Refused(message)),
             Ok(_) => {
@@ -902,7 +913,7 @@ impl ChildHandshake {
             }
         };
         switch_stderr(&real_stderr).map_err(crate::Error::Handshake)?;
-        Ok(Handover::Confirm(Confirm(stream), totals))
+        Ok(Handover::Confirm(Confirm(stream), totals, state))
     }
 
     /// Reports a startup error to the old generation (best effort; a

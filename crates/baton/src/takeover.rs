@@ -48,7 +48,7 @@ impl Offer {
     /// gave up on this one; exit.
     pub async fn ready(self) -> Result<Acked, Error> {
         match self.handshake.ready(Vec::new()).await? {
-            Handover::Confirm(c, totals) => Ok(Acked(Some(c), totals.map(Carried::from))),
+            Handover::Confirm(c, totals, _) => Ok(Acked(Some(c), totals.map(Carried::from))),
             Handover::Orphaned => Ok(Acked(None, None)),
         }
     }
@@ -142,7 +142,7 @@ impl Successor {
     /// Tells it to become active and waits (up to `timeout`) for it to
     /// confirm that it is.
     pub async fn confirm(&mut self, timeout: Duration) -> Result<(), String> {
-        self.0.ack(timeout, None).await
+        self.0.ack(timeout, None, Default::default()).await
     }
 
     /// [`confirm`](Self::confirm), handing over this side's counters.
@@ -157,7 +157,7 @@ impl Successor {
             child_restarts: carried.child_restarts,
             ..Default::default()
         };
-        self.0.ack(timeout, Some(totals)).await
+        self.0.ack(timeout, Some(totals), Default::default()).await
     }
 }
 

@@ -349,12 +349,20 @@ pub enum Versions {
 pub struct Options {
     versions: Versions,
     alpn: Vec<Vec<u8>>,
+    tickets: Option<Arc<Tickets>>,
 }
 
 impl Options {
     /// The protocol versions offered (default TLS 1.2 and 1.3).
     pub fn versions(mut self, versions: Versions) -> Self {
         self.versions = versions;
+        self
+    }
+
+    /// Seals session tickets with `tickets` (default: no tickets; TLS 1.3
+    /// sessions then resume from this process's memory only).
+    pub fn tickets(mut self, tickets: Arc<Tickets>) -> Self {
+        self.tickets = Some(tickets);
         self
     }
 
@@ -456,7 +464,253 @@ fn build(
         .with_cert_resolver(Arc::new(Resolver(certificates.clone())));
     config.alpn_protocols = options.alpn.clone();
     config.session_storage = sessions.clone();
+    if let Some(t) = &options.tickets {
+        config.ticketer = t.clone();
+    }
     config
+}
+
+/// Session ticket keys that outlive the process: TLS session tickets
+/// (stateless resumption, TLS 1.2 and 1.3) are sealed with keys this
+/// holds, and [`Tickets::for_baton`] passes the keys on to the next
+/// generation at every upgrade or take-over ([`crate::Baton::pass_on`]),
+/// so a client that resumes a session after an upgrade gets an
+/// abbreviated handshake instead of a full one.
+///
+/// A key is used to seal new tickets for [`TICKET_ROTATION`], then kept
+/// one more period to open the tickets it sealed; the schedule is the
+/// key's creation time (wall clock), which travels with it, so every
+/// generation rotates at the same moments. Tickets are AES-256-GCM
+/// (aws-lc-rs, rustls's default provider) under a random 256-bit key,
+/// with the key's random 16-byte name in front and as associated data.
+/// The keys are never written to disk and travel only over the private
+/// handshake channel.
+pub struct Tickets {
+    keys: std::sync::Mutex<Keys>,
+}
+
+/// How long a ticket key seals new tickets (then it only opens them, for
+/// as long again). rustls's own ticketer and nginx's rotate as often.
+pub const TICKET_ROTATION: Duration = Duration::from_secs(6 * 60 * 60);
+
+const KEY_NAME: usize = 16;
+const NONCE: usize = 12;
+
+#[derive(Clone)]
+struct TicketKey {
+    name: [u8; KEY_NAME],
+    secret: [u8; 32],
+    /// Unix seconds.
+    created: u64,
+}
+
+struct Keys {
+    current: TicketKey,
+    previous: Option<TicketKey>,
+}
+
+impl fmt::Debug for Tickets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Tickets { .. }")
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl TicketKey {
+    fn random(created: u64) -> Option<TicketKey> {
+        let mut key = TicketKey {
+            name: [0; KEY_NAME],
+            secret: [0; 32],
+            created,
+        };
+        aws_lc_rs::rand::fill(&mut key.name).ok()?;
+        aws_lc_rs::rand::fill(&mut key.secret).ok()?;
+        Some(key)
+    }
+
+    fn aead(&self) -> Option<aws_lc_rs::aead::LessSafeKey> {
+        let unbound =
+            aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &self.secret).ok()?;
+        Some(aws_lc_rs::aead::LessSafeKey::new(unbound))
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": hex(&self.name),
+            "secret": hex(&self.secret),
+            "created": self.created,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> Option<TicketKey> {
+        let mut key = TicketKey {
+            name: [0; KEY_NAME],
+            secret: [0; 32],
+            created: v.get("created")?.as_u64()?,
+        };
+        unhex(v.get("name")?.as_str()?, &mut key.name)?;
+        unhex(v.get("secret")?.as_str()?, &mut key.secret)?;
+        Some(key)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str, out: &mut [u8]) -> Option<()> {
+    if text.len() != out.len() * 2 || !text.is_ascii() {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(())
+}
+
+impl Tickets {
+    /// Fresh random keys, or `None` if the system's random source failed.
+    pub fn new() -> Option<Arc<Tickets>> {
+        Some(Arc::new(Tickets {
+            keys: std::sync::Mutex::new(Keys {
+                current: TicketKey::random(unix_now())?,
+                previous: None,
+            }),
+        }))
+    }
+
+    /// [`Tickets::new`], passed on from `baton`'s previous generation if it
+    /// had any, and on to its next one: registered with
+    /// [`crate::Baton::pass_on`] under `"tls-tickets"`. Call it before
+    /// [`crate::Baton::ready`].
+    pub fn for_baton(baton: &crate::Baton) -> Option<Arc<Tickets>> {
+        let tickets = Tickets::new()?;
+        let (export, import) = (Arc::downgrade(&tickets), Arc::downgrade(&tickets));
+        baton.pass_on(
+            "tls-tickets",
+            move || export.upgrade().map_or(serde_json::Value::Null, |t| t.export()),
+            move |value| {
+                if let Some(t) = import.upgrade() {
+                    if !t.import(&value) {
+                        tracing::warn!("the session ticket keys passed on cannot be read; new ones are used (sessions do not resume across this upgrade)");
+                    }
+                }
+            },
+        );
+        Some(tickets)
+    }
+
+    /// The keys, to pass on: `{"keys":[current, previous?]}`.
+    pub fn export(&self) -> serde_json::Value {
+        let keys = crate::sync::lock(&self.keys);
+        let mut list = vec![keys.current.to_json()];
+        if let Some(p) = &keys.previous {
+            list.push(p.to_json());
+        }
+        serde_json::json!({ "keys": list })
+    }
+
+    /// Takes the keys of an [`export`](Self::export) in place of these;
+    /// `false` (and nothing changed) if they cannot be read.
+    pub fn import(&self, value: &serde_json::Value) -> bool {
+        let Some(list) = value.get("keys").and_then(|k| k.as_array()) else {
+            return false;
+        };
+        let parsed: Option<Vec<TicketKey>> = list.iter().map(TicketKey::from_json).collect();
+        let Some(mut parsed) = parsed.filter(|p| !p.is_empty() && p.len() <= 2) else {
+            return false;
+        };
+        let previous = (parsed.len() == 2).then(|| parsed.remove(1));
+        let current = parsed.remove(0);
+        *crate::sync::lock(&self.keys) = Keys { current, previous };
+        true
+    }
+
+    /// The keys as of now: the current one rotated out once it has sealed
+    /// for [`TICKET_ROTATION`]; one that is two periods old is dropped.
+    fn rotated(&self) -> std::sync::MutexGuard<'_, Keys> {
+        let mut keys = crate::sync::lock(&self.keys);
+        let now = unix_now();
+        let period = TICKET_ROTATION.as_secs();
+        if now >= keys.current.created.saturating_add(period) {
+            // On the current key's schedule, so every holder of these keys
+            // rotates at the same moment; the new secret is this process's
+            // own, though: tickets that a generation seals after it passed
+            // its keys on (while it drains) cost a full handshake later.
+            let periods = (now - keys.current.created) / period;
+            let created = keys.current.created + periods * period;
+            if let Some(next) = TicketKey::random(created) {
+                let old = std::mem::replace(&mut keys.current, next);
+                keys.previous = (periods == 1).then_some(old);
+            }
+        }
+        if keys
+            .previous
+            .as_ref()
+            .is_some_and(|p| now >= p.created.saturating_add(2 * period))
+        {
+            keys.previous = None;
+        }
+        keys
+    }
+}
+
+impl rustls::server::ProducesTickets for Tickets {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        u32::try_from(TICKET_ROTATION.as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let key = self.rotated().current.clone();
+        let mut nonce = [0u8; NONCE];
+        aws_lc_rs::rand::fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(KEY_NAME + NONCE + plain.len() + 16);
+        out.extend_from_slice(&key.name);
+        out.extend_from_slice(&nonce);
+        let mut sealed = plain.to_vec();
+        key.aead()?
+            .seal_in_place_append_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                aws_lc_rs::aead::Aad::from(&key.name),
+                &mut sealed,
+            )
+            .ok()?;
+        out.extend_from_slice(&sealed);
+        Some(out)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let name = cipher.get(..KEY_NAME)?;
+        let nonce = cipher.get(KEY_NAME..KEY_NAME + NONCE)?;
+        let sealed = cipher.get(KEY_NAME + NONCE..)?;
+        let key = {
+            let keys = self.rotated();
+            let found = [Some(&keys.current), keys.previous.as_ref()]
+                .into_iter()
+                .flatten()
+                .find(|k| k.name[..] == *name)
+                .cloned();
+            found?
+        };
+        let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = sealed.to_vec();
+        let plain = key
+            .aead()?
+            .open_in_place(nonce, aws_lc_rs::aead::Aad::from(&key.name), &mut buf)
+            .ok()?;
+        let len = plain.len();
+        buf.truncate(len);
+        Some(buf)
+    }
 }
 
 #[cfg(test)]
@@ -619,5 +873,112 @@ mod tests {
         server.await.unwrap().unwrap();
         let (_, conn) = tls.get_ref();
         conn.peer_certificates().unwrap()[0].clone().into_owned()
+    }
+
+    #[test]
+    fn tickets_open_what_they_sealed_and_what_the_keys_passed_on_sealed() {
+        use rustls::server::ProducesTickets;
+        let a = Tickets::new().unwrap();
+        let sealed = a.encrypt(b"session state").unwrap();
+        assert_eq!(a.decrypt(&sealed).unwrap(), b"session state");
+        // Another process's keys cannot open it, until they are passed on.
+        let b = Tickets::new().unwrap();
+        assert!(b.decrypt(&sealed).is_none());
+        assert!(b.import(&a.export()));
+        assert_eq!(b.decrypt(&sealed).unwrap(), b"session state");
+        // Tampered, cut short or garbage: refused.
+        let mut bad = sealed.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(b.decrypt(&bad).is_none());
+        assert!(b.decrypt(&sealed[..20]).is_none());
+        assert!(b.decrypt(b"").is_none());
+        // What cannot be read changes nothing.
+        assert!(!b.import(&serde_json::json!({"keys": [{"name": "zz"}]})));
+        assert!(!b.import(&serde_json::json!({})));
+        assert_eq!(b.decrypt(&sealed).unwrap(), b"session state");
+    }
+
+    #[test]
+    fn a_rotated_key_opens_its_tickets_for_one_more_period() {
+        use rustls::server::ProducesTickets;
+        let period = TICKET_ROTATION.as_secs();
+        let t = Tickets::new().unwrap();
+        let sealed = t.encrypt(b"x").unwrap();
+        // Age the key by one period and a bit: the next ticket is sealed
+        // with a new key on the same schedule, the old one still opens.
+        let created = crate::sync::lock(&t.keys).current.created;
+        crate::sync::lock(&t.keys).current.created = created - period - 10;
+        let newer = t.encrypt(b"y").unwrap();
+        assert_ne!(newer[..KEY_NAME], sealed[..KEY_NAME]);
+        assert_eq!(crate::sync::lock(&t.keys).current.created, created - 10);
+        assert_eq!(t.decrypt(&sealed).unwrap(), b"x");
+        // Two periods old: gone.
+        crate::sync::lock(&t.keys)
+            .previous
+            .as_mut()
+            .unwrap()
+            .created = created - 2 * period - 10;
+        assert!(t.decrypt(&sealed).is_none());
+        assert_eq!(t.decrypt(&newer).unwrap(), b"y");
+    }
+
+    #[tokio::test]
+    async fn a_session_resumes_on_another_acceptor_only_with_the_keys_passed_on() {
+        let f = Files::new("resume");
+        let (a, ak) = f.cert("a", &["one.test"]);
+        let certs = || Certificates::new(vec![Certificate::load(&a, &ak).unwrap()]).unwrap();
+        let first = Tickets::new().unwrap();
+        let acceptor =
+            |tickets: Arc<Tickets>| Acceptor::new(certs(), Options::default().tickets(tickets));
+        let der = CertificateDer::pem_file_iter(&a)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut store = rustls::RootCertStore::empty();
+        store.add(der).unwrap();
+        let client = Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(store)
+                .with_no_client_auth(),
+        );
+        let kind = |acceptor: Acceptor| handshake_kind(acceptor, client.clone());
+        assert_eq!(
+            kind(acceptor(first.clone())).await,
+            rustls::HandshakeKind::Full
+        );
+        // The next generation, with the keys passed on: resumed.
+        let next = Tickets::new().unwrap();
+        assert!(next.import(&first.export()));
+        assert_eq!(kind(acceptor(next)).await, rustls::HandshakeKind::Resumed);
+        // Without them: a full handshake (the client has tickets left).
+        let other = Tickets::new().unwrap();
+        assert_eq!(kind(acceptor(other)).await, rustls::HandshakeKind::Full);
+    }
+
+    /// One handshake of `client` with `acceptor` for `one.test`, with a
+    /// byte each way so that the server's tickets reach the client.
+    async fn handshake_kind(
+        acceptor: Acceptor,
+        client: Arc<rustls::ClientConfig>,
+    ) -> rustls::HandshakeKind {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let connector = tokio_rustls::TlsConnector::from(client);
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.unwrap();
+            tls.write_all(&b).await.unwrap();
+            tls.flush().await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let name = rustls_pki_types::ServerName::try_from("one.test").unwrap();
+        let mut tls = connector.connect(name, c).await.unwrap();
+        tls.write_all(b"x").await.unwrap();
+        let mut rest = Vec::new();
+        tls.read_to_end(&mut rest).await.unwrap();
+        server.await.unwrap();
+        tls.get_ref().1.handshake_kind().unwrap()
     }
 }

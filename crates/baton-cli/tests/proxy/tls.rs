@@ -1,6 +1,7 @@
 //! `https` listeners: certificates chosen by SNI, checked by `baton check`
 //! at the entry that names them, rotated by a reload under load, and
-//! binary upgrades under TLS load that lose no request.
+//! binary upgrades under TLS load that lose no request and after which a
+//! saved session resumes.
 
 use std::process::Command;
 use std::time::Duration;
@@ -267,6 +268,9 @@ fn eight_upgrades_under_tls_load_lose_no_request() {
     );
     let addr = p.addr("secure");
     let client = tls::client(&[&site]);
+    // A session saved before the upgrades.
+    let saved = tls::client(&[&site]);
+    assert!(!tls::get(addr, "site.test", "/", &saved).resumed);
     let load = Load::start(
         Target::Tls(addr, "site.test".into(), client.clone()),
         4,
@@ -294,6 +298,10 @@ fn eight_upgrades_under_tls_load_lose_no_request() {
     );
     let got = tls::get(addr, "site.test", "/", &client);
     assert_eq!((got.status, got.cert), (200, site.der.clone()));
+    // Resumed by generation 9: the ticket keys were passed on.
+    let resumed = tls::get(addr, "site.test", "/", &saved);
+    assert_eq!(resumed.status, 200);
+    assert!(resumed.resumed, "a full handshake after the upgrades");
     for &pid in &pids[..pids.len() - 1] {
         assert_eventually!(
             Duration::from_secs(20),
