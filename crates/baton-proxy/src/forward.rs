@@ -106,7 +106,8 @@ impl Movable for &mut baton::tls::TlsStream<tokio::net::TcpStream> {
     }
 }
 
-#[cfg(test)]
+/// The in-memory stream an HTTP/2 stream is served over
+/// ([`crate::h2`]): it has no socket to move.
 impl Movable for tokio::io::DuplexStream {
     fn into_connection(self) -> Result<baton::migrate::Connection, Self> {
         Err(self)

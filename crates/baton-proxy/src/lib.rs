@@ -38,6 +38,7 @@ pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;
 mod h1;
+mod h2;
 mod listener;
 mod proxy;
 mod rewrite;

@@ -267,8 +267,8 @@ async fn accept_until(
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves a connection of an `https` listener: the handshake (bounded by
-/// [`HANDSHAKE_TIMEOUT`] and by the drain's expiry), HTTP/1.1 over it, then
-/// `close_notify`.
+/// [`HANDSHAKE_TIMEOUT`] and by the drain's expiry), then HTTP/2 if ALPN
+/// chose it ([`crate::h2`]), else HTTP/1.1 and a `close_notify`.
 async fn serve_tls(
     io: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
@@ -294,6 +294,11 @@ async fn serve_tls(
         },
         _ = shutdown.expired() => return,
     };
+    if crate::h2::negotiated(&tls) {
+        let _guard = guard;
+        crate::h2::serve(tls, peer, ctx, shutdown).await;
+        return;
+    }
     crate::forward::serve(&mut tls, peer, ctx, shutdown, guard).await;
     // Bounded: a client that does not read cannot hold the task.
     let _ = tokio::time::timeout(

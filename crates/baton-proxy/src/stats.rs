@@ -21,6 +21,8 @@ pub(crate) struct ListenerStats {
     pub(crate) bound: SocketAddr,
     connections: AtomicUsize,
     upgraded: AtomicUsize,
+    /// HTTP/2 streams in flight.
+    streams: AtomicUsize,
     /// Of `connections`: those a previous generation moved here.
     migrated: AtomicUsize,
     accepted: AtomicU64,
@@ -30,22 +32,31 @@ pub(crate) struct ListenerStats {
     pub(crate) requests_metrics: baton::RequestMetrics,
 }
 
-/// Counts an open connection until dropped.
+/// Counts an open connection (or an HTTP/2 stream) until dropped.
 #[derive(Debug)]
 pub(crate) struct ConnGuard {
     stats: Arc<ListenerStats>,
-    upgraded: bool,
-    /// The same connection in the library's count (`status`).
-    _open: baton::ConnectionGuard,
+    kind: Kind,
+    /// The same connection in the library's count (`status`); none for a
+    /// stream.
+    _open: Option<baton::ConnectionGuard>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Connection,
+    Upgraded,
+    Stream,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        if self.upgraded {
-            self.stats.upgraded.fetch_sub(1, Ordering::Relaxed);
-        } else {
-            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
-        }
+        let counter = match self.kind {
+            Kind::Connection => &self.stats.connections,
+            Kind::Upgraded => &self.stats.upgraded,
+            Kind::Stream => &self.stats.streams,
+        };
+        counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -62,6 +73,7 @@ impl ListenerStats {
             bound,
             connections: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
             migrated: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -75,8 +87,19 @@ impl ListenerStats {
         self.connections.fetch_add(1, Ordering::Relaxed);
         ConnGuard {
             stats: self.clone(),
-            upgraded: false,
-            _open: self.requests_metrics.connection(),
+            kind: Kind::Connection,
+            _open: Some(self.requests_metrics.connection()),
+        }
+    }
+
+    /// Counts an HTTP/2 stream in flight until the guard drops (its
+    /// connection is counted by [`connection`](Self::connection)).
+    pub(crate) fn stream(self: &Arc<Self>) -> ConnGuard {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        ConnGuard {
+            stats: self.clone(),
+            kind: Kind::Stream,
+            _open: None,
         }
     }
 
@@ -85,8 +108,8 @@ impl ListenerStats {
         self.upgraded.fetch_add(1, Ordering::Relaxed);
         ConnGuard {
             stats: self.clone(),
-            upgraded: true,
-            _open: self.requests_metrics.connection(),
+            kind: Kind::Upgraded,
+            _open: Some(self.requests_metrics.connection()),
         }
     }
 
@@ -132,6 +155,7 @@ impl ListenerStats {
             "draining": self.is_draining(),
             "connections": self.connections.load(Ordering::Relaxed),
             "upgraded": self.upgraded.load(Ordering::Relaxed),
+            "streams": self.streams.load(Ordering::Relaxed),
             "migrated": self.migrated(),
             "accepted": self.accepted.load(Ordering::Relaxed),
             "requests": self.requests.load(Ordering::Relaxed),

@@ -89,15 +89,17 @@ fn listener(
     }
 }
 
-/// How an `https` listener serves TLS: its minimum version, ALPN
-/// `http/1.1`, and session tickets sealed with `tickets` (which the
+/// How an `https` listener serves TLS: its minimum version, ALPN `h2`
+/// then `http/1.1`, and session tickets sealed with `tickets` (which the
 /// process passes on to the next generation).
 pub(crate) fn options(tls: &TlsSettings, tickets: Option<&Arc<Tickets>>) -> Options {
     let versions = match tls.min_version {
         TlsVersion::Tls12 => Versions::Tls12And13,
         TlsVersion::Tls13 => Versions::Tls13,
     };
-    let options = Options::default().versions(versions).alpn(&[b"http/1.1"]);
+    let options = Options::default()
+        .versions(versions)
+        .alpn(&[b"h2", b"http/1.1"]);
     match tickets {
         Some(t) => options.tickets(t.clone()),
         None => options,

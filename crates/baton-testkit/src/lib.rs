@@ -37,6 +37,7 @@ macro_rules! assert_eventually {
     }};
 }
 
+pub mod h2;
 pub mod tls;
 
 /// Makes this process a child subreaper (orphaned descendants are reparented

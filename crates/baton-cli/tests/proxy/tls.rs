@@ -1,11 +1,12 @@
 //! `https` listeners: certificates chosen by SNI, checked by `baton check`
 //! at the entry that names them, rotated by a reload under load, and
-//! binary upgrades under TLS load that lose no request and after which a
-//! saved session resumes.
+//! HTTP/2 by ALPN, and binary upgrades under TLS and HTTP/2 load that lose
+//! no request and after which a saved session resumes.
 
 use std::process::Command;
 use std::time::Duration;
 
+use baton_testkit::h2::H2Load;
 use baton_testkit::tls::{self, rustls, TestCert};
 use baton_testkit::{assert_eventually, our_zombies, Load, Target, TempDir};
 
@@ -257,27 +258,98 @@ fn a_reload_rotates_the_certificate_under_load_and_a_bad_one_is_refused() {
 }
 
 #[test]
-fn eight_upgrades_under_tls_load_lose_no_request() {
+fn curl_gets_http2_and_http1_by_alpn() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let a = Upstream::http("a");
+    let certs = TempDir::new("tls-curl-certs");
+    let site = tls::cert(&certs, "site", &["site.test"]);
+    let p = Proxy::start("tls-curl", "", &secure(a.addr, &[paths(&site)], ""));
+    let addr = p.addr("secure");
+    let curl = |flag: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", flag, "--cacert", site.cert.to_str().unwrap()])
+            .arg("--resolve")
+            .arg(format!("site.test:{}:127.0.0.1", addr.port()))
+            .args(["-w", "\n%{http_version}"])
+            .arg(format!("https://site.test:{}/headers", addr.port()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let h2 = curl("--http2");
+    assert!(h2.ends_with("\n2"), "{h2}");
+    assert!(h2.contains("x-forwarded-proto: https\n"), "{h2}");
+    assert!(h2.contains("host: site.test:"), "{h2}");
+    let h1 = curl("--http1.1");
+    assert!(h1.ends_with("\n1.1"), "{h1}");
+}
+
+#[test]
+fn eight_upgrades_and_a_certificate_reload_under_tls_and_http2_load_lose_no_request() {
     let a = Upstream::http("a");
     let certs = TempDir::new("tls-upgrade-certs");
     let site = tls::cert(&certs, "site", &["site.test"]);
+    let spare = TempDir::new("tls-upgrade-next");
+    let next = tls::cert(&spare, "site", &["site.test"]);
     let mut p = Proxy::start(
         "tls-upgrade",
         "drain_timeout = \"10s\"",
         &secure(a.addr, &[paths(&site)], ""),
     );
     let addr = p.addr("secure");
-    let client = tls::client(&[&site]);
+    let client = tls::client(&[&site, &next]);
     // A session saved before the upgrades.
-    let saved = tls::client(&[&site]);
+    let saved = tls::client(&[&site, &next]);
     assert!(!tls::get(addr, "site.test", "/", &saved).resumed);
     let load = Load::start(
         Target::Tls(addr, "site.test".into(), client.clone()),
+        3,
+        3,
+        Duration::from_secs(180),
+    );
+    // HTTP/2: fast streams, and slow ones that are in flight at every
+    // GOAWAY and must finish.
+    let h2 = H2Load::start(
+        addr,
+        "site.test",
+        client.clone(),
+        2,
         4,
+        "/",
+        Duration::from_secs(180),
+    );
+    let h2_slow = H2Load::start(
+        addr,
+        "site.test",
+        client.clone(),
+        1,
         4,
+        "/sleep/200",
         Duration::from_secs(180),
     );
     load.wait_for_progress(200, Duration::from_secs(30));
+    h2.wait_for_progress(200, Duration::from_secs(30));
+    h2_slow.wait_for_progress(8, Duration::from_secs(30));
+
+    // A certificate reload does not touch the HTTP/2 connections.
+    let connects = (h2.connects(), h2_slow.connects());
+    std::fs::copy(&next.cert, &site.cert).unwrap();
+    std::fs::copy(&next.key, &site.key).unwrap();
+    p.reload_ok();
+    h2.wait_for_progress(200, Duration::from_secs(30));
+    h2_slow.wait_for_progress(8, Duration::from_secs(30));
+    assert_eq!((h2.connects(), h2_slow.connects()), connects);
+    let fresh = tls::get(addr, "site.test", "/", &tls::client(&[&site, &next]));
+    assert_eq!(fresh.cert, next.der);
+
     let mut pids = vec![p.pid()];
     for i in 0..8u64 {
         let answer = p.upgrade();
@@ -289,15 +361,22 @@ fn eight_upgrades_under_tls_load_lose_no_request() {
         );
         pids.push(answer["pid"].as_u64().unwrap() as u32);
         load.wait_for_progress(100, Duration::from_secs(30));
+        h2.wait_for_progress(100, Duration::from_secs(30));
+        h2_slow.wait_for_progress(8, Duration::from_secs(30));
     }
     let report = load.stop();
+    let h2 = h2.stop();
+    let h2_slow = h2_slow.stop();
     assert_eq!(
         report.failed, 0,
         "failed requests: {:?} (ok: {})",
         report.failures, report.ok
     );
-    let got = tls::get(addr, "site.test", "/", &client);
-    assert_eq!((got.status, got.cert), (200, site.der.clone()));
+    for (what, r) in [("fast", &h2), ("slow", &h2_slow)] {
+        assert_eq!(r.failed, 0, "HTTP/2 {what}: {r:?}");
+        // Every upgrade sent each connection away (GOAWAY).
+        assert!(r.connects >= 9, "HTTP/2 {what}: {r:?}");
+    }
     // Resumed by generation 9: the ticket keys were passed on.
     let resumed = tls::get(addr, "site.test", "/", &saved);
     assert_eq!(resumed.status, 200);
