@@ -10,6 +10,7 @@ use baton_testkit::h2::H2Load;
 use baton_testkit::tls::{self, rustls, TestCert};
 use baton_testkit::{assert_eventually, our_zombies, Load, Target, TempDir};
 
+use crate::websocket::Ws;
 use crate::{baton, text, upstream_toml, Proxy, Upstream};
 
 /// An `https` listener "secure" with `certs` (cert, key paths as written),
@@ -255,6 +256,37 @@ fn a_reload_rotates_the_certificate_under_load_and_a_bad_one_is_refused() {
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     // The keep-alive connections were not touched by either reload.
     assert_eq!(report.keepalive_connects, 4, "{report:?}");
+}
+
+#[test]
+fn websocket_over_tls_survives_a_reload_and_drains_at_an_upgrade() {
+    let a = Upstream::http("a");
+    let certs = TempDir::new("tls-ws-certs");
+    let site = tls::cert(&certs, "site", &["site.test"]);
+    let body = secure(a.addr, &[paths(&site)], "");
+    let mut p = Proxy::start("tls-ws", "drain_timeout = \"3s\"", &body);
+    let addr = p.addr("secure");
+    let client = tls::client(&[&site]);
+    let mut ws = Ws::handshake(tls::connect(addr, "site.test", &client).unwrap());
+    ws.echo("over TLS");
+    p.reload_ok();
+    ws.echo("after a reload");
+    let old = p.pid();
+    assert_eq!(p.upgrade()["ok"], true);
+    let upgraded_at = std::time::Instant::now();
+    // TLS connections do not move: the old generation carries it on.
+    ws.echo("after an upgrade");
+    let mut fresh = Ws::handshake(tls::connect(addr, "site.test", &client).unwrap());
+    fresh.echo("new generation");
+    // At the drain timeout: 1001 going away.
+    assert_eq!(ws.recv(), (0x8, vec![0x03, 0xE9]));
+    assert!(upgraded_at.elapsed() >= Duration::from_secs(2));
+    assert_eventually!(
+        Duration::from_secs(15),
+        p.server.is_gone(old),
+        "old generation still running"
+    );
+    fresh.echo("still here");
 }
 
 #[test]

@@ -10,13 +10,21 @@ use baton_testkit::assert_eventually;
 
 use crate::{upstream_toml, Proxy, Upstream};
 
-/// A minimal WebSocket client (client frames masked, as RFC 6455 requires).
-pub struct Ws(TcpStream);
+/// A minimal WebSocket client (client frames masked, as RFC 6455 requires)
+/// over any byte stream (TCP, TLS).
+pub struct Ws<S: Read + Write = TcpStream>(pub S);
 
-impl Ws {
+impl Ws<TcpStream> {
     pub fn connect(addr: SocketAddr) -> Ws {
-        let mut s = TcpStream::connect(addr).unwrap();
+        let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Ws::handshake(s)
+    }
+}
+
+impl<S: Read + Write> Ws<S> {
+    /// The opening handshake on `s`.
+    pub fn handshake(mut s: S) -> Ws<S> {
         s.write_all(
             b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
               Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
