@@ -98,6 +98,9 @@ struct RawUpstream {
     balance: Balance,
     health_check: Option<Spanned<RawHealth>>,
     fail_timeout: Option<Spanned<String>>,
+    tls: Option<Spanned<bool>>,
+    ca_file: Option<Spanned<PathBuf>>,
+    server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +296,22 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheck>,
     /// How long a server that failed a request is left out (default 10 s).
     pub fail_timeout: Duration,
+    /// `tls = true`: requests go to the servers over TLS.
+    pub tls: Option<UpstreamTlsSettings>,
+}
+
+/// How the proxy speaks TLS to an upstream's servers. Their certificates
+/// are always verified.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTlsSettings {
+    /// `ca_file`: PEM certificates to verify the servers against (relative
+    /// to the configuration file's directory); `None`: the system's.
+    pub ca_file: Option<PathBuf>,
+    /// `server_name`: the name sent as SNI and verified in the servers'
+    /// certificates; `None`: each server's IP address.
+    pub server_name: Option<String>,
+    /// Where `ca_file` is written (or the upstream, without one).
+    pub at: Position,
 }
 
 /// Active health checks of an upstream's servers.
@@ -924,6 +943,48 @@ impl Validator<'_> {
         })
     }
 
+    /// An upstream's TLS settings: `ca_file` and `server_name` need
+    /// `tls = true`, and the name must be a DNS name or an IP address.
+    fn upstream_tls(
+        &mut self,
+        name: &str,
+        up: &RawUpstream,
+        span: &Range<usize>,
+        path: Option<&Path>,
+    ) -> Option<UpstreamTlsSettings> {
+        let on = up.tls.as_ref().is_some_and(|t| *t.get_ref());
+        if !on {
+            for (what, at) in [
+                ("ca_file", up.ca_file.as_ref().map(Spanned::span)),
+                ("server_name", up.server_name.as_ref().map(Spanned::span)),
+            ] {
+                if let Some(at) = at {
+                    self.err(at, format!("upstream {name:?}: {what} needs tls = true"));
+                }
+            }
+            return None;
+        }
+        if let Some(n) = &up.server_name {
+            if baton::tls::rustls::pki_types::ServerName::try_from(n.get_ref().as_str()).is_err() {
+                self.err(
+                    n.span(),
+                    format!(
+                        "upstream {name:?}: server_name {:?} is not a DNS name or an IP address",
+                        n.get_ref()
+                    ),
+                );
+            }
+        }
+        let dir = path.and_then(Path::parent).unwrap_or(Path::new(""));
+        Some(UpstreamTlsSettings {
+            ca_file: up.ca_file.as_ref().map(|c| dir.join(c.get_ref())),
+            server_name: up.server_name.as_ref().map(|n| n.get_ref().clone()),
+            at: self
+                .src
+                .position(up.ca_file.as_ref().map_or(span.clone(), Spanned::span)),
+        })
+    }
+
     fn config(&mut self, raw: RawConfig, path: Option<&Path>) -> Config {
         let server = ServerSettings {
             control_socket: raw
@@ -977,6 +1038,7 @@ impl Validator<'_> {
                     servers.push(a);
                 }
             }
+            let tls = self.upstream_tls(&name, &up, &span, path);
             let health_check = up.health_check.map(|h| {
                 let h = h.into_inner();
                 let path = h.path.map(|p| {
@@ -999,7 +1061,6 @@ impl Validator<'_> {
                     ),
                 }
             });
-            let _ = span;
             upstreams.insert(
                 name.clone(),
                 UpstreamConfig {
@@ -1012,6 +1073,7 @@ impl Validator<'_> {
                         Duration::from_secs(10),
                         "fail_timeout",
                     ),
+                    tls,
                 },
             );
         }
@@ -1081,8 +1143,16 @@ impl Validator<'_> {
                     None
                 }
                 (Protocol::Tcp, Some(u)) => {
-                    if !upstreams.contains_key(u.get_ref()) {
-                        self.err(u.span(), format!("unknown upstream {:?}", u.get_ref()));
+                    match upstreams.get(u.get_ref()) {
+                        None => self.err(u.span(), format!("unknown upstream {:?}", u.get_ref())),
+                        Some(up) if up.tls.is_some() => self.err(
+                            u.span(),
+                            format!(
+                                "tcp listener {name:?} passes bytes through; upstream {:?} has tls = true, which is for http and https listeners",
+                                u.get_ref()
+                            ),
+                        ),
+                        Some(_) => {}
                     }
                     Some(u.get_ref().clone())
                 }

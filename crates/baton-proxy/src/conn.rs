@@ -1,5 +1,6 @@
-//! Upstream connections: plain TCP streams with their read buffers, kept
-//! by the client connection that used them, and a shared idle pool.
+//! Upstream connections: TCP streams (or TLS over TCP, for an upstream
+//! with `tls = true`) with their read buffers, kept by the client
+//! connection that used them, and a shared idle pool.
 //!
 //! Each client connection keeps the upstream connections it used (one per
 //! server, a few at most) in its own task, with no lock and no channel in
@@ -15,12 +16,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncReadExt;
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::tls::UpstreamTls;
 
 use crate::h1::{self, Fields, Malformed};
 use crate::lock;
@@ -44,13 +50,94 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Initial size of a connection's read buffer.
 pub(crate) const READ_BUF: usize = 8 * 1024;
 
+/// The byte stream of an upstream connection.
+#[derive(Debug)]
+pub(crate) enum UpStream {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpStream::Tcp(s) => s.is_write_vectored(),
+            UpStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl UpStream {
+    /// The TCP socket underneath.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            UpStream::Tcp(s) => s,
+            UpStream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
 /// One upstream connection.
 #[derive(Debug)]
 pub(crate) struct UpstreamConn {
     /// The server.
     pub(crate) addr: SocketAddr,
+    /// The TLS it speaks (`None`: plain TCP); connections are reused only
+    /// for the same server and the same TLS settings.
+    pub(crate) tls: Option<Arc<UpstreamTls>>,
     /// The socket.
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: UpStream,
     /// Bytes read and not yet used (empty between responses).
     pub(crate) buf: BytesMut,
     /// It has carried a request before.
@@ -71,6 +158,9 @@ pub(crate) enum ConnectError {
     /// No answer within the connect timeout.
     #[error("connect timed out")]
     TimedOut,
+    /// The TLS handshake failed (the certificate did not verify, say).
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
 }
 
 impl ConnectError {
@@ -205,20 +295,32 @@ impl UpstreamConn {
         }
     }
 
-    /// Connects to `addr` (`TCP_NODELAY`, bounded by `connect_timeout`).
+    /// Connects to `addr` (`TCP_NODELAY`), with a TLS handshake if `tls`
+    /// says so, both bounded by `connect_timeout`.
     pub(crate) async fn connect(
         addr: SocketAddr,
+        tls: Option<&Arc<UpstreamTls>>,
         connect_timeout: Duration,
     ) -> Result<Self, ConnectError> {
-        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) if is_local_error(&e) => return Err(ConnectError::Local(e)),
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
             Err(_) => return Err(ConnectError::TimedOut),
         };
         let _ = stream.set_nodelay(true);
+        let stream = match tls {
+            None => UpStream::Tcp(stream),
+            Some(t) => match tokio::time::timeout_at(deadline, t.connect(stream)).await {
+                Ok(Ok(s)) => UpStream::Tls(Box::new(s)),
+                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
+                Err(_) => return Err(ConnectError::TimedOut),
+            },
+        };
         Ok(UpstreamConn {
             addr,
+            tls: tls.cloned(),
             stream,
             buf: BytesMut::with_capacity(READ_BUF),
             reused: false,
@@ -240,16 +342,32 @@ impl UpstreamConn {
     /// closed by the upstream, and with nothing unexpected to read. Never
     /// waits (the socket is only read if the reactor has seen it
     /// readable).
-    pub(crate) fn usable(&self, now: Instant) -> bool {
+    pub(crate) fn usable(&mut self, now: Instant) -> bool {
         if self.expired(now) || !self.buf.is_empty() {
             return false;
         }
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-            // End of file (closed), or bytes nobody asked for.
-            Ok(_) => false,
+        match &mut self.stream {
+            UpStream::Tcp(s) => match s.try_read(&mut probe) {
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                // End of file (closed), or bytes nobody asked for.
+                Ok(_) => false,
+            },
+            // Through TLS, without waiting: a session ticket the server
+            // sent is taken in (nothing to read); a close_notify or the
+            // socket's end reads as end of file.
+            UpStream::Tls(s) => s.read(&mut probe).now_or_never().is_none(),
         }
+    }
+
+    /// Whether this connection is to `addr` with the TLS settings `tls`.
+    pub(crate) fn is_for(&self, addr: SocketAddr, tls: Option<&Arc<UpstreamTls>>) -> bool {
+        self.addr == addr
+            && match (&self.tls, tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
     }
 }
 
@@ -278,18 +396,26 @@ impl Default for IdlePool {
 }
 
 impl IdlePool {
-    /// A usable idle connection to `addr`, if there is one.
-    pub(crate) fn take(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+    /// A usable idle connection to `addr` with the TLS settings `tls`, if
+    /// there is one (the most recently used first).
+    pub(crate) fn take(
+        &self,
+        addr: SocketAddr,
+        tls: Option<&Arc<UpstreamTls>>,
+    ) -> Option<UpstreamConn> {
         let now = Instant::now();
         let mut dropped = Vec::new();
         let mut shared = lock(&self.inner);
         let list = shared.idle.get_mut(&addr)?;
         let found = loop {
-            match list.pop() {
-                Some(c) if c.usable(now) => break Some(c),
-                Some(c) => dropped.push(c),
-                None => break None,
+            let Some(i) = list.iter().rposition(|c| c.is_for(addr, tls)) else {
+                break None;
+            };
+            let mut c = list.remove(i);
+            if c.usable(now) {
+                break Some(c);
             }
+            dropped.push(c);
         };
         drop(shared);
         drop(dropped);
@@ -364,35 +490,35 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let pool = IdlePool::default();
-        let a = UpstreamConn::connect(addr, Duration::from_secs(5))
+        let mut a = UpstreamConn::connect(addr, None, Duration::from_secs(5))
             .await
             .unwrap();
         let (_sa, _) = l.accept().await.unwrap();
-        let b = UpstreamConn::connect(addr, Duration::from_secs(5))
+        let mut b = UpstreamConn::connect(addr, None, Duration::from_secs(5))
             .await
             .unwrap();
         let (sb, _) = l.accept().await.unwrap();
         // The upstream closes b; once the reactor has seen it, b is unusable.
         drop(sb);
-        tokio::time::timeout(Duration::from_secs(5), b.stream.readable())
+        tokio::time::timeout(Duration::from_secs(5), b.stream.tcp().readable())
             .await
             .unwrap()
             .unwrap();
         assert!(!b.usable(Instant::now()));
         assert!(a.usable(Instant::now()));
-        let a_local = a.stream.local_addr().unwrap();
+        let a_local = a.stream.tcp().local_addr().unwrap();
         // b comes out first (last in) and is discarded; then a.
         pool.put([a, b]);
-        let taken = pool.take(addr).expect("a is usable");
-        assert_eq!(taken.stream.local_addr().unwrap(), a_local);
-        assert!(pool.take(addr).is_none());
+        let taken = pool.take(addr, None).expect("a is usable");
+        assert_eq!(taken.stream.tcp().local_addr().unwrap(), a_local);
+        assert!(pool.take(addr, None).is_none());
     }
 
     #[tokio::test]
     async fn unexpected_bytes_make_a_connection_unusable() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let c = UpstreamConn::connect(addr, Duration::from_secs(5))
+        let mut c = UpstreamConn::connect(addr, None, Duration::from_secs(5))
             .await
             .unwrap();
         let (mut s, _) = l.accept().await.unwrap();
@@ -400,7 +526,7 @@ mod tests {
         s.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), async {
             while c.usable(Instant::now()) {
-                c.stream.readable().await.unwrap();
+                c.stream.tcp().readable().await.unwrap();
             }
         })
         .await

@@ -35,8 +35,8 @@ use tokio::time::Instant;
 
 use crate::body::{self, BodyError, ClientBody};
 use crate::conn::{
-    is_closed, ConnectError, IdlePool, ReadHeadError, ResponseHead, UpstreamConn, CONNECT_TIMEOUT,
-    MAX_LOCAL_IDLE, READ_BUF,
+    is_closed, ConnectError, IdlePool, ReadHeadError, ResponseHead, UpStream, UpstreamConn,
+    CONNECT_TIMEOUT, MAX_LOCAL_IDLE, READ_BUF,
 };
 use crate::h1::{self, Fields, Framing};
 use crate::rewrite::{self, ClientSide, Forwarded, Peer, RequestTarget};
@@ -196,13 +196,15 @@ pub(crate) async fn serve_moved<S>(
         baton,
         listener: ctx.listener.clone(),
     });
-    let stream = match moving {
-        Some(moving) => match stream.into_connection() {
+    // A pair can move to the next generation when both sides are plain
+    // TCP; with TLS to the upstream it stays and drains.
+    let (stream, upstream) = match (moving, conn.stream) {
+        (Some(moving), UpStream::Tcp(upstream)) => match stream.into_connection() {
             Ok(baton::migrate::Connection::Tcp(client)) => {
                 // What was read past the handshake goes first, then the pair
                 // can move at an upgrade.
                 let mut client = client;
-                let mut upstream = conn.stream;
+                let mut upstream = upstream;
                 let mut state = websocket::PairState {
                     websocket: up.websocket,
                     ..Default::default()
@@ -224,22 +226,14 @@ pub(crate) async fn serve_moved<S>(
                 return;
             }
             Ok(other) => match S::from_connection(other) {
-                Some(stream) => stream,
+                Some(stream) => (stream, UpStream::Tcp(upstream)),
                 None => return,
             },
-            Err(stream) => stream,
+            Err(stream) => (stream, UpStream::Tcp(upstream)),
         },
-        None => stream,
+        (_, upstream) => (stream, upstream),
     };
-    websocket::splice(
-        stream,
-        conn.stream,
-        up.websocket,
-        &shutdown,
-        &rbuf,
-        &to_client,
-    )
-    .await;
+    websocket::splice(stream, upstream, up.websocket, &shutdown, &rbuf, &to_client).await;
 }
 
 /// A connection switched to another protocol.
@@ -651,7 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 done.outcome = Outcome::Reroute;
                 return done;
             }
-            let mut conn = match self.checkout(server.addr).await {
+            let mut conn = match self.checkout(server.addr, pool.tls.as_ref()).await {
                 Ok(c) => c,
                 // Nothing was sent: the next backend gets the request.
                 Err(ConnectError::Io(_)) if follow => {
@@ -717,7 +711,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 match r {
                     Err(Upstream::Closed) if conn.reused && fresh_retry => {
                         fresh_retry = false;
-                        match UpstreamConn::connect(conn.addr, CONNECT_TIMEOUT).await {
+                        match UpstreamConn::connect(
+                            conn.addr,
+                            conn.tls.clone().as_ref(),
+                            CONNECT_TIMEOUT,
+                        )
+                        .await
+                        {
                             Ok(c) => conn = c,
                             // The request is safe to repeat (that is why it
                             // is retried): the next backend gets it.
@@ -803,18 +803,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// An idle connection of this client connection, else one from the
     /// shared pool, else a new one.
-    async fn checkout(&mut self, addr: SocketAddr) -> Result<UpstreamConn, ConnectError> {
+    async fn checkout(
+        &mut self,
+        addr: SocketAddr,
+        tls: Option<&Arc<crate::tls::UpstreamTls>>,
+    ) -> Result<UpstreamConn, ConnectError> {
         let now = std::time::Instant::now();
-        while let Some(i) = self.local.iter().position(|c| c.addr == addr) {
-            let c = self.local.swap_remove(i);
+        while let Some(i) = self.local.iter().position(|c| c.is_for(addr, tls)) {
+            let mut c = self.local.swap_remove(i);
             if c.usable(now) {
                 return Ok(c);
             }
         }
-        if let Some(c) = self.ctx.idle.take(addr) {
+        if let Some(c) = self.ctx.idle.take(addr, tls) {
             return Ok(c);
         }
-        UpstreamConn::connect(addr, CONNECT_TIMEOUT).await
+        UpstreamConn::connect(addr, tls, CONNECT_TIMEOUT).await
     }
 
     /// Sends `wbuf` (the head) and the request body (`rest` holds what
@@ -973,7 +977,11 @@ mod tests {
              [[routes]]\nlistener = \"web\"\npath_prefix = \"/\"\nupstream = \"app\"\n"
         );
         let config = crate::config::parse(&text, None).unwrap();
-        let pools = crate::proxy::build_pools(&config, &crate::upstream::Registry::default());
+        let pools = crate::proxy::build_pools(
+            &config,
+            &crate::upstream::Registry::default(),
+            &std::collections::HashMap::new(),
+        );
         let mut tables: HashMap<String, RouteTable> = RouteTable::build_all(&config.routes, &pools);
         let l = &config.listeners[0];
         Arc::new(HttpContext {
@@ -1046,7 +1054,7 @@ mod tests {
             b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         )
         .await;
-        drop(ctx.idle.take(addr));
+        drop(ctx.idle.take(addr, None));
         let got = String::from_utf8(got).unwrap();
         assert_eq!(
             got,
@@ -1076,7 +1084,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nhost: \xff\r\nconnection: close\r\n\r\n",
         )
         .await;
-        drop(ctx.idle.take(addr));
+        drop(ctx.idle.take(addr, None));
         let got = String::from_utf8_lossy(&got).into_owned();
         assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
         // The proxy's own answer: the upstream got nothing.

@@ -71,7 +71,11 @@ pub mod reload_cost {
 
     /// Builds the pools of `config`, as a reload does.
     pub fn pools(config: &Config) -> Pools {
-        Pools(crate::proxy::build_pools(config, &Registry::default()))
+        Pools(crate::proxy::build_pools(
+            config,
+            &Registry::default(),
+            &HashMap::new(),
+        ))
     }
 
     /// Builds the route tables of `config` over `pools`, as a reload does.

@@ -234,7 +234,6 @@ impl Proxy {
     /// once the generation is ready.
     pub async fn bind(baton: baton::Baton, config: Config) -> Result<Proxy, ProxyError> {
         let registry = Registry::default();
-        let pools = build_pools(&config, &registry);
         let config_migrate = config.server.migrate;
         let idle = Arc::new(IdlePool::default());
         let settings = DrainSettings {
@@ -242,6 +241,7 @@ impl Proxy {
             drain_timeout: config.server.drain_timeout,
         };
         let (mut material, warnings) = crate::tls::load(&config)?;
+        let pools = build_pools(&config, &registry, &material.upstreams);
         let tickets = baton::tls::Tickets::for_baton(&baton);
         for w in warnings {
             tracing::warn!("{w}");
@@ -397,7 +397,7 @@ impl Proxy {
                         for w in warnings {
                             tracing::warn!("{w}");
                         }
-                        let pools = build_pools(&config, &inner.registry);
+                        let pools = build_pools(&config, &inner.registry, &material.upstreams);
                         let tables = RouteTable::build_all(&config.routes, &pools);
                         Ok::<_, ProxyError>(Built {
                             config,
@@ -747,11 +747,18 @@ async fn bind_listener(
         })
 }
 
-pub(crate) fn build_pools(config: &Config, registry: &Registry) -> HashMap<String, Arc<Pool>> {
+pub(crate) fn build_pools(
+    config: &Config,
+    registry: &Registry,
+    tls: &HashMap<String, Arc<crate::tls::UpstreamTls>>,
+) -> HashMap<String, Arc<Pool>> {
     config
         .upstreams
         .values()
-        .map(|u| (u.name.clone(), Arc::new(Pool::new(u, registry))))
+        .map(|u| {
+            let pool = Pool::new(u, registry).with_tls(tls.get(&u.name).cloned());
+            (u.name.clone(), Arc::new(pool))
+        })
         .collect()
 }
 
@@ -789,6 +796,7 @@ fn make_dispatch(
                             balance: config::Balance::RoundRobin,
                             health_check: None,
                             fail_timeout: std::time::Duration::from_secs(10),
+                            tls: None,
                         },
                         &Registry::default(),
                     ))

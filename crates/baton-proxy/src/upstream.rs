@@ -163,6 +163,8 @@ pub(crate) struct Pool {
     /// How long a failed server is left out.
     pub(crate) fail_timeout: Duration,
     health: Option<HealthCheck>,
+    /// How requests reach the servers over TLS (`tls = true`).
+    pub(crate) tls: Option<Arc<crate::tls::UpstreamTls>>,
 }
 
 impl Pool {
@@ -175,6 +177,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             fail_timeout: Duration::ZERO,
             health: None,
+            tls: None,
         }
     }
 
@@ -191,7 +194,14 @@ impl Pool {
             next: AtomicUsize::new(0),
             fail_timeout: cfg.fail_timeout,
             health: cfg.health_check.clone(),
+            tls: None,
         }
+    }
+
+    /// The same pool, speaking TLS to its servers with `tls`.
+    pub(crate) fn with_tls(mut self, tls: Option<Arc<crate::tls::UpstreamTls>>) -> Pool {
+        self.tls = tls;
+        self
     }
 
     /// Picks a server, skipping `exclude` (already tried) and servers that
@@ -267,14 +277,16 @@ impl Pool {
                 }
                 let Some(pool) = weak.upgrade() else { break };
                 let servers = pool.servers.clone();
+                let tls = pool.tls.clone();
                 drop(pool);
                 let checks = servers.iter().map(|s| {
                     let check = check.clone();
                     let s = s.clone();
+                    let tls = tls.clone();
                     async move {
                         let result = tokio::time::timeout(
                             check.timeout,
-                            probe(s.addr, check.path.as_deref()),
+                            probe(s.addr, tls.as_ref(), check.path.as_deref()),
                         )
                         .await
                         .unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)));
@@ -290,11 +302,17 @@ impl Pool {
     }
 }
 
-/// One check: connect, and with a path, `GET` it and expect 2xx or 3xx.
-async fn probe(addr: SocketAddr, path: Option<&str>) -> Result<(), String> {
-    let mut s = tokio::net::TcpStream::connect(addr)
+/// One check: connect (and complete the TLS handshake, for an upstream
+/// with `tls`), and with a path, `GET` it and expect 2xx or 3xx.
+async fn probe(
+    addr: SocketAddr,
+    tls: Option<&Arc<crate::tls::UpstreamTls>>,
+    path: Option<&str>,
+) -> Result<(), String> {
+    let mut s = crate::conn::UpstreamConn::connect(addr, tls, crate::conn::CONNECT_TIMEOUT)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| e.to_string())?
+        .stream;
     let Some(path) = path else { return Ok(()) };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: baton-proxy-health\r\nConnection: close\r\n\r\n"
@@ -341,6 +359,7 @@ mod tests {
             balance,
             health_check: None,
             fail_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 

@@ -422,3 +422,99 @@ fn eight_upgrades_and_a_certificate_reload_under_tls_and_http2_load_lose_no_requ
     }
     assert_eq!(our_zombies(), Vec::<u32>::new());
 }
+
+#[test]
+fn an_upstream_with_tls_is_verified_reused_and_health_checked() {
+    // The TLS upstream: another proxy with an https listener answering
+    // itself.
+    let certs = TempDir::new("tls-up-certs");
+    let site = tls::cert(&certs, "site", &["site.test"]);
+    let origin = Proxy::start(
+        "tls-up-origin",
+        "",
+        &format!(
+            "[[listeners]]\nname = \"s\"\naddress = \"127.0.0.1:0\"\nprotocol = \"https\"\n[[listeners.certificates]]\ncert = {:?}\nkey = {:?}\n\n[[routes]]\nlistener = \"s\"\nrespond = {{ status = 200, body = \"origin over TLS\\n\" }}\n",
+            site.cert.to_str().unwrap(),
+            site.key.to_str().unwrap()
+        ),
+    );
+    let origin_addr = origin.addr("s");
+    let front = |upstream_lines: &str| {
+        format!(
+            "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\n[upstreams.o]\nservers = [\"{origin_addr}\"]\n{upstream_lines}\n[[routes]]\nlistener = \"web\"\nupstream = \"o\"\n"
+        )
+    };
+    let good = format!(
+        "tls = true\nca_file = {:?}\nserver_name = \"site.test\"\nhealth_check = {{ path = \"/\", interval = \"100ms\" }}\n",
+        site.cert.to_str().unwrap()
+    );
+    let p = Proxy::start("tls-up", "", &front(&good));
+    let web = p.addr("web");
+    assert_eq!(crate::get(web, "x", "/"), (200, "origin over TLS\n".into()));
+    assert_eventually!(
+        Duration::from_secs(10),
+        p.upstream_server("o", origin_addr)["healthy"] == true,
+        "the health check over TLS never passed: {}",
+        p.upstream_server("o", origin_addr)
+    );
+    // Under keep-alive and new-connection load, upstream connections are
+    // reused: the origin accepts far fewer connections than requests.
+    let load = Load::start(Target::Tcp(web), 2, 2, Duration::from_secs(60));
+    load.wait_for_progress(500, Duration::from_secs(30));
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    let accepted = origin.status()["proxy"]["listeners"][0]["accepted"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        accepted < report.ok / 10,
+        "{accepted} connections for {} requests",
+        report.ok
+    );
+
+    // A name the certificate does not have: refused by verification, 502.
+    p.write_config(&front(&good.replace("site.test", "other.test")));
+    p.reload_ok();
+    let (status, _) = crate::get(web, "x", "/");
+    assert_eq!(status, 502);
+    // No ca_file: the system's store does not know this certificate.
+    p.write_config(&front("tls = true\nserver_name = \"site.test\"\n"));
+    let answer = p.control(r#"{"command":"reload"}"#);
+    if answer["ok"] == true {
+        assert_eq!(crate::get(web, "x", "/").0, 502);
+    } else {
+        // A machine without any system CA certificates says so.
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains("set ca_file"), "{error}");
+    }
+    // A ca_file that is not there: the reload is refused at its entry.
+    p.write_config(&front("tls = true\nca_file = \"missing.pem\"\n"));
+    let answer = p.control(r#"{"command":"reload"}"#);
+    assert_eq!(answer["ok"], false, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("{}:13:11: upstream \"o\": ", p.config.display()))
+            && error.contains("missing.pem: cannot read"),
+        "{error}"
+    );
+}
+
+#[test]
+fn upstream_tls_settings_are_checked() {
+    let (out, path) = check(|_| {
+        "[[listeners]]\nname = \"t\"\naddress = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"secure\"\n\n[upstreams.plain]\nservers = [\"127.0.0.1:1\"]\nca_file = \"ca.pem\"\nserver_name = \"a.test\"\n\n[upstreams.secure]\nservers = [\"127.0.0.1:2\"]\ntls = true\nserver_name = \"not a name!\"\nca_file = \"ca.pem\"\n".to_owned()
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        format!("{path}:5:12: tcp listener \"t\" passes bytes through; upstream \"secure\" has tls = true"),
+        format!("{path}:9:11: upstream \"plain\": ca_file needs tls = true"),
+        format!("{path}:10:15: upstream \"plain\": server_name needs tls = true"),
+        format!("{path}:15:15: upstream \"secure\": server_name \"not a name!\" is not a DNS name"),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&want)),
+            "no {want:?} in:\n{stderr}"
+        );
+    }
+}
