@@ -1,6 +1,22 @@
-//! Serving HTTP/1.1 with hyper (or axum) and draining without a race.
+//! Serving HTTP/1.1 and HTTP/2 with hyper (or axum) and draining without
+//! a race.
 //!
-//! [`serve`] accepts until draining begins, then:
+//! Each connection is HTTP/2 if it opens with HTTP/2's connection preface
+//! (a TLS client that chose `h2` by ALPN does; so does a plaintext client
+//! with prior knowledge, h2c), else HTTP/1.x. The first bytes are read to
+//! tell, then served as the connection's first bytes. hyper-util's `auto`
+//! builder tells them apart the same way; it is not used because the two
+//! protocols drain differently (below) and because moving a connection to
+//! the next generation needs hyper's HTTP/1 connection parts.
+//!
+//! An HTTP/2 connection drains with GOAWAY in two steps (hyper's graceful
+//! shutdown: the highest stream id first, then, after a PING round trip,
+//! the last stream it took); streams at or below it finish, the
+//! connection closes when they have, or at the drain timeout. A client
+//! retries the streams above the last id elsewhere (RFC 9113 §6.8).
+//! HTTP/2 connections are not moved to the next generation; they drain.
+//!
+//! For HTTP/1.x, [`serve`] accepts until draining begins, then:
 //! - stops accepting (the next generation accepts from the same socket) and
 //!   drops its listener once this generation will not serve again: at once
 //!   after a stop, at the end of the settle period after an upgrade; if the
@@ -144,8 +160,18 @@ impl Server {
                 }
             });
         }
-        accept_loop(listener, service, shutdown, move |io, svc, handle| {
-            serve_moving(io, Bytes::new(), svc, handle, baton.clone(), name.clone())
+        accept_loop(listener, service, shutdown, move |mut io, svc, handle| {
+            let (baton, name) = (baton.clone(), name.clone());
+            async move {
+                let Some((h2, first)) = sniff(&mut io, &handle, true).await else {
+                    return;
+                };
+                if h2 {
+                    // Drained, not moved.
+                    return serve_h2(Tracked::new(first, io), svc, handle).await;
+                }
+                serve_moving(io, first, svc, handle, baton, name).await;
+            }
         })
         .await
     }
@@ -419,9 +445,10 @@ where
     Ok(())
 }
 
-/// Serves one connection with the keep-alive wind-down. Exposed for servers
-/// with their own accept loop.
-pub async fn serve_connection<I, S, B>(io: I, service: S, shutdown: Shutdown)
+/// Serves one connection, HTTP/1.x or HTTP/2 (see the
+/// [module docs](self)), with the drain described there. Exposed for
+/// servers with their own accept loop.
+pub async fn serve_connection<I, S, B>(mut io: I, service: S, shutdown: Shutdown)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -431,10 +458,160 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let io = Tracked::new(Bytes::new(), io);
+    let Some((h2, first)) = sniff(&mut io, &shutdown, false).await else {
+        return;
+    };
+    let io = Tracked::new(first, io);
+    if h2 {
+        return serve_h2(io, service, shutdown).await;
+    }
     let activity = io.activity.clone();
     let conn = hyper_connection(io, service, shutdown.clone(), None);
     drain_connection(conn, activity, shutdown).await;
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes until they tell whether it speaks
+/// HTTP/2 (they are the preface) or not (one byte differs, which for
+/// HTTP/1.x is the first or the second); returns that and the bytes read.
+/// `None`: the client closed or went silent through a drain's idle grace,
+/// or the drain expired. With `movable`, a connection still silent when
+/// the drain begins is taken for HTTP/1.x at once (so that it can move to
+/// the next generation as an idle one).
+async fn sniff<I: AsyncRead + Unpin>(
+    io: &mut I,
+    shutdown: &Shutdown,
+    movable: bool,
+) -> Option<(bool, Bytes)> {
+    use tokio::io::AsyncReadExt;
+    let mut have = bytes::BytesMut::with_capacity(1024);
+    let silent_through_drain = async {
+        shutdown.draining().await;
+        if !movable {
+            tokio::time::sleep(shutdown.idle_grace()).await;
+        }
+    };
+    tokio::pin!(silent_through_drain);
+    loop {
+        let n = have.len().min(PREFACE.len());
+        if have.get(..n) != PREFACE.get(..n) {
+            return Some((false, have.freeze()));
+        }
+        if n == PREFACE.len() {
+            return Some((true, have.freeze()));
+        }
+        let read = tokio::select! {
+            r = io.read_buf(&mut have) => r,
+            _ = &mut silent_through_drain, if have.is_empty() => {
+                return movable.then(|| (false, Bytes::new()));
+            }
+            _ = shutdown.expired() => return None,
+        };
+        match read {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Serves an HTTP/2 connection until it ends; once draining, GOAWAY and
+/// the streams it took finish (bounded by the drain's expiry).
+async fn serve_h2<I, S, B>(io: Tracked<I>, service: S, shutdown: Shutdown)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.timer(TokioTimer::new());
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => { log_conn(r); return; }
+        _ = shutdown.draining() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        r = conn.as_mut() => log_conn(r),
+        _ = shutdown.expired() => {}
+    }
+}
+
+/// [`serve`] over TLS (feature `tls`): each connection's handshake runs in
+/// its own task (bounded by 10 s and by the drain's expiry), then the
+/// connection is served as [`serve_connection`] does: HTTP/2 when the
+/// client chose `h2` (offer it with
+/// [`Options::alpn`](crate::tls::Options::alpn)), else HTTP/1.x. TLS
+/// connections drain at an upgrade (their session keys are this
+/// process's); pass [`crate::tls::Tickets::for_baton`] to the acceptor so
+/// that clients resume their sessions with the next generation.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use baton::tls::{Acceptor, Certificate, Certificates, Options, Tickets};
+/// let baton = baton::Baton::from_env()?;
+/// let listener = baton.tcp("https", "127.0.0.1:8443").await?;
+/// let certs = || Certificates::new(vec![Certificate::load("site.pem", "site.key")?]);
+/// let mut options = Options::default().alpn(&[b"h2", b"http/1.1"]);
+/// if let Some(tickets) = Tickets::for_baton(&baton) {
+///     options = options.tickets(tickets);
+/// }
+/// let acceptor = Acceptor::new(certs()?, options);
+/// let reload = acceptor.clone();
+/// baton.on_reload(move || {
+///     let reload = reload.clone();
+///     async move {
+///         reload.certificates().reload(|| async { certs() }).await?;
+///         Ok(())
+///     }
+/// });
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi\n" }));
+/// baton.ready().await?;
+/// tokio::spawn(baton::http::serve_tls(listener, acceptor, app, baton.shutdown()));
+/// baton.wait().await;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "tls")]
+pub async fn serve_tls<S, B>(
+    listener: tokio::net::TcpListener,
+    acceptor: crate::tls::Acceptor,
+    service: S,
+    shutdown: Shutdown,
+) -> io::Result<()>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    accept_loop(listener, service, shutdown, move |io, svc, handle| {
+        let acceptor = acceptor.clone();
+        async move {
+            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(io));
+            let tls = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                _ = handle.expired() => return,
+            };
+            serve_connection(tls, svc, handle).await;
+        }
+    })
+    .await
 }
 
 /// Requests in flight on one connection (from the service call to the end

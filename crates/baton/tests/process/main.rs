@@ -14,6 +14,7 @@ mod rollback;
 mod settle;
 mod sockets;
 mod takeover;
+mod tls;
 mod upgrade_races;
 
 use std::net::SocketAddr;
