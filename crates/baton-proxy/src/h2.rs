@@ -22,7 +22,9 @@
 //! **Idle.** A connection with no stream for [`IDLE_TIMEOUT`] is wound
 //! down the same way (nginx's `keepalive_timeout` applies to HTTP/2 too).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -98,9 +100,10 @@ pub(crate) async fn serve<S>(
             let open = Open(activity.clone());
             let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
             async move {
-                let response = stream(req, peer, ctx, shutdown).await;
-                Ok::<_, std::convert::Infallible>(response.map(|b| Counted {
-                    body: b,
+                let (response, work) = stream(req, peer, ctx, shutdown).await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| Counted {
+                    body,
+                    work,
                     _open: open,
                 }))
             }
@@ -146,11 +149,31 @@ pub(crate) async fn serve<S>(
     }
 }
 
-/// A response body that keeps its stream counted open until it is done
-/// (dropped).
+/// The engine serving a stream and the pipe's client side, driven
+/// together.
+type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A response body that drives the stream's [`Work`] while it is read
+/// (the engine is still copying the body into the pipe), and keeps its
+/// stream counted open until it is done (dropped). Driving it here rather
+/// than in tasks of its own keeps each stream on one task: no wake-up
+/// crosses to another worker thread. What is left of the work when the
+/// body is dropped (the engine's bookkeeping after the last byte, or a
+/// stream the client reset) finishes in a task of its own.
 struct Counted {
     body: Body,
+    work: Option<Work>,
     _open: Open,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(work);
+            }
+        }
+    }
 }
 
 impl hyper::body::Body for Counted {
@@ -161,6 +184,11 @@ impl hyper::body::Body for Counted {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if let Some(work) = self.work.as_mut() {
+            if work.as_mut().poll(cx).is_ready() {
+                self.work = None;
+            }
+        }
         std::pin::Pin::new(&mut self.body).poll_frame(cx)
     }
 
@@ -173,42 +201,48 @@ impl hyper::body::Body for Counted {
     }
 }
 
-/// Serves one stream through the HTTP/1.1 engine.
+/// Serves one stream through the HTTP/1.1 engine: the response head, and
+/// the work that goes on producing its body.
 async fn stream(
     req: Request<Incoming>,
     peer: SocketAddr,
     ctx: Arc<HttpContext>,
     shutdown: baton::Shutdown,
-) -> Response<Body> {
-    let (ours, engine) = tokio::io::duplex(PIPE);
+) -> (Response<Body>, Option<Work>) {
+    let (ours, theirs) = tokio::io::duplex(PIPE);
     let guard = ctx.stats.stream();
-    shutdown.spawn(crate::forward::serve(
-        engine,
-        peer,
-        ctx.clone(),
-        shutdown.clone(),
-        guard,
-    ));
+    let engine = crate::forward::serve(theirs, peer, ctx.clone(), shutdown.clone(), guard);
     let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
         .handshake::<_, Incoming>(TokioIo::new(ours))
         .await
     {
         Ok(c) => c,
-        Err(e) => return own(StatusCode::BAD_GATEWAY, &format!("{e}")),
+        Err(e) => return (own(StatusCode::BAD_GATEWAY, &format!("{e}")), None),
     };
-    // Drives the pipe's client side; it ends with the response body.
-    tokio::spawn(async move {
-        let _ = conn.await;
+    let mut work: Work = Box::pin(async move {
+        let conn = async {
+            let _ = conn.await;
+        };
+        tokio::join!(engine, conn);
     });
-    match sender.send_request(as_http1(req)).await {
+    let send = sender.send_request(as_http1(req));
+    tokio::pin!(send);
+    let (answer, work) = tokio::select! {
+        r = &mut send => (r, Some(work)),
+        // All done before the head was taken (a short response): nothing
+        // is left to drive.
+        _ = &mut work => (send.await, None),
+    };
+    match answer {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_connection_fields(&mut parts.headers);
-            Response::from_parts(parts, http_body_util::Either::Left(body))
+            let response = Response::from_parts(parts, http_body_util::Either::Left(body));
+            (response, work)
         }
         Err(e) => {
             tracing::debug!(listener = %ctx.listener, %peer, error = %e, "HTTP/2 stream not answered");
-            own(StatusCode::BAD_GATEWAY, "bad gateway\n")
+            (own(StatusCode::BAD_GATEWAY, "bad gateway\n"), None)
         }
     }
 }
