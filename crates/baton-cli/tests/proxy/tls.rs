@@ -518,3 +518,40 @@ fn upstream_tls_settings_are_checked() {
         );
     }
 }
+
+#[test]
+fn a_session_resumes_after_a_take_over() {
+    let a = Upstream::http("a");
+    let certs = TempDir::new("tls-takeover-certs");
+    let site = tls::cert(&certs, "site", &["site.test"]);
+    let mut p = Proxy::start(
+        "tls-takeover",
+        "settle = \"300ms\"",
+        &secure(a.addr, &[paths(&site)], ""),
+    );
+    let addr = p.addr("secure");
+    let saved = tls::client(&[&site]);
+    assert!(!tls::get(addr, "site.test", "/", &saved).resumed);
+    // Started by someone else (a deploy script), not by the running proxy.
+    let mut next = baton_testkit::Server::spawn_logged(
+        std::path::Path::new(&baton()),
+        &["proxy", "--config", p.config.to_str().unwrap(), "--takeover"],
+        &p.dir,
+        &[("RUST_LOG", "info,baton_proxy::access=warn")],
+        "takeover",
+        |_| {},
+    );
+    let ready = next.next_event(Duration::from_secs(30));
+    assert_eq!(ready["event"], "ready", "{ready}\n{}", next.stderr());
+    assert_eq!(ready["generation"], 2, "{ready}");
+    let old = p.pid();
+    assert_eventually!(
+        Duration::from_secs(20),
+        p.server.is_gone(old),
+        "the first proxy is still running"
+    );
+    let got = tls::get(addr, "site.test", "/", &saved);
+    assert_eq!(got.status, 200);
+    assert!(got.resumed, "a full handshake after the take-over");
+}
+
