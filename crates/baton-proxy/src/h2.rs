@@ -11,6 +11,14 @@
 //! table loaded when the stream starts (a reload applies to the next
 //! stream; open connections are not touched).
 //!
+//! The pipes are keep-alive HTTP/1.1 connections, kept per HTTP/2
+//! connection ([`Pipes`]): a stream takes an idle one (or opens one) and
+//! gives it back once its response body has been read to the end, so the
+//! engine behind it keeps its upstream connections between streams, as it
+//! does between the requests of an HTTP/1.1 keep-alive client. Once the
+//! connection drains, pipes are no longer shared: each stream gets a new
+//! one, which its engine closes after the response.
+//!
 //! **Drain.** When the listener or the process drains, the connection
 //! sends GOAWAY in two steps (hyper's graceful shutdown: first with the
 //! highest stream id, then, after a PING round trip, with the last stream
@@ -22,9 +30,7 @@
 //! **Idle.** A connection with no stream for [`IDLE_TIMEOUT`] is wound
 //! down the same way (nginx's `keepalive_timeout` applies to HTTP/2 too).
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -93,18 +99,26 @@ pub(crate) async fn serve<S>(
         open: AtomicUsize::new(0),
         last: Mutex::new(Instant::now()),
     });
+    let pipes = Arc::new(Pipes {
+        idle: Mutex::new(Vec::new()),
+        peer,
+        ctx: ctx.clone(),
+        shutdown: shutdown.clone(),
+    });
     let service = {
-        let (ctx, shutdown, activity) = (ctx.clone(), shutdown.clone(), activity.clone());
+        let activity = activity.clone();
         hyper::service::service_fn(move |req| {
             activity.open.fetch_add(1, Ordering::SeqCst);
             let open = Open(activity.clone());
-            let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+            let pipes = pipes.clone();
             async move {
-                let (response, work) = stream(req, peer, ctx, shutdown).await;
+                let stream = pipes.ctx.stats.stream();
+                let (response, pipe) = pipes.stream(req).await;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Counted {
                     body,
-                    work,
+                    pipe,
                     _open: open,
+                    _stream: stream,
                 }))
             }
         })
@@ -149,29 +163,118 @@ pub(crate) async fn serve<S>(
     }
 }
 
-/// The engine serving a stream and the pipe's client side, driven
-/// together.
-type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// The client side of one pipe: a keep-alive HTTP/1.1 connection over
+/// an in-memory stream to an engine task.
+type Pipe = hyper::client::conn::http1::SendRequest<Incoming>;
 
-/// A response body that drives the stream's [`Work`] while it is read
-/// (the engine is still copying the body into the pipe), and keeps its
-/// stream counted open until it is done (dropped). Driving it here rather
-/// than in tasks of its own keeps each stream on one task: no wake-up
-/// crosses to another worker thread. What is left of the work when the
-/// body is dropped (the engine's bookkeeping after the last byte, or a
-/// stream the client reset) finishes in a task of its own.
+/// The pipes of one HTTP/2 connection; an idle one serves the next
+/// stream. Dropped with the connection: the idle pipes close, and the
+/// engines behind them end.
+struct Pipes {
+    idle: Mutex<Vec<Pipe>>,
+    peer: SocketAddr,
+    ctx: Arc<HttpContext>,
+    shutdown: baton::Shutdown,
+}
+
+impl Pipes {
+    /// An idle pipe, or a new one (with its engine). Once draining, every
+    /// stream gets a new pipe: an idle engine closes its pipe after the idle
+    /// grace, and a stream must not race that close.
+    async fn take(&self) -> Result<Pipe, hyper::Error> {
+        if self.shutdown.is_draining() {
+            crate::lock(&self.idle).clear();
+        }
+        loop {
+            let Some(pipe) = crate::lock(&self.idle).pop() else {
+                break;
+            };
+            if !pipe.is_closed() {
+                return Ok(pipe);
+            }
+        }
+        let (ours, theirs) = tokio::io::duplex(PIPE);
+        // The stream is counted by its response body; the pipe's engine is
+        // not another connection.
+        let guard = self.ctx.stats.uncounted();
+        self.shutdown.spawn(crate::forward::serve(
+            theirs,
+            self.peer,
+            self.ctx.clone(),
+            self.shutdown.clone(),
+            guard,
+        ));
+        let (pipe, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Incoming>(TokioIo::new(ours))
+            .await?;
+        self.shutdown.spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(pipe)
+    }
+
+    /// Keeps `pipe` for the next stream, unless it is closing.
+    fn give_back(&self, pipe: Pipe) {
+        if !pipe.is_closed() && !self.shutdown.is_draining() {
+            let mut idle = crate::lock(&self.idle);
+            if idle.len() < MAX_STREAMS as usize {
+                idle.push(pipe);
+            }
+        }
+    }
+
+    /// Serves one stream through the HTTP/1.1 engine: the response, and
+    /// the pipe to give back once its body has been read to the end.
+    async fn stream(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> (Response<Body>, Option<(Pipe, Arc<Pipes>)>) {
+        let mut pipe = match self.take().await {
+            Ok(p) => p,
+            Err(e) => return (own(StatusCode::BAD_GATEWAY, &format!("{e}")), None),
+        };
+        let answer = match pipe.ready().await {
+            Ok(()) => pipe.send_request(as_http1(req)).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_connection_fields(&mut parts.headers);
+                let response = Response::from_parts(parts, http_body_util::Either::Left(body));
+                (response, Some((pipe, self.clone())))
+            }
+            Err(e) => {
+                tracing::debug!(listener = %self.ctx.listener, peer = %self.peer, error = %e, "HTTP/2 stream not answered");
+                (own(StatusCode::BAD_GATEWAY, "bad gateway\n"), None)
+            }
+        }
+    }
+}
+
+/// A response body that gives its pipe back once it has been read to the
+/// end, and keeps its stream counted open until it is done (dropped).
 struct Counted {
     body: Body,
-    work: Option<Work>,
+    pipe: Option<(Pipe, Arc<Pipes>)>,
     _open: Open,
+    _stream: crate::stats::ConnGuard,
+}
+
+impl Counted {
+    fn done(&mut self) {
+        if let Some((pipe, pipes)) = self.pipe.take() {
+            pipes.give_back(pipe);
+        }
+    }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        if let Some(work) = self.work.take() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(work);
-            }
+        // A body dropped before its end leaves its pipe mid-response: the
+        // pipe closes with it.
+        if hyper::body::Body::is_end_stream(&self.body) {
+            self.done();
         }
     }
 }
@@ -184,12 +287,11 @@ impl hyper::body::Body for Counted {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        if let Some(work) = self.work.as_mut() {
-            if work.as_mut().poll(cx).is_ready() {
-                self.work = None;
-            }
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.done();
         }
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -201,54 +303,8 @@ impl hyper::body::Body for Counted {
     }
 }
 
-/// Serves one stream through the HTTP/1.1 engine: the response head, and
-/// the work that goes on producing its body.
-async fn stream(
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    ctx: Arc<HttpContext>,
-    shutdown: baton::Shutdown,
-) -> (Response<Body>, Option<Work>) {
-    let (ours, theirs) = tokio::io::duplex(PIPE);
-    let guard = ctx.stats.stream();
-    let engine = crate::forward::serve(theirs, peer, ctx.clone(), shutdown.clone(), guard);
-    let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Incoming>(TokioIo::new(ours))
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => return (own(StatusCode::BAD_GATEWAY, &format!("{e}")), None),
-    };
-    let mut work: Work = Box::pin(async move {
-        let conn = async {
-            let _ = conn.await;
-        };
-        tokio::join!(engine, conn);
-    });
-    let send = sender.send_request(as_http1(req));
-    tokio::pin!(send);
-    let (answer, work) = tokio::select! {
-        r = &mut send => (r, Some(work)),
-        // All done before the head was taken (a short response): nothing
-        // is left to drive.
-        _ = &mut work => (send.await, None),
-    };
-    match answer {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            strip_connection_fields(&mut parts.headers);
-            let response = Response::from_parts(parts, http_body_util::Either::Left(body));
-            (response, work)
-        }
-        Err(e) => {
-            tracing::debug!(listener = %ctx.listener, %peer, error = %e, "HTTP/2 stream not answered");
-            (own(StatusCode::BAD_GATEWAY, "bad gateway\n"), None)
-        }
-    }
-}
-
-/// The stream's request as an HTTP/1.1 one: origin-form target, `Host`
-/// from `:authority`, and `Connection: close` (one request per pipe).
+/// The stream's request as an HTTP/1.1 one: origin-form target and
+/// `Host` from `:authority`.
 fn as_http1(req: Request<Incoming>) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
     if let Some(authority) = parts.uri.authority() {
@@ -266,9 +322,6 @@ fn as_http1(req: Request<Incoming>) -> Request<Incoming> {
         parts.uri = uri;
     }
     parts.version = http::Version::HTTP_11;
-    parts
-        .headers
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     Request::from_parts(parts, body)
 }
 

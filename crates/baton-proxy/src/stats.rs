@@ -47,6 +47,8 @@ enum Kind {
     Connection,
     Upgraded,
     Stream,
+    /// Not counted (an HTTP/2 connection's pipe to the engine).
+    None,
 }
 
 impl Drop for ConnGuard {
@@ -55,6 +57,7 @@ impl Drop for ConnGuard {
             Kind::Connection => &self.stats.connections,
             Kind::Upgraded => &self.stats.upgraded,
             Kind::Stream => &self.stats.streams,
+            Kind::None => return,
         };
         counter.fetch_sub(1, Ordering::Relaxed);
     }
@@ -89,6 +92,17 @@ impl ListenerStats {
             stats: self.clone(),
             kind: Kind::Connection,
             _open: Some(self.requests_metrics.connection()),
+        }
+    }
+
+    /// A guard that counts nothing (the engine behind an HTTP/2
+    /// connection's pipe: the connection and its streams are counted
+    /// already).
+    pub(crate) fn uncounted(self: &Arc<Self>) -> ConnGuard {
+        ConnGuard {
+            stats: self.clone(),
+            kind: Kind::None,
+            _open: None,
         }
     }
 

@@ -535,7 +535,12 @@ fn a_session_resumes_after_a_take_over() {
     // Started by someone else (a deploy script), not by the running proxy.
     let mut next = baton_testkit::Server::spawn_logged(
         std::path::Path::new(&baton()),
-        &["proxy", "--config", p.config.to_str().unwrap(), "--takeover"],
+        &[
+            "proxy",
+            "--config",
+            p.config.to_str().unwrap(),
+            "--takeover",
+        ],
         &p.dir,
         &[("RUST_LOG", "info,baton_proxy::access=warn")],
         "takeover",
@@ -554,4 +559,3 @@ fn a_session_resumes_after_a_take_over() {
     assert_eq!(got.status, 200);
     assert!(got.resumed, "a full handshake after the take-over");
 }
-
