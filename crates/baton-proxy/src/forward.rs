@@ -51,6 +51,10 @@ use crate::websocket;
 /// `client_header_timeout` 60 s).
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The first line of HTTP/2's connection preface (RFC 9113 §3.4), which
+/// HTTP/1 parsing refuses (version `HTTP/2.0`).
+const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
 /// Content type of the proxy's own short answers.
 const TEXT: &[u8] = b"text/plain; charset=utf-8";
 
@@ -181,6 +185,18 @@ pub(crate) async fn serve_moved<S>(
         client.rbuf = rbuf;
         client.stay = true;
     };
+    if client.h2c {
+        // h2c with prior knowledge: the same connection, served as HTTP/2
+        // from the preface on.
+        let Client {
+            stream, rbuf, ctx, ..
+        } = client;
+        if let Ok(baton::migrate::Connection::Tcp(tcp)) = stream.into_connection() {
+            let io = crate::h2::Prefixed::new(rbuf.freeze(), tcp);
+            crate::h2::serve(io, peer, ctx, shutdown).await;
+        }
+        return;
+    }
     let Some(up) = upgraded else {
         return;
     };
@@ -268,6 +284,11 @@ struct Client<S> {
     move_now: bool,
     /// It tried to move and could not: it winds down here.
     stay: bool,
+    /// No request has been read on this connection yet.
+    fresh: bool,
+    /// The connection opened with HTTP/2's preface (h2c, prior
+    /// knowledge): it is served by [`crate::h2`] from here on.
+    h2c: bool,
 }
 
 /// How a request ended, for the connection.
@@ -307,6 +328,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             last_active: now,
             move_now: false,
             stay: false,
+            fresh: true,
+            h2c: false,
         }
     }
 
@@ -347,8 +370,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                         .await,
                     0,
                 ),
+                Err(_) if self.fresh && buf.starts_with(H2_PREFACE_LINE) => {
+                    self.h2c = true;
+                    (Outcome::Close, 0)
+                }
                 Err(_) => (self.refuse(StatusCode::BAD_REQUEST).await, 0),
             };
+            self.fresh = false;
             // What the request did not use starts the next one (pipelining),
             // ahead of anything read while its body was copied.
             let mut buf = buf;

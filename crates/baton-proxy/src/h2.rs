@@ -1,5 +1,6 @@
-//! HTTP/2 towards clients (ALPN `h2` on `https` listeners), forwarded to
-//! HTTP/1.1 upstreams as nginx does.
+//! HTTP/2 towards clients (ALPN `h2` on `https` listeners, and h2c with
+//! prior knowledge on `http` ones), forwarded to HTTP/1.1 upstreams as
+//! nginx does.
 //!
 //! hyper serves the HTTP/2 connection (frames, flow control, HPACK, the
 //! limits below). Each stream is then handed, as an HTTP/1.1 request over
@@ -177,6 +178,19 @@ struct Pipes {
     shutdown: baton::Shutdown,
 }
 
+/// The engine behind a pipe, boxed: the engine can hand an h2c
+/// connection to [`serve`], which runs engines, and the box is where that
+/// cycle of future types is cut.
+fn engine(
+    io: tokio::io::DuplexStream,
+    peer: SocketAddr,
+    ctx: Arc<HttpContext>,
+    shutdown: baton::Shutdown,
+    guard: crate::stats::ConnGuard,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(crate::forward::serve(io, peer, ctx, shutdown, guard))
+}
+
 impl Pipes {
     /// An idle pipe, or a new one (with its engine). Once draining, every
     /// stream gets a new pipe: an idle engine closes its pipe after the idle
@@ -197,7 +211,7 @@ impl Pipes {
         // The stream is counted by its response body; the pipe's engine is
         // not another connection.
         let guard = self.ctx.stats.uncounted();
-        self.shutdown.spawn(crate::forward::serve(
+        self.shutdown.spawn(engine(
             theirs,
             self.peer,
             self.ctx.clone(),
@@ -355,4 +369,72 @@ fn own(status: StatusCode, text: &str) -> Response<Body> {
 /// Whether a TLS connection agreed on HTTP/2.
 pub(crate) fn negotiated<IO>(tls: &baton::tls::TlsStream<IO>) -> bool {
     tls.get_ref().1.alpn_protocol() == Some(b"h2")
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that first reads out `prefix` (bytes read already, such
+    /// as an h2c client's preface), then reads and writes `inner`.
+    pub(crate) struct Prefixed<S> {
+        prefix: Bytes,
+        #[pin]
+        inner: S,
+    }
+}
+
+impl<S> Prefixed<S> {
+    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }

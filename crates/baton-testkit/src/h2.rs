@@ -55,11 +55,12 @@ impl std::fmt::Debug for H2Load {
 
 impl H2Load {
     /// `clients` connections to `addr` (SNI and `:authority` `name`), each
-    /// with `streams` requests for `path` in flight at a time.
+    /// with `streams` requests for `path` in flight at a time; over TLS
+    /// with `config`, else h2c with prior knowledge.
     pub fn start(
         addr: SocketAddr,
         name: &str,
-        config: Arc<rustls::ClientConfig>,
+        config: impl Into<Option<Arc<rustls::ClientConfig>>>,
         clients: usize,
         streams: usize,
         path: &str,
@@ -68,9 +69,11 @@ impl H2Load {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
         let deadline = Instant::now() + max_duration;
-        let mut config = (*config).clone();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let config = Arc::new(config);
+        let config = config.into().map(|c| {
+            let mut c = (*c).clone();
+            c.alpn_protocols = vec![b"h2".to_vec()];
+            Arc::new(c)
+        });
         let (name, path) = (name.to_owned(), path.to_owned());
         let thread = {
             let (stop, shared) = (stop.clone(), shared.clone());
@@ -157,7 +160,7 @@ struct Client {
     addr: SocketAddr,
     name: String,
     path: String,
-    config: Arc<rustls::ClientConfig>,
+    config: Option<Arc<rustls::ClientConfig>>,
     stop: Arc<AtomicBool>,
     shared: Arc<Shared>,
     deadline: Instant,
@@ -181,16 +184,26 @@ impl Client {
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
+        let Some(config) = self.config.clone() else {
+            return self.handshake(tcp).await;
+        };
         let server = ServerName::try_from(self.name.clone()).map_err(|e| e.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect(server, tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err("the server did not agree on h2".to_owned());
         }
+        self.handshake(tls).await
+    }
+
+    async fn handshake<IO>(&self, io: IO) -> Result<Sender, String>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                 .await
                 .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         tokio::spawn(async move {

@@ -325,6 +325,57 @@ fn curl_gets_http2_and_http1_by_alpn() {
 }
 
 #[test]
+fn h2c_with_prior_knowledge_on_a_plaintext_listener_is_served_and_drained() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let a = Upstream::http("a");
+    let p = Proxy::start("h2c", "", &crate::web_to_a(&[a.addr]));
+    let web = p.addr("web");
+    let curl = |flag: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", flag, "-w", "\n%{http_version}"])
+            .arg(format!("http://{web}/headers"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let h2c = curl("--http2-prior-knowledge");
+    assert!(h2c.ends_with("\n2"), "{h2c}");
+    assert!(h2c.contains("x-forwarded-proto: http\n"), "{h2c}");
+    // Streams in flight through upgrades: each connection is sent away
+    // with GOAWAY and nothing fails.
+    let load = H2Load::start(web, "x", None, 2, 4, "/", Duration::from_secs(60));
+    load.wait_for_progress(100, Duration::from_secs(30));
+    let mut p = p;
+    let mut pids = vec![p.pid()];
+    for _ in 0..2 {
+        let answer = p.upgrade();
+        assert_eq!(answer["ok"], true, "{answer}");
+        pids.push(answer["pid"].as_u64().unwrap() as u32);
+        load.wait_for_progress(100, Duration::from_secs(30));
+    }
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.connects >= 3, "{report:?}");
+    for &pid in &pids[..pids.len() - 1] {
+        assert_eventually!(
+            Duration::from_secs(20),
+            p.server.is_gone(pid),
+            "pid {pid} still running"
+        );
+    }
+    // HTTP/1.1 beside it.
+    assert!(curl("--http1.1").ends_with("\n1.1"));
+}
+
+#[test]
 fn eight_upgrades_and_a_certificate_reload_under_tls_and_http2_load_lose_no_request() {
     let a = Upstream::http("a");
     let certs = TempDir::new("tls-upgrade-certs");
