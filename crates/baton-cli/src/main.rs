@@ -289,14 +289,38 @@ fn init_logging(format: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // `baton proxy`: the configuration is read first, as `[server] workers`
+    // sizes the runtime.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    let mut loaded = None;
+    if let Command::Proxy {
+        config,
+        test: false,
+        ..
+    } = &cli.command
+    {
+        match proxy::load(config.clone()) {
+            Ok(cfg) => {
+                if let Some(n) = cfg.server.workers {
+                    builder.worker_threads(n);
+                }
+                loaded = Some(cfg);
+            }
+            Err(e) => {
+                eprintln!("baton: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("baton: cannot start the runtime: {e}");
             return ExitCode::from(2);
         }
     };
-    let result = runtime.block_on(run(cli.command));
+    let result = runtime.block_on(run(cli.command, loaded));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -306,7 +330,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<ExitCode> {
+/// Runs `command`; `loaded`: the proxy's configuration, read before the
+/// runtime was built.
+async fn run(command: Command, loaded: Option<baton_proxy::Config>) -> anyhow::Result<ExitCode> {
     match command {
         Command::Bench(args) => {
             let (options, outputs) = args.options()?;
@@ -396,7 +422,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Proxy {
             config, takeover, ..
         } => {
-            proxy::run(config, takeover).await?;
+            let cfg = match loaded {
+                Some(cfg) => cfg,
+                None => proxy::load(config)?,
+            };
+            proxy::run(cfg, takeover).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { path, config } => {

@@ -5,17 +5,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-/// Runs the proxy with the configuration at `config` (or the built-in one)
-/// until it is stopped or upgraded away; `takeover`: from the proxy that
-/// serves the configured control socket, if one does.
-pub async fn run(config: Option<PathBuf>, takeover: bool) -> anyhow::Result<()> {
+/// Reads and validates the configuration at `config` (or the built-in
+/// one), before the runtime is built: `[server] workers` sizes it.
+pub fn load(config: Option<PathBuf>) -> anyhow::Result<baton_proxy::Config> {
     // Absolute, so `status` names the file unambiguously.
     let config = config.map(|p| std::path::absolute(&p).unwrap_or(p));
-    let cfg = match &config {
+    match &config {
         Some(path) => baton_proxy::config::load(path),
         None => baton_proxy::config::builtin(),
     }
-    .map_err(once)?;
+    .map_err(once)
+}
+
+/// Runs the proxy with `cfg` until it is stopped or upgraded away;
+/// `takeover`: from the proxy that serves the configured control socket,
+/// if one does.
+pub async fn run(cfg: baton_proxy::Config, takeover: bool) -> anyhow::Result<()> {
     baton_proxy::prepare_control_dir(&cfg.server.control_socket).map_err(once)?;
     let mut builder = baton::Baton::builder()
         .control_socket(&cfg.server.control_socket)

@@ -62,6 +62,7 @@ struct RawServer {
     idle_grace: Option<Spanned<String>>,
     settle: Option<Spanned<String>>,
     migrate: Option<bool>,
+    workers: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +209,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
+/// Most worker threads `[server] workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The name the admin listener is handed over as; no `[[listeners]]` may
 /// use it.
 pub const ADMIN_LISTENER: &str = "baton-admin";
@@ -232,6 +236,9 @@ pub struct ServerSettings {
     /// At an upgrade, hand keep-alive client connections to the next
     /// generation instead of draining them (default true).
     pub migrate: bool,
+    /// `workers`: the runtime's worker threads (`None`: one per core, or
+    /// `TOKIO_WORKER_THREADS`). Read at start, like the rest of `[server]`.
+    pub workers: Option<usize>,
 }
 
 /// `[[listeners]]`.
@@ -1012,6 +1019,19 @@ impl Validator<'_> {
             ),
             settle: self.any_duration(&raw.server.settle, Duration::from_secs(2), "settle"),
             migrate: raw.server.migrate.unwrap_or(true),
+            workers: raw.server.workers.as_ref().and_then(|w| {
+                let n = *w.get_ref();
+                match usize::try_from(n) {
+                    Ok(n @ 1..=MAX_WORKERS) => Some(n),
+                    _ => {
+                        self.err(
+                            w.span(),
+                            format!("workers = {n}: must be from 1 to {MAX_WORKERS}"),
+                        );
+                        None
+                    }
+                }
+            }),
         };
 
         // Upstreams first: listeners and routes refer to them.

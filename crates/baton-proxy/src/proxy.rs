@@ -727,6 +727,8 @@ impl Proxy {
                 "draining_listeners": draining.iter().map(|s| s.status()).collect::<Vec<_>>(),
                 "connections": {"active": active, "draining": draining_conns, "migrated": migrated},
                 "upstreams": upstreams,
+                // The runtime's worker threads (`[server] workers`).
+                "workers": tokio::runtime::Handle::try_current().ok().map(|h| h.metrics().num_workers()),
             }
         })
     }

@@ -174,3 +174,53 @@ fn an_upgrade_to_a_generation_that_takes_no_connections_drains_them() {
         "the old generation did not finish draining"
     );
 }
+
+#[test]
+fn workers_sizes_the_runtime_at_start_and_is_checked() {
+    let a = Upstream::http("a");
+    let body = web_to_a(&[a.addr]);
+    let mut p = Proxy::start("workers", "workers = 3", &body);
+    assert_eq!(p.status()["proxy"]["workers"], 3);
+    assert_eq!(get(p.addr("web"), "x", "/"), (200, "upstream a\n".into()));
+    // Like the rest of [server], a change applies at the next upgrade.
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    p.write_raw(&text.replace("workers = 3\n", ""));
+    let answer = p.upgrade();
+    assert_eq!(answer["ok"], true, "{answer}");
+    let status = p.status();
+    assert_eq!(status["generation"], 2);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(status["proxy"]["workers"], cores, "{status}");
+    let old = p.pid();
+    baton_testkit::assert_eventually!(
+        Duration::from_secs(20),
+        p.server.is_gone(old),
+        "old generation still running"
+    );
+    // Out of range: refused at its position, and the running proxy stays.
+    let (code, stderr) = crate::run_bounded(
+        &["check", "--config", p.config.to_str().unwrap()],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    std::fs::write(
+        &p.config,
+        std::fs::read_to_string(&p.config)
+            .unwrap()
+            .replace("[server]\n", "[server]\nworkers = 0\n"),
+    )
+    .unwrap();
+    let (code, stderr) = crate::run_bounded(
+        &["check", "--config", p.config.to_str().unwrap()],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(":2:11: workers = 0: must be from 1 to 1024"),
+        "{stderr}"
+    );
+    let answer = p.upgrade();
+    assert_eq!(answer["ok"], false, "{answer}");
+}
