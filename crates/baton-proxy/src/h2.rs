@@ -56,6 +56,11 @@ const MAX_HEADER_LIST: u32 = crate::h1::MAX_HEAD as u32;
 /// A connection with no stream open this long is wound down.
 pub(crate) const IDLE_TIMEOUT: Duration = crate::forward::KEEPALIVE_TIMEOUT;
 
+/// An idle pipe is reused for this long (its engine closes it after
+/// [`crate::forward::KEEPALIVE_TIMEOUT`] of silence; the margin keeps a
+/// stream from racing that close).
+const PIPE_REUSE: Duration = Duration::from_secs(50);
+
 /// The in-memory pipe of one stream holds this much in each direction.
 const PIPE: usize = 64 * 1024;
 
@@ -172,7 +177,8 @@ type Pipe = hyper::client::conn::http1::SendRequest<Incoming>;
 /// stream. Dropped with the connection: the idle pipes close, and the
 /// engines behind them end.
 struct Pipes {
-    idle: Mutex<Vec<Pipe>>,
+    /// Idle pipes, with when each became idle.
+    idle: Mutex<Vec<(Pipe, Instant)>>,
     peer: SocketAddr,
     ctx: Arc<HttpContext>,
     shutdown: baton::Shutdown,
@@ -199,11 +205,14 @@ impl Pipes {
         if self.shutdown.is_draining() {
             crate::lock(&self.idle).clear();
         }
+        let now = Instant::now();
         loop {
-            let Some(pipe) = crate::lock(&self.idle).pop() else {
+            let Some((pipe, since)) = crate::lock(&self.idle).pop() else {
                 break;
             };
-            if !pipe.is_closed() {
+            // One near its engine's keep-alive timeout is not taken: the
+            // engine may be closing it right now.
+            if !pipe.is_closed() && now.saturating_duration_since(since) < PIPE_REUSE {
                 return Ok(pipe);
             }
         }
@@ -232,7 +241,7 @@ impl Pipes {
         if !pipe.is_closed() && !self.shutdown.is_draining() {
             let mut idle = crate::lock(&self.idle);
             if idle.len() < MAX_STREAMS as usize {
-                idle.push(pipe);
+                idle.push((pipe, Instant::now()));
             }
         }
     }
@@ -243,13 +252,26 @@ impl Pipes {
         self: &Arc<Self>,
         req: Request<Incoming>,
     ) -> (Response<Body>, Option<(Pipe, Arc<Pipes>)>) {
-        let mut pipe = match self.take().await {
-            Ok(p) => p,
-            Err(e) => return (own(StatusCode::BAD_GATEWAY, &format!("{e}")), None),
-        };
-        let answer = match pipe.ready().await {
-            Ok(()) => pipe.send_request(as_http1(req)).await,
-            Err(e) => Err(e),
+        let mut req = as_http1(req);
+        // A pooled pipe that turns out closed before the request went into
+        // it: the request comes back and goes into a new pipe.
+        let mut tries = 0;
+        let (answer, pipe) = loop {
+            tries += 1;
+            let mut pipe = match self.take().await {
+                Ok(p) => p,
+                Err(e) => return (own(StatusCode::BAD_GATEWAY, &format!("{e}")), None),
+            };
+            if pipe.ready().await.is_err() && tries < 3 {
+                continue;
+            }
+            match pipe.try_send_request(req).await {
+                Ok(response) => break (Ok(response), pipe),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if tries < 3 => req = back,
+                    _ => break (Err(e.into_error()), pipe),
+                },
+            }
         };
         match answer {
             Ok(response) => {
