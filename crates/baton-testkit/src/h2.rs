@@ -326,3 +326,70 @@ fn classify(e: &hyper::Error) -> Outcome {
     }
     Outcome::Failed(format!("request: {e}"))
 }
+
+/// One HTTP/2 connection for requests one at a time (over TLS with a
+/// client configuration, else h2c), on a runtime of its own.
+pub struct H2Conn {
+    rt: tokio::runtime::Runtime,
+    sender: Sender,
+    authority: String,
+}
+
+impl std::fmt::Debug for H2Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("H2Conn")
+    }
+}
+
+impl H2Conn {
+    /// Connects to `addr` (SNI and `:authority` `name`).
+    pub fn connect(
+        addr: SocketAddr,
+        name: &str,
+        config: impl Into<Option<Arc<rustls::ClientConfig>>>,
+    ) -> H2Conn {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = config.into().map(|c| {
+            let mut c = (*c).clone();
+            c.alpn_protocols = vec![b"h2".to_vec()];
+            Arc::new(c)
+        });
+        let client = Client {
+            addr,
+            name: name.to_owned(),
+            path: String::new(),
+            config,
+            stop: Arc::new(AtomicBool::new(false)),
+            shared: Arc::new(Shared::default()),
+            deadline: Instant::now() + Duration::from_secs(600),
+        };
+        let sender = rt.block_on(client.connect()).unwrap();
+        H2Conn {
+            rt,
+            sender,
+            authority: name.to_owned(),
+        }
+    }
+
+    /// `GET path` on this connection: (status, body).
+    pub fn get(&mut self, path: &str) -> (u16, String) {
+        let req = http::Request::builder()
+            .uri(format!("http://{}{}", self.authority, path))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let sender = &mut self.sender;
+        self.rt.block_on(async {
+            sender.ready().await.unwrap();
+            let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req))
+                .await
+                .unwrap()
+                .unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    }
+}

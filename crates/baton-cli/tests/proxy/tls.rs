@@ -349,6 +349,22 @@ fn h2c_with_prior_knowledge_on_a_plaintext_listener_is_served_and_drained() {
     let h2c = curl("--http2-prior-knowledge");
     assert!(h2c.ends_with("\n2"), "{h2c}");
     assert!(h2c.contains("x-forwarded-proto: http\n"), "{h2c}");
+    // A reload applies to the next stream of an open connection.
+    let routes = |answer: &str| {
+        format!(
+            "[[listeners]]\nname = \"web\"\naddress = \"{web}\"\n\n[[routes]]\nlistener = \"web\"\nrespond = {{ status = 200, body = \"{answer}\" }}\n"
+        )
+    };
+    p.write_config(&routes("one"));
+    p.reload_ok();
+    let mut conn = baton_testkit::h2::H2Conn::connect(web, "x", None);
+    assert_eq!(conn.get("/"), (200, "one".into()));
+    p.write_config(&routes("two"));
+    p.reload_ok();
+    assert_eq!(conn.get("/"), (200, "two".into()));
+    drop(conn);
+    p.write_config(&crate::web_to_a(&[a.addr]).replace("127.0.0.1:0", &web.to_string()));
+    p.reload_ok();
     // Streams in flight through upgrades: each connection is sent away
     // with GOAWAY and nothing fails.
     let load = H2Load::start(web, "x", None, 2, 4, "/", Duration::from_secs(60));
