@@ -57,15 +57,16 @@ start_upstream() {
     wait_port "$UP"
 }
 
-# start_nginx [NAME] -> NGX (its port), NGX_WORKER (its one worker's pid):
-# one worker, proxy_pass to the upstream on $UP with upstream keep-alive,
-# access log off; its files in $WORK/NAME (default nginx).
-start_nginx() {
-    local d="$WORK/${1:-nginx}"
-    NGX=$(free_port)
+# nginx_proxy_conf DIR PORT [WORKERS] [LISTEN_OPTIONS] [SERVER_LINES]:
+# writes DIR/nginx.conf for nginx as a reverse proxy on 127.0.0.1:PORT in
+# front of the upstream on $UP (upstream keep-alive, access log off),
+# WORKERS workers (default 1), LISTEN_OPTIONS after the address (such as
+# `ssl http2`) and SERVER_LINES in its server block.
+nginx_proxy_conf() {
+    local d=$1
     mkdir -p "$d"
     cat >"$d/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes ${3:-1};
 pid $d/nginx.pid;
 error_log $d/error.log warn;
 events { worker_connections 4096; }
@@ -75,7 +76,8 @@ http {
     proxy_temp_path $d/proxy;
     upstream app { server 127.0.0.1:$UP; keepalive 64; }
     server {
-        listen 127.0.0.1:$NGX;
+        listen 127.0.0.1:$2 ${4:-};
+        ${5:-}
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -87,6 +89,15 @@ http {
     }
 }
 EOF
+}
+
+# start_nginx [NAME] -> NGX (its port), NGX_WORKER (its one worker's pid):
+# one worker, proxy_pass to the upstream on $UP with upstream keep-alive,
+# access log off; its files in $WORK/NAME (default nginx).
+start_nginx() {
+    local d="$WORK/${1:-nginx}"
+    NGX=$(free_port)
+    nginx_proxy_conf "$d" "$NGX"
     nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
     PIDS+=($!)
     wait_port "$NGX"

@@ -59,34 +59,8 @@ UP=$UPF
 nginx_tls() {
     local d="$WORK/$1"
     PORT=$(free_port)
-    mkdir -p "$d"
-    cat >"$d/nginx.conf" <<EOF2
-worker_processes $2;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $d/body;
-    proxy_temp_path $d/proxy;
-    upstream app { server 127.0.0.1:$UP; keepalive 64; }
-    server {
-        listen 127.0.0.1:$PORT ssl http2;
-        ssl_certificate $WORK/site.pem;
-        ssl_certificate_key $WORK/site.key;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        keepalive_requests 1000000;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-        }
-    }
-}
-EOF2
+    nginx_proxy_conf "$d" "$PORT" "$2" "ssl http2" \
+        "ssl_certificate $WORK/site.pem; ssl_certificate_key $WORK/site.key; ssl_protocols TLSv1.2 TLSv1.3; keepalive_requests 1000000;"
     nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
     PIDS+=($!)
     PROC=$!

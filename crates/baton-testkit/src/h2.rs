@@ -69,11 +69,7 @@ impl H2Load {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
         let deadline = Instant::now() + max_duration;
-        let config = config.into().map(|c| {
-            let mut c = (*c).clone();
-            c.alpn_protocols = vec![b"h2".to_vec()];
-            Arc::new(c)
-        });
+        let config = h2_config(config.into());
         let (name, path) = (name.to_owned(), path.to_owned());
         let thread = {
             let (stop, shared) = (stop.clone(), shared.clone());
@@ -180,35 +176,7 @@ impl Client {
     }
 
     async fn connect(&self) -> Result<Sender, String> {
-        let tcp = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let Some(config) = self.config.clone() else {
-            return self.handshake(tcp).await;
-        };
-        let server = ServerName::try_from(self.name.clone()).map_err(|e| e.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(server, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Err("the server did not agree on h2".to_owned());
-        }
-        self.handshake(tls).await
-    }
-
-    async fn handshake<IO>(&self, io: IO) -> Result<Sender, String>
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-                .await
-                .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let sender = open(self.addr, &self.name, self.config.as_ref()).await?;
         self.shared.connects.fetch_add(1, Ordering::Relaxed);
         Ok(sender)
     }
@@ -307,6 +275,54 @@ impl Client {
     }
 }
 
+/// Opens an HTTP/2 connection to `addr`: over TLS (SNI `name`, ALPN `h2`)
+/// with `config`, else h2c with prior knowledge.
+async fn open(
+    addr: SocketAddr,
+    name: &str,
+    config: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Sender, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let Some(config) = config else {
+        return handshake(tcp).await;
+    };
+    let server = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(server, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err("the server did not agree on h2".to_owned());
+    }
+    handshake(tls).await
+}
+
+async fn handshake<IO>(io: IO) -> Result<Sender, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// The client configuration for HTTP/2: ALPN `h2` only.
+fn h2_config(config: Option<Arc<rustls::ClientConfig>>) -> Option<Arc<rustls::ClientConfig>> {
+    config.map(|c| {
+        let mut c = (*c).clone();
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(c)
+    })
+}
+
 /// Whether a request error means the server never processed it.
 fn classify(e: &hyper::Error) -> Outcome {
     if e.is_canceled() {
@@ -352,21 +368,8 @@ impl H2Conn {
             .enable_all()
             .build()
             .unwrap();
-        let config = config.into().map(|c| {
-            let mut c = (*c).clone();
-            c.alpn_protocols = vec![b"h2".to_vec()];
-            Arc::new(c)
-        });
-        let client = Client {
-            addr,
-            name: name.to_owned(),
-            path: String::new(),
-            config,
-            stop: Arc::new(AtomicBool::new(false)),
-            shared: Arc::new(Shared::default()),
-            deadline: Instant::now() + Duration::from_secs(600),
-        };
-        let sender = rt.block_on(client.connect()).unwrap();
+        let config = h2_config(config.into());
+        let sender = rt.block_on(open(addr, name, config.as_ref())).unwrap();
         H2Conn {
             rt,
             sender,

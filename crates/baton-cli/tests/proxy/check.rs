@@ -10,9 +10,17 @@ use crate::{baton, run_bounded, text};
 const EXAMPLE: &str = include_str!("../../../baton-proxy/proxy.example.toml");
 
 fn check(text_: &str) -> (std::process::Output, String) {
+    check_in(|_| text_.to_owned())
+}
+
+/// Runs `baton check` on the text `make` returns, written as
+/// `DIR/proxy.toml` after `make` ran in DIR (so it can put files there
+/// that relative paths name): (output, the file's path).
+pub fn check_in(make: impl FnOnce(&TempDir) -> String) -> (std::process::Output, String) {
     let dir = TempDir::new("check");
+    let toml = make(&dir);
     let path = dir.join("proxy.toml");
-    std::fs::write(&path, text_).unwrap();
+    std::fs::write(&path, toml).unwrap();
     let out = Command::new(baton())
         .args(["check", "--config", path.to_str().unwrap()])
         .output()

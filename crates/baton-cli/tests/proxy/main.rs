@@ -200,6 +200,17 @@ impl Proxy {
             .unwrap()
     }
 
+    /// Waits (bounded) until every pid of `pids` has exited.
+    pub fn assert_gone(&mut self, pids: &[u32]) {
+        for &pid in pids {
+            baton_testkit::assert_eventually!(
+                Duration::from_secs(20),
+                self.server.is_gone(pid),
+                "generation pid {pid} still running"
+            );
+        }
+    }
+
     pub fn status(&self) -> Value {
         self.control(r#"{"command":"status"}"#)
     }
@@ -246,6 +257,16 @@ impl Proxy {
                 )
             })
             .collect()
+    }
+}
+
+/// Asserts that some line of `stderr` starts with each of `wants`.
+pub fn assert_lines(stderr: &str, wants: &[String]) {
+    for want in wants {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(want.as_str())),
+            "no {want:?} in:\n{stderr}"
+        );
     }
 }
 

@@ -10,8 +10,9 @@ use baton_testkit::h2::H2Load;
 use baton_testkit::tls::{self, rustls, TestCert};
 use baton_testkit::{assert_eventually, our_zombies, Load, Target, TempDir};
 
+use crate::check::check_in;
 use crate::websocket::Ws;
-use crate::{baton, text, upstream_toml, Proxy, Upstream};
+use crate::{assert_lines, text, upstream_toml, Proxy, Upstream};
 
 /// An `https` listener "secure" with `certs` (cert, key paths as written),
 /// every path routed to upstream "a" at `a`.
@@ -97,31 +98,17 @@ fn tls_min_version_1_3_refuses_a_tls_1_2_client() {
     assert_eq!((got.status, got.version.as_str()), (200, "TLSv1_3"));
 }
 
-/// Runs `baton check` on `toml` written as `DIR/proxy.toml`, where the
-/// certificates are made by `make` in DIR (so relative paths work).
-fn check(make: impl FnOnce(&TempDir) -> String) -> (std::process::Output, String) {
-    let dir = TempDir::new("tls-check");
-    let toml = make(&dir);
-    let path = dir.join("proxy.toml");
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(baton())
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    (out, path.to_str().unwrap().to_owned())
-}
-
 #[test]
 fn check_names_the_entry_and_the_file_that_is_wrong() {
     let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
     // Relative paths are from the configuration file's directory.
-    let (out, _) = check(|dir| {
+    let (out, _) = check_in(|dir| {
         tls::cert(dir, "good", &["good.test"]);
         secure(upstream, &[("good.pem", "good.key")], "")
     });
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
-    let (out, path) = check(|dir| {
+    let (out, path) = check_in(|dir| {
         tls::cert(dir, "a", &["a.test"]);
         tls::cert(dir, "b", &["b.test", "a.test"]);
         tls::cert(dir, "c", &["c.test"]);
@@ -149,23 +136,21 @@ fn check_names_the_entry_and_the_file_that_is_wrong() {
         .display()
         .to_string();
     // Entry k (from 0) starts on line 5 + 3k: the listener takes 4.
-    for (line, what) in [
-        (
-            8,
-            format!("{dir}/b.key: the key does not match the certificate in {dir}/c.pem"),
-        ),
-        (11, format!("{dir}/missing.pem: cannot read")),
-        (14, format!("{dir}/junk.pem: not a PEM certificate chain")),
-    ] {
-        let prefix = format!("{path}:{line}:1: listener \"secure\": {what}");
-        assert!(
-            stderr.lines().any(|l| l.starts_with(&prefix)),
-            "no {prefix:?} in:\n{stderr}"
-        );
-    }
+    let at = |line: u32, what: String| format!("{path}:{line}:1: listener \"secure\": {what}");
+    assert_lines(
+        &stderr,
+        &[
+            at(
+                8,
+                format!("{dir}/b.key: the key does not match the certificate in {dir}/c.pem"),
+            ),
+            at(11, format!("{dir}/missing.pem: cannot read")),
+            at(14, format!("{dir}/junk.pem: not a PEM certificate chain")),
+        ],
+    );
 
     // Two certificates with one name: at the second.
-    let (out, path) = check(|dir| {
+    let (out, path) = check_in(|dir| {
         tls::cert(dir, "a", &["a.test"]);
         tls::cert(dir, "b", &["b.test", "A.test"]);
         secure(upstream, &[("a.pem", "a.key"), ("b.pem", "b.key")], "")
@@ -179,7 +164,7 @@ fn check_names_the_entry_and_the_file_that_is_wrong() {
     );
 
     // An expired certificate is a warning, not an error.
-    let (out, path) = check(|dir| {
+    let (out, path) = check_in(|dir| {
         tls::expired_cert(dir, "old", &["old.test"]);
         secure(upstream, &[("old.pem", "old.key")], "")
     });
@@ -193,21 +178,21 @@ fn check_names_the_entry_and_the_file_that_is_wrong() {
     );
 
     // An https listener needs certificates; others take none.
-    let (out, path) = check(|_| {
+    let (out, path) = check_in(|_| {
         "[[listeners]]\nname = \"s\"\naddress = \"127.0.0.1:0\"\nprotocol = \"https\"\n\n[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\ntls_min_version = \"1.3\"\n[[listeners.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n".to_owned()
     });
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for want in [
-        format!("{path}:1:1: https listener \"s\" needs at least one [[listeners.certificates]]"),
-        format!("{path}:9:19: tls_min_version is for https listeners"),
-        format!("{path}:10:1: http listener \"p\" takes no certificates"),
-    ] {
-        assert!(
-            stderr.lines().any(|l| l.starts_with(&want)),
-            "no {want:?} in:\n{stderr}"
-        );
-    }
+    assert_lines(
+        &stderr,
+        &[
+            format!(
+                "{path}:1:1: https listener \"s\" needs at least one [[listeners.certificates]]"
+            ),
+            format!("{path}:9:19: tls_min_version is for https listeners"),
+            format!("{path}:10:1: http listener \"p\" takes no certificates"),
+        ],
+    );
 }
 
 #[test]
@@ -380,13 +365,7 @@ fn h2c_with_prior_knowledge_on_a_plaintext_listener_is_served_and_drained() {
     let report = load.stop();
     assert_eq!(report.failed, 0, "{report:?}");
     assert!(report.connects >= 3, "{report:?}");
-    for &pid in &pids[..pids.len() - 1] {
-        assert_eventually!(
-            Duration::from_secs(20),
-            p.server.is_gone(pid),
-            "pid {pid} still running"
-        );
-    }
+    p.assert_gone(&pids[..pids.len() - 1]);
     // HTTP/1.1 beside it.
     assert!(curl("--http1.1").ends_with("\n1.1"));
 }
@@ -480,13 +459,7 @@ fn eight_upgrades_and_a_certificate_reload_under_tls_and_http2_load_lose_no_requ
     let resumed = tls::get(addr, "site.test", "/", &saved);
     assert_eq!(resumed.status, 200);
     assert!(resumed.resumed, "a full handshake after the upgrades");
-    for &pid in &pids[..pids.len() - 1] {
-        assert_eventually!(
-            Duration::from_secs(20),
-            p.server.is_gone(pid),
-            "generation pid {pid} still running"
-        );
-    }
+    p.assert_gone(&pids[..pids.len() - 1]);
     assert_eq!(our_zombies(), Vec::<u32>::new());
 }
 
@@ -568,22 +541,20 @@ fn an_upstream_with_tls_is_verified_reused_and_health_checked() {
 
 #[test]
 fn upstream_tls_settings_are_checked() {
-    let (out, path) = check(|_| {
+    let (out, path) = check_in(|_| {
         "[[listeners]]\nname = \"t\"\naddress = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"secure\"\n\n[upstreams.plain]\nservers = [\"127.0.0.1:1\"]\nca_file = \"ca.pem\"\nserver_name = \"a.test\"\n\n[upstreams.secure]\nservers = [\"127.0.0.1:2\"]\ntls = true\nserver_name = \"not a name!\"\nca_file = \"ca.pem\"\n".to_owned()
     });
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for want in [
+    assert_lines(
+        &stderr,
+        &[
         format!("{path}:5:12: tcp listener \"t\" passes bytes through; upstream \"secure\" has tls = true"),
         format!("{path}:9:11: upstream \"plain\": ca_file needs tls = true"),
         format!("{path}:10:15: upstream \"plain\": server_name needs tls = true"),
         format!("{path}:15:15: upstream \"secure\": server_name \"not a name!\" is not a DNS name"),
-    ] {
-        assert!(
-            stderr.lines().any(|l| l.starts_with(&want)),
-            "no {want:?} in:\n{stderr}"
-        );
-    }
+        ],
+    );
 }
 
 #[test]
@@ -601,7 +572,7 @@ fn a_session_resumes_after_a_take_over() {
     assert!(!tls::get(addr, "site.test", "/", &saved).resumed);
     // Started by someone else (a deploy script), not by the running proxy.
     let mut next = baton_testkit::Server::spawn_logged(
-        std::path::Path::new(&baton()),
+        std::path::Path::new(&crate::baton()),
         &[
             "proxy",
             "--config",

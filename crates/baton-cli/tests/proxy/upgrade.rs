@@ -43,13 +43,7 @@ fn twenty_upgrades_under_load_lose_no_request() {
     // The same listening socket throughout, and the config still applies.
     assert_eq!(status["proxy"]["listeners"][0]["address"], web.to_string());
     assert_eq!(get(web, "x", "/"), (200, "upstream a\n".into()));
-    for &pid in &pids[..pids.len() - 1] {
-        assert_eventually!(
-            Duration::from_secs(20),
-            p.server.is_gone(pid),
-            "generation pid {pid} still running"
-        );
-    }
+    p.assert_gone(&pids[..pids.len() - 1]);
     assert_eq!(our_zombies(), Vec::<u32>::new());
 }
 
