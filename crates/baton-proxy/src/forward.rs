@@ -360,6 +360,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             let mut req = httparse::Request::new(&mut []);
             let (outcome, used) = match req.parse_with_uninit_headers(&buf, &mut headers) {
                 Ok(httparse::Status::Complete(head_len)) => {
+                    self.fresh = false;
                     self.request(&req, &buf, head_len).await
                 }
                 Ok(httparse::Status::Partial) if buf.len() <= h1::MAX_HEAD => {
@@ -376,7 +377,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 }
                 Err(_) => (self.refuse(StatusCode::BAD_REQUEST).await, 0),
             };
-            self.fresh = false;
             // What the request did not use starts the next one (pipelining),
             // ahead of anything read while its body was copied.
             let mut buf = buf;

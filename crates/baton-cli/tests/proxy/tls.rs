@@ -597,3 +597,28 @@ fn a_session_resumes_after_a_take_over() {
     assert_eq!(got.status, 200);
     assert!(got.resumed, "a full handshake after the take-over");
 }
+
+#[test]
+fn an_h2c_preface_whose_first_line_arrives_in_two_reads_is_still_http2() {
+    use std::io::{Read, Write};
+    let a = Upstream::http("a");
+    let p = Proxy::start("h2c-split", "", &crate::web_to_a(&[a.addr]));
+    let web = p.addr("web");
+    let mut c = std::net::TcpStream::connect(web).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let local = c.local_addr().unwrap();
+    c.write_all(b"PRI * HT").unwrap();
+    // The proxy has read the half line before the rest comes.
+    assert_eventually!(
+        Duration::from_secs(10),
+        baton_testkit::tcp_unread(web, local) == Some(0),
+        "the proxy did not read the first bytes"
+    );
+    c.write_all(b"TP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    // An empty SETTINGS frame of ours: the server's first frame is its
+    // SETTINGS (type 4), where HTTP/1 would answer `HTTP/1.1 400`.
+    c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    let mut head = [0u8; 9];
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(head[3], 4, "not an HTTP/2 SETTINGS frame: {head:?}");
+}
