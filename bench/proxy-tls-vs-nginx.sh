@@ -17,6 +17,8 @@
 # Reported: requests/s, p50/p99 latency, CPU time per request of the proxy
 # (utime+stime of all its processes from /proc, over the run), errors.
 #
+# MODES="handshake h2" runs only those loads (default: all three).
+#
 # Installs nginx, wrk, h2load (nghttp2-client) and openssl with apt-get when
 # missing. Prints Markdown for docs/BENCH-PROXY.md. Every load is bounded
 # in time.
@@ -151,7 +153,7 @@ echo
 echo "| proxy | load | req/s | p50 ms | p99 ms | CPU µs/req | errors |"
 echo "|---|---|---|---|---|---|---|"
 for round in $(seq 1 "$ROUNDS"); do
-for mode in handshake keepalive h2; do
+for mode in ${MODES:-handshake keepalive h2}; do
     measure "nginx 1 worker" "$N1" "$N1P" "$mode"
     measure "baton proxy 1 worker" "$B1" "$B1P" "$mode"
     measure "nginx $(nproc) workers" "$NN" "$NNP" "$mode"

@@ -242,6 +242,7 @@ async fn accept_until(
         match dispatch {
             Dispatch::Http(ctx) if ctx.tls.is_some() => {
                 shutdown.spawn(serve_tls(io, peer, ctx.clone(), handle, guard));
+                tokio::task::yield_now().await;
             }
             Dispatch::Http(ctx) => {
                 shutdown.spawn(crate::forward::serve(io, peer, ctx.clone(), handle, guard));

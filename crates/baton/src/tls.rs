@@ -435,9 +435,15 @@ impl Acceptor {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        tokio_rustls::TlsAcceptor::from(self.config.load_full())
-            .accept(io)
-            .await
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        // The ClientHello is in. The server's answer (key exchange and
+        // signature) is most of a handshake's CPU: let the connections
+        // that are already served go first, so that a burst of new
+        // connections does not delay their requests (nginx gets the same
+        // effect by accepting one connection per turn of its event loop).
+        tokio::task::yield_now().await;
+        start.into_stream(self.config.load_full()).await
     }
 }
 
