@@ -15,7 +15,9 @@
 #   - HTTP/2: h2load, CONNECTIONS connections with 10 streams each; p50 and
 #     p99 from its per-request log.
 # Reported: requests/s, p50/p99 latency, CPU time per request of the proxy
-# (utime+stime of all its processes from /proc, over the run), errors.
+# (utime+stime of all its processes from /proc, over the run), the CPU the
+# load generator used (% of one core: at 100 it is what limits the run, and
+# its own queueing is part of the latency it reports), errors.
 #
 # MODES="handshake h2" runs only those loads (default: all three).
 #
@@ -122,25 +124,39 @@ print(f"{rps:.0f} {p(0.5):.2f} {p(0.99):.2f} {done} {failed + errored + (done - 
 ' "$1"
 }
 
+# timed CMD... : runs CMD (its output passes through) and leaves the CPU
+# seconds it used in $WORK/client.cpu, to show when the load generator
+# itself is what limits a run.
+timed() {
+    python3 -c '
+import resource, subprocess, sys
+p = subprocess.run(sys.argv[2:])
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(f"{r.ru_utime + r.ru_stime:.2f}")
+sys.exit(p.returncode)
+' "$WORK/client.cpu" "$@"
+}
+
 run_load() { # port mode -> "rps p50 p99 n errors"
     local port=$1 mode=$2
     case $mode in
-        handshake) wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://127.0.0.1:$port/" 2>&1 | wrk_summary ;;
-        keepalive) wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "https://127.0.0.1:$port/" 2>&1 | wrk_summary ;;
+        handshake) timed wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://127.0.0.1:$port/" 2>&1 | wrk_summary ;;
+        keepalive) timed wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "https://127.0.0.1:$port/" 2>&1 | wrk_summary ;;
         h2)
             rm -f "$WORK/h2.log"
-            h2load -c"$CONNS" -m10 -t1 -D"$DURATION" --log-file="$WORK/h2.log" "https://127.0.0.1:$port/" 2>&1 | h2load_summary "$WORK/h2.log" ;;
+            timed h2load -c"$CONNS" -m10 -t1 -D"$DURATION" --log-file="$WORK/h2.log" "https://127.0.0.1:$port/" 2>&1 | h2load_summary "$WORK/h2.log" ;;
     esac
 }
 
 measure() { # label pid port mode
-    local c0 c1 out rps p50 p99 n bad cpu_us
+    local c0 c1 out rps p50 p99 n bad cpu_us client
     c0=$(tree_ticks "$2")
     out=$(run_load "$3" "$4")
     c1=$(tree_ticks "$2")
     read -r rps p50 p99 n bad <<<"$out"
     cpu_us=$(python3 -c "print(f'{($c1-$c0)/$TCK*1e6/max($n,1):.1f}')")
-    echo "| $1 | $4 | $rps | $p50 | $p99 | $cpu_us | $bad |"
+    client=$(python3 -c "print(f'{$(cat "$WORK/client.cpu")/$DURATION*100:.0f}')")
+    echo "| $1 | $4 | $rps | $p50 | $p99 | $cpu_us | $client | $bad |"
 }
 
 nginx_tls ngx1 1; N1=$PROC; N1P=$PORT
@@ -150,8 +166,8 @@ baton_tls bn "$(nproc)"; BN=$PROC; BNP=$PORT
 
 echo "## TLS: baton proxy vs nginx, fast upstream ($(nproc) cores; wrk -t1 -c$CONNS -d${DURATION}s; h2load -c$CONNS -m10 -t1 -D$DURATION; ECDSA P-256)"
 echo
-echo "| proxy | load | req/s | p50 ms | p99 ms | CPU µs/req | errors |"
-echo "|---|---|---|---|---|---|---|"
+echo "| proxy | load | req/s | p50 ms | p99 ms | CPU µs/req | client CPU % | errors |"
+echo "|---|---|---|---|---|---|---|---|"
 for round in $(seq 1 "$ROUNDS"); do
 for mode in ${MODES:-handshake keepalive h2}; do
     measure "nginx 1 worker" "$N1" "$N1P" "$mode"
