@@ -167,7 +167,9 @@ impl Front {
     ) -> impl Future<Output = ()> + Send + 'static {
         let _ = io.set_nodelay(true);
         let guard = self.ctx.stats.connection();
-        forward::serve(io, peer, self.ctx.clone(), shutdown, guard)
+        // Boxed: a task moves its future several times as it is spawned
+        // and finished, and this one is kilobytes (its buffers).
+        Box::pin(forward::serve(io, peer, self.ctx.clone(), shutdown, guard))
     }
 
     /// Client connections open now (upgraded ones too).

@@ -213,6 +213,11 @@ async fn accept_until(
     incoming: &mut Option<Incoming>,
 ) -> bool {
     tokio::pin!(stop);
+    // Linux copies TCP_NODELAY from the listening socket to the ones it
+    // accepts, and Baton sets it on the sockets it binds: then there is no
+    // system call to make per connection (a socket from a service manager
+    // may not have it).
+    let inherits_nodelay = rustix::net::sockopt::tcp_nodelay(listener).unwrap_or(false);
     loop {
         let moved = async {
             match incoming.as_mut() {
@@ -236,16 +241,28 @@ async fn accept_until(
         let Some((io, peer)) = baton::accept::accepted(accepted, &stats.name).await else {
             continue;
         };
-        let _ = io.set_nodelay(true);
+        if !inherits_nodelay {
+            let _ = io.set_nodelay(true);
+        }
         let guard = stats.connection();
         let handle = shutdown.clone();
+        // Each connection's future is boxed: a task moves its future
+        // several times as it is spawned and finished, and these are
+        // kilobytes (their buffers); copying them cost more per new
+        // connection than the rest of the proxy's user-space work.
         match dispatch {
             Dispatch::Http(ctx) if ctx.tls.is_some() => {
-                shutdown.spawn(serve_tls(io, peer, ctx.clone(), handle, guard));
+                shutdown.spawn(Box::pin(serve_tls(io, peer, ctx.clone(), handle, guard)));
                 tokio::task::yield_now().await;
             }
             Dispatch::Http(ctx) => {
-                shutdown.spawn(crate::forward::serve(io, peer, ctx.clone(), handle, guard));
+                shutdown.spawn(Box::pin(crate::forward::serve(
+                    io,
+                    peer,
+                    ctx.clone(),
+                    handle,
+                    guard,
+                )));
             }
             Dispatch::Tcp(pool, baton) => {
                 let pool = pool.load_full();
@@ -254,10 +271,10 @@ async fn accept_until(
                     baton,
                     listener: name.clone(),
                 });
-                shutdown.spawn(async move {
+                shutdown.spawn(Box::pin(async move {
                     let _guard = guard;
                     crate::tcp::serve(io, peer, &pool, &handle, &name, moving).await;
-                });
+                }));
             }
         }
     }
