@@ -274,14 +274,19 @@ fn websocket_over_tls_survives_a_reload_and_drains_at_an_upgrade() {
     fresh.echo("still here");
 }
 
+/// Whether curl can be run (said on stderr when it cannot: the test is
+/// skipped).
+fn curl_installed() -> bool {
+    let found = Command::new("curl").arg("--version").output().is_ok();
+    if !found {
+        eprintln!("skipped: curl is not installed");
+    }
+    found
+}
+
 #[test]
 fn curl_gets_http2_and_http1_by_alpn() {
-    if std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: curl is not installed");
+    if !curl_installed() {
         return;
     }
     let a = Upstream::http("a");
@@ -311,12 +316,7 @@ fn curl_gets_http2_and_http1_by_alpn() {
 
 #[test]
 fn h2c_with_prior_knowledge_on_a_plaintext_listener_is_served_and_drained() {
-    if std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: curl is not installed");
+    if !curl_installed() {
         return;
     }
     let a = Upstream::http("a");
