@@ -49,6 +49,29 @@ rss_kb() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/{print $2}' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
 
+# CPU ticks of a process and its children (nginx's workers).
+tree_ticks() {
+    local total=0 p
+    for p in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(cpu_ticks "$p")))
+    done
+    echo "$total"
+}
+
+# timed CMD... : runs CMD (its output passes through) and leaves the CPU
+# seconds it used in $WORK/client.cpu, to show when the load generator
+# itself is what limits a run.
+timed() {
+    python3 -c '
+import resource, subprocess, sys
+p = subprocess.run(sys.argv[2:])
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(f"{r.ru_utime + r.ru_stime:.2f}")
+sys.exit(p.returncode)
+' "$WORK/client.cpu" "$@"
+}
+
+
 # start_upstream BATON -> UP (port of a `baton hello`)
 start_upstream() {
     UP=$(free_port)

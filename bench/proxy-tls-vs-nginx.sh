@@ -99,15 +99,6 @@ EOF2
     wait_port "$PORT"
 }
 
-# CPU ticks of a process and its children (nginx's workers).
-tree_ticks() {
-    local total=0 p
-    for p in "$1" $(pgrep -P "$1" || true); do
-        total=$((total + $(cpu_ticks "$p")))
-    done
-    echo "$total"
-}
-
 # h2load_summary LOG < h2load output -> "rps p50_ms p99_ms requests errors"
 h2load_summary() {
     python3 -c '
@@ -122,19 +113,6 @@ d = sorted(int(l.split()[2]) for l in open(sys.argv[1]) if l.strip())
 p = lambda q: d[min(len(d) - 1, int(q * len(d)))] / 1000 if d else 0
 print(f"{rps:.0f} {p(0.5):.2f} {p(0.99):.2f} {done} {failed + errored + (done - ok)}")
 ' "$1"
-}
-
-# timed CMD... : runs CMD (its output passes through) and leaves the CPU
-# seconds it used in $WORK/client.cpu, to show when the load generator
-# itself is what limits a run.
-timed() {
-    python3 -c '
-import resource, subprocess, sys
-p = subprocess.run(sys.argv[2:])
-r = resource.getrusage(resource.RUSAGE_CHILDREN)
-open(sys.argv[1], "w").write(f"{r.ru_utime + r.ru_stime:.2f}")
-sys.exit(p.returncode)
-' "$WORK/client.cpu" "$@"
 }
 
 run_load() { # port mode -> "rps p50 p99 n errors"

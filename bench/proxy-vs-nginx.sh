@@ -14,9 +14,13 @@
 # nginx) and again with the default (one per core), access log off.
 #
 # Then the same with a fast upstream (nginx answering 200 with a 2-byte
-# body, and with a 4 KiB one), which leaves the proxies' own cost to measure: both proxies
-# in front of it, one worker each and baton proxy with one per core,
-# rounds interleaved.
+# body, and with a 4 KiB one), which leaves the proxies' own cost to
+# measure: in front of it nginx with one worker and with one per core, and
+# baton proxy with one worker and with one per core, with each worker
+# model (`[server] runtime`: the tokio multi-thread runtime, and one
+# current-thread runtime per worker), rounds interleaved; CPU per request
+# counts every process and thread of a proxy, and "client CPU %" is what
+# wrk used. BODIES="2" runs only the 2-byte body.
 #
 # Then, through baton proxy only: `baton bench` with 20 reloads and with 20
 # upgrades under load (failed requests must be 0), and the time to reload a
@@ -59,12 +63,13 @@ start_upstream "$BATON"
 start_nginx
 
 # ---- baton proxy -----------------------------------------------------------
-start_baton() { # name threads -> sets BPORT BPID BSOCK
+start_baton() { # name threads [runtime] -> sets BPORT BPID BSOCK
     local name=$1 threads=$2
     BPORT=$(free_port)
     BSOCK="$WORK/$name.sock"
     proxy_config "$WORK/$name.toml" "$BPORT" "pid_file = \"$WORK/$name.pid\"
-drain_timeout = \"10s\""
+drain_timeout = \"10s\"
+runtime = \"${3:-multi-thread}\""
     if [ "$threads" = default ]; then
         RUST_LOG=warn "$BATON" proxy --config "$WORK/$name.toml" >"$WORK/$name.out" 2>"$WORK/$name.err" &
     else
@@ -121,18 +126,60 @@ BD=$BPID; BDPORT=$BPORT
 [ -z "${FAST_ONLY:-}" ] && table "proxy throughput and latency, upstream: baton hello"
 
 # ---- a fast upstream -----------------------------------------------------------
-SAVED=("$UP" "$NGX" "$NGX_WORKER" "$B1" "$B1PORT" "$BD" "$BDPORT")
-for bytes in 2 4096; do
+# fast_measure label pid port mode: like measure, with the CPU of the
+# process's children (nginx's workers) and wrk's own CPU.
+fast_measure() {
+    local label=$1 pid=$2 port=$3 mode=$4 c0 c1 out cpu_us client extra=()
+    [ "$mode" = close ] && extra=(-H "Connection: close")
+    c0=$(tree_ticks "$pid")
+    out=$(timed wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1 | wrk_summary)
+    c1=$(tree_ticks "$pid")
+    read -r rps p50 p99 n bad <<<"$out"
+    cpu_us=$(python3 -c "print(f'{($c1-$c0)/$TCK*1e6/max($n,1):.1f}')")
+    client=$(python3 -c "print(f'{$(cat "$WORK/client.cpu")/$DURATION*100:.0f}')")
+    echo "| $label | $mode | $rps | $p50 | $p99 | $cpu_us | $client | $bad |"
+}
+# start_nginx_n NAME WORKERS -> NGX (its port), NGX_MASTER
+start_nginx_n() {
+    local d="$WORK/$1"
+    NGX=$(free_port)
+    nginx_proxy_conf "$d" "$NGX" "$2"
+    nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
+    PIDS+=($!)
+    NGX_MASTER=$!
+    wait_port "$NGX"
+}
+SAVED=("$UP" "$BD" "$BDPORT")
+N=$(nproc)
+for bytes in ${BODIES:-2 4096}; do
     start_fast_upstream "$bytes"
     UP=$UPF
-    start_nginx "nginx-fast-$bytes"
-    start_baton "f1-$bytes" 1
-    B1=$BPID; B1PORT=$BPORT
-    start_baton "fd-$bytes" default
-    BD=$BPID; BDPORT=$BPORT
-    table "proxy throughput and latency, fast upstream (nginx, a $bytes-byte body)"
+    start_nginx_n "nginx-fast1-$bytes" 1; N1=$NGX_MASTER; N1P=$NGX
+    start_nginx_n "nginx-fastn-$bytes" "$N"; NN=$NGX_MASTER; NNP=$NGX
+    start_baton "f1-$bytes" 1; M1=$BPID; M1P=$BPORT
+    start_baton "fd-$bytes" "$N"; MN=$BPID; MNP=$BPORT
+    start_baton "w1-$bytes" 1 per-worker; W1=$BPID; W1P=$BPORT
+    start_baton "wn-$bytes" "$N" per-worker; WN=$BPID; WNP=$BPORT
+    echo "## proxy throughput and latency, fast upstream (nginx, a $bytes-byte body; $N cores, wrk -t1 -c$CONNS -d${DURATION}s)"
+    echo
+    echo "| proxy | clients | req/s | p50 ms | p99 ms | CPU µs/req | client CPU % | errors |"
+    echo "|---|---|---|---|---|---|---|---|"
+    for round in $(seq 1 "$ROUNDS"); do
+    for mode in keepalive close; do
+        for port in "$N1P" "$NNP" "$M1P" "$MNP" "$W1P" "$WNP"; do
+            wrk -t1 -c8 -d1s "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
+        done
+        fast_measure "nginx 1 worker" "$N1" "$N1P" "$mode"
+        fast_measure "baton proxy 1 worker, multi-thread" "$M1" "$M1P" "$mode"
+        fast_measure "baton proxy 1 worker, per-worker" "$W1" "$W1P" "$mode"
+        fast_measure "nginx $N workers" "$NN" "$NNP" "$mode"
+        fast_measure "baton proxy $N workers, multi-thread" "$MN" "$MNP" "$mode"
+        fast_measure "baton proxy $N workers, per-worker" "$WN" "$WNP" "$mode"
+    done
+    done
+    echo
 done
-UP=${SAVED[0]}; NGX=${SAVED[1]}; NGX_WORKER=${SAVED[2]}; B1=${SAVED[3]}; B1PORT=${SAVED[4]}; BD=${SAVED[5]}; BDPORT=${SAVED[6]}
+UP=${SAVED[0]}; BD=${SAVED[1]}; BDPORT=${SAVED[2]}
 [ -n "${FAST_ONLY:-}" ] && exit 0
 
 # ---- zero failed requests across 20 reloads and 20 upgrades ------------------

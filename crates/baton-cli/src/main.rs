@@ -292,7 +292,6 @@ fn main() -> ExitCode {
     // `baton proxy`: the configuration is read first, as `[server] workers`
     // sizes the runtime.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
     let mut loaded = None;
     if let Command::Proxy {
         config,
@@ -302,8 +301,17 @@ fn main() -> ExitCode {
     {
         match proxy::load(config.clone()) {
             Ok(cfg) => {
-                if let Some(n) = cfg.server.workers {
-                    builder.worker_threads(n);
+                match cfg.server.runtime {
+                    // The proxy starts its workers; this runtime runs the
+                    // control socket, reloads and health checks.
+                    baton_proxy::config::RuntimeModel::PerWorker => {
+                        builder = tokio::runtime::Builder::new_current_thread();
+                    }
+                    baton_proxy::config::RuntimeModel::MultiThread => {
+                        if let Some(n) = cfg.server.workers {
+                            builder.worker_threads(n);
+                        }
+                    }
                 }
                 loaded = Some(cfg);
             }
@@ -313,7 +321,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    let runtime = match builder.build() {
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("baton: cannot start the runtime: {e}");

@@ -63,6 +63,7 @@ struct RawServer {
     settle: Option<Spanned<String>>,
     migrate: Option<bool>,
     workers: Option<Spanned<i64>>,
+    runtime: Option<RuntimeModel>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +136,31 @@ struct RawRespond {
 
 // ---------------------------------------------------------------------------
 // Validated model: what the rest of the crate uses.
+
+/// `[server] runtime`: how the worker threads serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeModel {
+    /// One tokio multi-thread runtime with `workers` threads (work
+    /// stealing); every listener accepts on it.
+    #[default]
+    MultiThread,
+    /// `workers` current-thread runtimes, one per thread, each accepting
+    /// on every listener's socket (as nginx's worker processes do); the
+    /// control socket, reloads and health checks run on a runtime of their
+    /// own.
+    PerWorker,
+}
+
+impl RuntimeModel {
+    /// `"multi-thread"` or `"per-worker"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeModel::MultiThread => "multi-thread",
+            RuntimeModel::PerWorker => "per-worker",
+        }
+    }
+}
 
 /// What a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
@@ -239,6 +265,9 @@ pub struct ServerSettings {
     /// `workers`: the runtime's worker threads (`None`: one per core, or
     /// `TOKIO_WORKER_THREADS`). Read at start, like the rest of `[server]`.
     pub workers: Option<usize>,
+    /// `runtime`: the worker model (default `multi-thread`). Read at
+    /// start.
+    pub runtime: RuntimeModel,
 }
 
 /// `[[listeners]]`.
@@ -1032,6 +1061,7 @@ impl Validator<'_> {
                     }
                 }
             }),
+            runtime: raw.server.runtime.unwrap_or_default(),
         };
 
         // Upstreams first: listeners and routes refer to them.
@@ -1321,6 +1351,29 @@ mod tests {
         assert!(!c.server.migrate);
         let e = parse("[server]\nmigrate = \"no\"\n", Some(Path::new("p.toml"))).unwrap_err();
         assert!(e.to_string().starts_with("p.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn runtime_defaults_to_multi_thread_and_names_a_bad_model() {
+        assert_eq!(builtin().unwrap().server.runtime, RuntimeModel::MultiThread);
+        let c = parse(
+            "[server]\nruntime = \"per-worker\"\nworkers = 2\n\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.server.runtime, RuntimeModel::PerWorker);
+        assert_eq!(c.server.workers, Some(2));
+        let e = parse(
+            "[server]\nruntime = \"per-core\"\n",
+            Some(Path::new("p.toml")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("p.toml:2:11:"), "{e}");
+        assert!(
+            e.contains("multi-thread") && e.contains("per-worker"),
+            "{e}"
+        );
     }
 
     #[test]

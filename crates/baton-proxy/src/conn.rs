@@ -372,10 +372,12 @@ impl UpstreamConn {
 }
 
 /// Idle upstream connections left by client connections that went away,
-/// per server. Shared by every listener of the process.
+/// per server. Shared by every listener of the process; with
+/// `runtime = "per-worker"`, one list per worker (an upstream connection
+/// belongs to the reactor of the worker that opened it).
 #[derive(Debug)]
 pub(crate) struct IdlePool {
-    inner: Mutex<Shared>,
+    lists: Box<[Mutex<Shared>]>,
 }
 
 #[derive(Debug)]
@@ -386,16 +388,31 @@ struct Shared {
 
 impl Default for IdlePool {
     fn default() -> Self {
-        IdlePool {
-            inner: Mutex::new(Shared {
-                idle: HashMap::new(),
-                last_sweep: Instant::now(),
-            }),
-        }
+        IdlePool::per_worker(1)
     }
 }
 
 impl IdlePool {
+    /// A pool with one list for each of `workers` workers (at least one).
+    pub(crate) fn per_worker(workers: usize) -> IdlePool {
+        IdlePool {
+            lists: (0..workers.max(1))
+                .map(|_| {
+                    Mutex::new(Shared {
+                        idle: HashMap::new(),
+                        last_sweep: Instant::now(),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// The list of the worker this thread is.
+    fn mine(&self) -> &Mutex<Shared> {
+        let i = crate::workers::index() % self.lists.len();
+        &self.lists[i]
+    }
+
     /// A usable idle connection to `addr` with the TLS settings `tls`, if
     /// there is one (the most recently used first).
     pub(crate) fn take(
@@ -405,7 +422,7 @@ impl IdlePool {
     ) -> Option<UpstreamConn> {
         let now = Instant::now();
         let mut dropped = Vec::new();
-        let mut shared = lock(&self.inner);
+        let mut shared = lock(self.mine());
         let list = shared.idle.get_mut(&addr)?;
         let found = loop {
             let Some(i) = list.iter().rposition(|c| c.is_for(addr, tls)) else {
@@ -426,7 +443,7 @@ impl IdlePool {
     pub(crate) fn put(&self, conns: impl IntoIterator<Item = UpstreamConn>) {
         let now = Instant::now();
         let mut dropped = Vec::new();
-        let mut shared = lock(&self.inner);
+        let mut shared = lock(self.mine());
         if now.saturating_duration_since(shared.last_sweep) >= SWEEP_EVERY {
             shared.last_sweep = now;
             for list in shared.idle.values_mut() {

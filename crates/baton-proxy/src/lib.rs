@@ -49,6 +49,7 @@ mod timer;
 pub mod tls;
 mod upstream;
 mod websocket;
+mod workers;
 
 /// What a reload builds, for `examples/reload_cost.rs` to time phase by
 /// phase; not an interface.

@@ -17,6 +17,12 @@
 //! connections of the old period go on draining); otherwise (`None`, or the
 //! listener removed) it drops the socket. A listener removed by a reload
 //! never serves again.
+//!
+//! With `runtime = "per-worker"` this bookkeeping stays on the process's
+//! runtime, which keeps the listening socket unregistered, and each period
+//! every worker ([`crate::workers`]) accepts on a descriptor of its own
+//! until the period ends; the period's drain starts once every worker has
+//! stopped accepting, so it counts every connection they took.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +36,7 @@ use crate::config::ListenerConfig;
 use crate::forward::HttpContext;
 use crate::stats::ListenerStats;
 use crate::upstream::Pool;
+use crate::workers::Workers;
 
 /// Where a listener's connections go; a reload swaps the inside.
 #[derive(Debug, Clone)]
@@ -80,7 +87,9 @@ pub(crate) struct DrainSettings {
 /// listener of the first configuration).
 pub(crate) type Incoming = tokio::sync::mpsc::Receiver<baton::migrate::Migrated>;
 
-/// Starts serving `listener` (and the connections in `incoming`).
+/// Starts serving `listener` (and the connections in `incoming`), on
+/// `workers` if given.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn(
     process: baton::Shutdown,
     listener: TcpListener,
@@ -89,6 +98,7 @@ pub(crate) fn spawn(
     dispatch: Dispatch,
     settings: DrainSettings,
     incoming: Option<Incoming>,
+    workers: Option<Arc<Workers>>,
 ) -> Running {
     let remove = CancellationToken::new();
     let closed = CancellationToken::new();
@@ -99,10 +109,37 @@ pub(crate) fn spawn(
         remove: remove.clone(),
         closed: closed.clone(),
     };
+    let socket = match workers {
+        Some(workers) => on_workers(listener, workers, &stats.name),
+        None => Socket::Here(listener),
+    };
     tokio::spawn(serve(
-        process, listener, dispatch, stats, settings, remove, closed, incoming,
+        process, socket, dispatch, stats, settings, remove, closed, incoming,
     ));
     running
+}
+
+/// A listening socket and who accepts on it.
+enum Socket {
+    /// The accept loop runs where [`serve`] does.
+    Here(TcpListener),
+    /// Each worker accepts on a descriptor of its own; this one is not
+    /// registered with any reactor (it would wake this runtime at every
+    /// connection).
+    Workers(std::net::TcpListener, Arc<Workers>),
+}
+
+/// The socket of `listener` for `workers`: a descriptor of it that no
+/// reactor watches (`listener`'s registration is dropped).
+fn on_workers(listener: TcpListener, workers: Arc<Workers>, name: &str) -> Socket {
+    use std::os::fd::AsFd;
+    match listener.as_fd().try_clone_to_owned() {
+        Ok(fd) => Socket::Workers(std::net::TcpListener::from(fd), workers),
+        Err(e) => {
+            tracing::warn!(listener = %name, error = %e, "cannot share the listening socket with the workers; accepting on the main runtime");
+            Socket::Here(listener)
+        }
+    }
 }
 
 /// Serves `listener` period after period (see the module's documentation)
@@ -111,7 +148,7 @@ pub(crate) fn spawn(
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     mut process: baton::Shutdown,
-    listener: TcpListener,
+    listener: Socket,
     dispatch: Dispatch,
     stats: Arc<ListenerStats>,
     settings: DrainSettings,
@@ -130,15 +167,31 @@ async fn serve(
                 _ = remove.cancelled() => true,
             }
         };
-        let removed = accept_until(
-            &listener,
-            &dispatch,
-            &stats,
-            &drain.handle(),
-            stop,
-            &mut incoming,
-        )
-        .await;
+        let removed = match &listener {
+            Socket::Here(listener) => {
+                accept_until(
+                    listener,
+                    &dispatch,
+                    &stats,
+                    &drain.handle(),
+                    stop,
+                    &mut incoming,
+                )
+                .await
+            }
+            Socket::Workers(socket, workers) => {
+                accept_on_workers(
+                    socket,
+                    workers,
+                    &dispatch,
+                    &stats,
+                    &drain.handle(),
+                    stop,
+                    &mut incoming,
+                )
+                .await
+            }
+        };
         if removed {
             tracing::info!(listener = %name, "listener removed by reload; draining it");
         }
@@ -198,6 +251,63 @@ async fn finish_period(
     }
     // Only now may the process exit (as far as this period goes).
     drop(process);
+}
+
+/// [`accept_until`] on every worker, each on a descriptor of `socket` of
+/// its own, until `stop` resolves; returns what it resolved to once every
+/// worker has stopped accepting. The first worker also takes the
+/// connections in `incoming` (handed back at the end).
+async fn accept_on_workers(
+    socket: &std::net::TcpListener,
+    workers: &Workers,
+    dispatch: &Dispatch,
+    stats: &Arc<ListenerStats>,
+    shutdown: &baton::Shutdown,
+    stop: impl Future<Output = bool>,
+    incoming: &mut Option<Incoming>,
+) -> bool {
+    let cancel = CancellationToken::new();
+    let mut loops = Vec::with_capacity(workers.len());
+    for handle in workers.handles() {
+        let copy = match socket.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(listener = %stats.name, error = %e, "a worker cannot accept on this listener");
+                continue;
+            }
+        };
+        let mut mine = if loops.is_empty() {
+            incoming.take()
+        } else {
+            None
+        };
+        let (dispatch, stats, shutdown) = (dispatch.clone(), stats.clone(), shutdown.clone());
+        let cancel = cancel.clone();
+        loops.push(handle.spawn(async move {
+            // Registered with this worker's reactor.
+            match copy.set_nonblocking(true).and_then(|()| TcpListener::from_std(copy)) {
+                Ok(l) => {
+                    let stop = async move {
+                        cancel.cancelled().await;
+                        false
+                    };
+                    accept_until(&l, &dispatch, &stats, &shutdown, stop, &mut mine).await;
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %stats.name, error = %e, "a worker cannot accept on this listener");
+                }
+            }
+            mine
+        }));
+    }
+    let stopped = stop.await;
+    cancel.cancel();
+    for accepting in loops {
+        if let Ok(Some(rx)) = accepting.await {
+            *incoming = Some(rx);
+        }
+    }
+    stopped
 }
 
 /// Accepts connections (accept errors handled by
@@ -337,7 +447,16 @@ fn adopt(
     shutdown: &baton::Shutdown,
 ) {
     use baton::migrate::Connection;
-    let (ctx, io) = match (dispatch, m.connection) {
+    // Registered with this thread's reactor (a worker's, with
+    // `runtime = "per-worker"`), not with the one that received it.
+    let connection = match rehome(m.connection) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(listener = %stats.name, error = %e, "a moved connection could not be registered; closed");
+            return;
+        }
+    };
+    let (ctx, io) = match (dispatch, connection) {
         (Dispatch::Http(ctx), Connection::Tcp(io)) => (ctx, io),
         (dispatch, Connection::TcpPair { client, upstream }) => {
             let Ok(state) = serde_json::from_slice::<crate::websocket::PairState>(&m.state) else {
@@ -378,4 +497,19 @@ fn adopt(
         let _moved = moved;
         serving.await;
     });
+}
+
+/// `connection` registered with the reactor of the runtime this runs on.
+fn rehome(connection: baton::migrate::Connection) -> std::io::Result<baton::migrate::Connection> {
+    use baton::migrate::Connection;
+    use tokio::net::{TcpStream, UnixStream};
+    Ok(match connection {
+        Connection::Tcp(io) => Connection::Tcp(TcpStream::from_std(io.into_std()?)?),
+        Connection::Unix(io) => Connection::Unix(UnixStream::from_std(io.into_std()?)?),
+        Connection::TcpPair { client, upstream } => Connection::TcpPair {
+            client: TcpStream::from_std(client.into_std()?)?,
+            upstream: TcpStream::from_std(upstream.into_std()?)?,
+        },
+        other => other,
+    })
 }

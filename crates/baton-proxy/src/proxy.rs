@@ -18,6 +18,7 @@ use crate::lock;
 use crate::router::RouteTable;
 use crate::stats::{self, ListenerStats};
 use crate::upstream::{Pool, Registry};
+use crate::workers::Workers;
 
 /// Why the proxy could not start or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +161,8 @@ struct Inner {
     /// The session ticket keys of every `https` listener, passed on from
     /// generation to generation (`None`: no random source; no tickets).
     tickets: Option<Arc<baton::tls::Tickets>>,
+    /// `runtime = "per-worker"`: the workers that accept and serve.
+    workers: Option<Arc<Workers>>,
 }
 
 /// A running proxy. Cheap to clone.
@@ -235,7 +238,18 @@ impl Proxy {
     pub async fn bind(baton: baton::Baton, config: Config) -> Result<Proxy, ProxyError> {
         let registry = Registry::default();
         let config_migrate = config.server.migrate;
-        let idle = Arc::new(IdlePool::default());
+        let workers = match config.server.runtime {
+            config::RuntimeModel::MultiThread => None,
+            config::RuntimeModel::PerWorker => {
+                let n = config.server.workers.unwrap_or_else(default_workers);
+                Some(Arc::new(Workers::start(n).map_err(|e| {
+                    ProxyError::Internal(format!("cannot start {n} worker threads: {e}"))
+                })?))
+            }
+        };
+        let idle = Arc::new(IdlePool::per_worker(
+            workers.as_ref().map_or(1, |w| w.len()),
+        ));
         let settings = DrainSettings {
             idle_grace: config.server.idle_grace,
             drain_timeout: config.server.drain_timeout,
@@ -296,6 +310,7 @@ impl Proxy {
                 settings,
                 migrate: config_migrate,
                 tickets,
+                workers,
             }),
         };
         let weak = Arc::downgrade(&proxy.inner);
@@ -339,6 +354,7 @@ impl Proxy {
                 dispatch,
                 self.inner.settings,
                 incoming,
+                self.inner.workers.clone(),
             );
             listeners.insert(config.name.clone(), running);
         }
@@ -608,6 +624,7 @@ impl Proxy {
                 dispatch,
                 self.inner.settings,
                 None,
+                self.inner.workers.clone(),
             );
             tracing::info!(listener = %l.name, address = %b, "listener added by reload");
             lock(&self.inner.listeners).insert(l.name.clone(), running);
@@ -727,11 +744,32 @@ impl Proxy {
                 "draining_listeners": draining.iter().map(|s| s.status()).collect::<Vec<_>>(),
                 "connections": {"active": active, "draining": draining_conns, "migrated": migrated},
                 "upstreams": upstreams,
-                // The runtime's worker threads (`[server] workers`).
-                "workers": tokio::runtime::Handle::try_current().ok().map(|h| h.metrics().num_workers()),
+                // The threads that serve connections (`[server] workers`)
+                // and how (`[server] runtime`).
+                "workers": match &self.inner.workers {
+                    Some(w) => Some(w.len()),
+                    None => tokio::runtime::Handle::try_current().ok().map(|h| h.metrics().num_workers()),
+                },
+                "runtime": if self.inner.workers.is_some() {
+                    config::RuntimeModel::PerWorker
+                } else {
+                    config::RuntimeModel::MultiThread
+                }
+                .as_str(),
             }
         })
     }
+}
+
+/// Worker threads when `[server] workers` is not set: `TOKIO_WORKER_THREADS`
+/// as for the multi-thread runtime, else one per core.
+fn default_workers() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=config::MAX_WORKERS).contains(n))
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
 }
 
 /// Binds (or inherits) listener `l`; an error names where its address is

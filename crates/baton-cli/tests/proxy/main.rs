@@ -17,6 +17,7 @@ mod tcp;
 mod tls;
 mod upgrade;
 mod websocket;
+mod workers;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

@@ -1,0 +1,143 @@
+//! `runtime = "per-worker"`: worker threads with a current-thread runtime
+//! each, every one accepting on every listener; the same guarantees as
+//! with the multi-thread runtime.
+
+use std::time::Duration;
+
+use baton_testkit::h2::H2Load;
+use baton_testkit::tls::{self, TestCert};
+use baton_testkit::{assert_eventually, our_zombies, Load, Target, TempDir};
+
+use crate::{get, upstream_toml, Proxy, Upstream};
+
+/// "web" (HTTP) and "secure" (HTTPS with `site`), both routed to "a";
+/// `extra`: more TOML.
+fn two_listeners(a: std::net::SocketAddr, site: &TestCert, extra: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\n\
+         [[listeners]]\nname = \"secure\"\naddress = \"127.0.0.1:0\"\nprotocol = \"https\"\n\
+         [[listeners.certificates]]\ncert = {:?}\nkey = {:?}\n\n{}\n\
+         [[routes]]\nlistener = \"web\"\nupstream = \"a\"\n\n\
+         [[routes]]\nlistener = \"secure\"\nupstream = \"a\"\n{extra}",
+        site.cert.to_str().unwrap(),
+        site.key.to_str().unwrap(),
+        upstream_toml("a", &[a], "")
+    )
+}
+
+/// CPU ticks (user + system) of each thread of `pid` named
+/// `baton-worker-N`, by name.
+fn worker_ticks(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with("baton-worker-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // After the command's closing parenthesis: state is field 3, utime
+        // and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        out.push((comm.to_owned(), ticks));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn per_worker_runtime_serves_through_a_reload_and_upgrades_losing_no_request() {
+    let a = Upstream::http("a");
+    let certs = TempDir::new("workers-certs");
+    let site = tls::cert(&certs, "site", &["site.test"]);
+    let mut p = Proxy::start(
+        "per-worker",
+        "runtime = \"per-worker\"\nworkers = 2\ndrain_timeout = \"10s\"",
+        &two_listeners(a.addr, &site, ""),
+    );
+    let status = p.status();
+    assert_eq!(status["proxy"]["runtime"], "per-worker", "{status}");
+    assert_eq!(status["proxy"]["workers"], 2, "{status}");
+    let (web, secure) = (p.addr("web"), p.addr("secure"));
+    let client = tls::client(&[&site]);
+    let plain = Load::start(Target::Tcp(web), 3, 3, Duration::from_secs(180));
+    let over_tls = Load::start(
+        Target::Tls(secure, "site.test".into(), client.clone()),
+        2,
+        2,
+        Duration::from_secs(180),
+    );
+    let h2 = H2Load::start(
+        secure,
+        "site.test",
+        client.clone(),
+        2,
+        4,
+        "/",
+        Duration::from_secs(180),
+    );
+    plain.wait_for_progress(200, Duration::from_secs(30));
+    over_tls.wait_for_progress(100, Duration::from_secs(30));
+    h2.wait_for_progress(100, Duration::from_secs(30));
+
+    // A listener added by a reload is served by the workers too.
+    let extra = "\n[[listeners]]\nname = \"extra\"\naddress = \"127.0.0.1:0\"\n\n\
+                 [[routes]]\nlistener = \"extra\"\nupstream = \"a\"\n";
+    p.write_config(&two_listeners(a.addr, &site, extra));
+    p.reload_ok();
+    let extra_addr = p.listeners()["extra"];
+    for _ in 0..20 {
+        assert_eq!(get(extra_addr, "x", "/"), (200, "upstream a\n".into()));
+    }
+
+    let mut pids = vec![p.pid()];
+    for i in 0..4u64 {
+        let answer = p.upgrade();
+        assert_eq!(
+            answer["ok"],
+            true,
+            "upgrade {i}: {answer}\n{}",
+            p.server.stderr()
+        );
+        pids.push(answer["pid"].as_u64().unwrap() as u32);
+        plain.wait_for_progress(100, Duration::from_secs(30));
+        over_tls.wait_for_progress(50, Duration::from_secs(30));
+        h2.wait_for_progress(50, Duration::from_secs(30));
+    }
+    let last = *pids.last().unwrap();
+    // Both workers of the last generation serve: each accepts on its own.
+    assert_eventually!(
+        Duration::from_secs(30),
+        {
+            let t = worker_ticks(last);
+            t.len() == 2 && t.iter().all(|(_, ticks)| *ticks > 0)
+        },
+        "worker threads of {last}: {:?}",
+        worker_ticks(last)
+    );
+    assert_eq!(get(extra_addr, "x", "/"), (200, "upstream a\n".into()));
+    let plain = plain.stop();
+    let over_tls = over_tls.stop();
+    let h2 = h2.stop();
+    for (what, failed, failures) in [
+        ("plain", plain.failed, format!("{:?}", plain.failures)),
+        ("TLS", over_tls.failed, format!("{:?}", over_tls.failures)),
+        ("HTTP/2", h2.failed, format!("{h2:?}")),
+    ] {
+        assert_eq!(failed, 0, "{what}: {failures}");
+    }
+    // The plaintext keep-alive connections moved from generation to
+    // generation (the first worker takes them in).
+    assert_eq!(plain.keepalive_connects, 3, "{plain:?}");
+    let status = p.status();
+    assert_eq!(status["generation"], 5);
+    assert_eq!(status["proxy"]["runtime"], "per-worker", "{status}");
+    p.assert_gone(&pids[..pids.len() - 1]);
+    assert_eq!(our_zombies(), Vec::<u32>::new());
+}
