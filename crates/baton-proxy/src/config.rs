@@ -143,12 +143,12 @@ struct RawRespond {
 pub enum RuntimeModel {
     /// One tokio multi-thread runtime with `workers` threads (work
     /// stealing); every listener accepts on it.
-    #[default]
     MultiThread,
-    /// `workers` current-thread runtimes, one per thread, each accepting
-    /// on every listener's socket (as nginx's worker processes do); the
-    /// control socket, reloads and health checks run on a runtime of their
-    /// own.
+    /// The default: `workers` current-thread runtimes, one per thread,
+    /// each accepting on every listener's socket (as nginx's worker
+    /// processes do); the control socket, reloads and health checks run on
+    /// a runtime of their own.
+    #[default]
     PerWorker,
 }
 
@@ -265,7 +265,7 @@ pub struct ServerSettings {
     /// `workers`: the runtime's worker threads (`None`: one per core, or
     /// `TOKIO_WORKER_THREADS`). Read at start, like the rest of `[server]`.
     pub workers: Option<usize>,
-    /// `runtime`: the worker model (default `multi-thread`). Read at
+    /// `runtime`: the worker model (default `per-worker`). Read at
     /// start.
     pub runtime: RuntimeModel,
 }
@@ -1354,14 +1354,14 @@ mod tests {
     }
 
     #[test]
-    fn runtime_defaults_to_multi_thread_and_names_a_bad_model() {
-        assert_eq!(builtin().unwrap().server.runtime, RuntimeModel::MultiThread);
+    fn runtime_defaults_to_per_worker_and_names_a_bad_model() {
+        assert_eq!(builtin().unwrap().server.runtime, RuntimeModel::PerWorker);
         let c = parse(
-            "[server]\nruntime = \"per-worker\"\nworkers = 2\n\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n",
+            "[server]\nruntime = \"multi-thread\"\nworkers = 2\n\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n",
             None,
         )
         .unwrap();
-        assert_eq!(c.server.runtime, RuntimeModel::PerWorker);
+        assert_eq!(c.server.runtime, RuntimeModel::MultiThread);
         assert_eq!(c.server.workers, Some(2));
         let e = parse(
             "[server]\nruntime = \"per-core\"\n",

@@ -1,6 +1,6 @@
-//! `runtime = "per-worker"`: worker threads with a current-thread runtime
-//! each, every one accepting on every listener; the same guarantees as
-//! with the multi-thread runtime.
+//! The two worker models (`[server] runtime`): `per-worker` (the default:
+//! worker threads with a current-thread runtime each, every one accepting
+//! on every listener) and `multi-thread`; the same guarantees with both.
 
 use std::time::Duration;
 
@@ -53,16 +53,28 @@ fn worker_ticks(pid: u32) -> Vec<(String, u64)> {
 
 #[test]
 fn per_worker_runtime_serves_through_a_reload_and_upgrades_losing_no_request() {
+    through_a_reload_and_upgrades("per-worker");
+}
+
+#[test]
+fn multi_thread_runtime_serves_through_a_reload_and_upgrades_losing_no_request() {
+    through_a_reload_and_upgrades("multi-thread");
+}
+
+/// HTTP keep-alive and new-connection clients, the same over TLS, and
+/// HTTP/2 clients, with `runtime = model` and two workers, through a
+/// reload that adds a listener and four upgrades: not one failed request.
+fn through_a_reload_and_upgrades(model: &str) {
     let a = Upstream::http("a");
     let certs = TempDir::new("workers-certs");
     let site = tls::cert(&certs, "site", &["site.test"]);
     let mut p = Proxy::start(
-        "per-worker",
-        "runtime = \"per-worker\"\nworkers = 2\ndrain_timeout = \"10s\"",
+        model,
+        &format!("runtime = \"{model}\"\nworkers = 2\ndrain_timeout = \"10s\""),
         &two_listeners(a.addr, &site, ""),
     );
     let status = p.status();
-    assert_eq!(status["proxy"]["runtime"], "per-worker", "{status}");
+    assert_eq!(status["proxy"]["runtime"], model, "{status}");
     assert_eq!(status["proxy"]["workers"], 2, "{status}");
     let (web, secure) = (p.addr("web"), p.addr("secure"));
     let client = tls::client(&[&site]);
@@ -111,16 +123,21 @@ fn per_worker_runtime_serves_through_a_reload_and_upgrades_losing_no_request() {
         h2.wait_for_progress(50, Duration::from_secs(30));
     }
     let last = *pids.last().unwrap();
-    // Both workers of the last generation serve: each accepts on its own.
-    assert_eventually!(
-        Duration::from_secs(30),
-        {
-            let t = worker_ticks(last);
-            t.len() == 2 && t.iter().all(|(_, ticks)| *ticks > 0)
-        },
-        "worker threads of {last}: {:?}",
-        worker_ticks(last)
-    );
+    if model == "per-worker" {
+        // Both workers of the last generation serve: each accepts on its
+        // own.
+        assert_eventually!(
+            Duration::from_secs(30),
+            {
+                let t = worker_ticks(last);
+                t.len() == 2 && t.iter().all(|(_, ticks)| *ticks > 0)
+            },
+            "worker threads of {last}: {:?}",
+            worker_ticks(last)
+        );
+    } else {
+        assert!(worker_ticks(last).is_empty(), "{:?}", worker_ticks(last));
+    }
     assert_eq!(get(extra_addr, "x", "/"), (200, "upstream a\n".into()));
     let plain = plain.stop();
     let over_tls = over_tls.stop();
@@ -137,7 +154,7 @@ fn per_worker_runtime_serves_through_a_reload_and_upgrades_losing_no_request() {
     assert_eq!(plain.keepalive_connects, 3, "{plain:?}");
     let status = p.status();
     assert_eq!(status["generation"], 5);
-    assert_eq!(status["proxy"]["runtime"], "per-worker", "{status}");
+    assert_eq!(status["proxy"]["runtime"], model, "{status}");
     p.assert_gone(&pids[..pids.len() - 1]);
     assert_eq!(our_zombies(), Vec::<u32>::new());
 }
