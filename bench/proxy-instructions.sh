@@ -4,6 +4,7 @@
 # doing, unlike a rate. For judging the hot-path cost of a small change.
 #
 #   bash bench/proxy-instructions.sh BATON_A BATON_B [SMALL] [LARGE]
+#   MODE=close bash bench/proxy-instructions.sh ...   # a new connection per request
 #
 # Each build runs under callgrind (one worker thread, access log off) in
 # front of a native `baton hello`; one client sends SMALL, then (in a fresh
@@ -33,11 +34,27 @@ UP=$(free_port)
 PIDS+=($!)
 wait_port "$UP"
 
-# requests PORT N: N GETs on one keep-alive connection, each answered 200.
+# requests PORT N: N GETs on one keep-alive connection (MODE=close: each
+# on a new connection, with `Connection: close`), each answered 200.
 requests() {
-    python3 - "$1" "$2" <<'EOF'
+    python3 - "$1" "$2" "${MODE:-keepalive}" <<'EOF'
 import socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if mode == "close":
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", port), 30)
+        s.settimeout(60)
+        s.sendall(req)
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        s.close()
+        assert buf.lower().startswith(b"http/1.1 200"), buf[:100]
+    sys.exit(0)
 s = socket.create_connection(("127.0.0.1", port), 30)
 s.settimeout(60)
 req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -76,7 +93,7 @@ instructions() {
     awk '/^(summary|totals):/ {print $2; exit}' "$out"
 }
 
-echo "# instructions per keep-alive request (callgrind; $SMALL and $LARGE requests, one worker)"
+echo "# instructions per ${MODE:-keepalive} request (callgrind; $SMALL and $LARGE requests, one worker)"
 for label in A B; do
     bin=$A; [ "$label" = B ] && bin=$B
     s=$(instructions "$bin" "$SMALL")

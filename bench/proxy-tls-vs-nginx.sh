@@ -10,7 +10,8 @@
 # interleaved:
 #   - TLS handshakes per second: wrk with `Connection: close`, a new TLS
 #     connection (a full handshake: wrk does not resume sessions) per
-#     request;
+#     request; `handshake-few`: the same with FEW connections (default 4),
+#     where less of the latency is wrk's own queueing;
 #   - HTTP/1.1 keep-alive over TLS: wrk;
 #   - HTTP/2: h2load, CONNECTIONS connections with 10 streams each; p50 and
 #     p99 from its per-request log.
@@ -19,7 +20,8 @@
 # load generator used (% of one core: at 100 it is what limits the run, and
 # its own queueing is part of the latency it reports), errors.
 #
-# MODES="handshake h2" runs only those loads (default: all three).
+# MODES="handshake h2" runs only those loads (default: handshake,
+# keepalive and h2; handshake-few only when named).
 #
 # Installs nginx, wrk, h2load (nghttp2-client) and openssl with apt-get when
 # missing. Prints Markdown for docs/BENCH-PROXY.md. Every load is bounded
@@ -119,6 +121,7 @@ run_load() { # port mode -> "rps p50 p99 n errors"
     local port=$1 mode=$2
     case $mode in
         handshake) timed wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://127.0.0.1:$port/" 2>&1 | wrk_summary ;;
+        handshake-few) timed wrk -t1 -c"${FEW:-4}" -d"${DURATION}s" --latency -H "Connection: close" "https://127.0.0.1:$port/" 2>&1 | wrk_summary ;;
         keepalive) timed wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "https://127.0.0.1:$port/" 2>&1 | wrk_summary ;;
         h2)
             rm -f "$WORK/h2.log"
