@@ -80,23 +80,28 @@ runtime = \"${3:-multi-thread}\""
     wait_port "$BPORT"
 }
 
-# wrk once; prints "rps p50_ms p99_ms requests"
+# wrk once; prints "rps p50_ms p99_ms requests errors" and leaves wrk's CPU
+# seconds in $WORK/client.cpu
 run_wrk() { # port mode
     local port=$1 mode=$2 extra=()
     [ "$mode" = close ] && extra=(-H "Connection: close")
-    wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1 | wrk_summary
+    timed wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1 | wrk_summary
+}
+
+# sample PID PORT MODE: one wrk run; sets RPS P50 P99 BAD, CPU_US (CPU of
+# PID and its children per request) and CLIENT (wrk's CPU, % of a core).
+sample() {
+    local pid=$1 c0 c1 n
+    c0=$(tree_ticks "$pid")
+    read -r RPS P50 P99 n BAD <<<"$(run_wrk "$2" "$3")"
+    c1=$(tree_ticks "$pid")
+    CPU_US=$(python3 -c "print(f'{($c1-$c0)/$TCK*1e6/max($n,1):.1f}')")
+    CLIENT=$(python3 -c "print(f'{$(cat "$WORK/client.cpu")/$DURATION*100:.0f}')")
 }
 
 measure() { # label pid port mode
-    local label=$1 pid=$2 port=$3 mode=$4
-    local c0 c1 out
-    c0=$(cpu_ticks "$pid")
-    out=$(run_wrk "$port" "$mode")
-    c1=$(cpu_ticks "$pid")
-    read -r rps p50 p99 n bad <<<"$out"
-    local cpu_us
-    cpu_us=$(python3 -c "print(f'{($c1-$c0)/$TCK*1e6/max($n,1):.1f}')")
-    echo "| $label | $mode | $rps | $p50 | $p99 | $cpu_us | $(rss_kb "$pid") / $(hwm_kb "$pid") | $bad |"
+    sample "$2" "$3" "$4"
+    echo "| $1 | $4 | $RPS | $P50 | $P99 | $CPU_US | $(rss_kb "$2") / $(hwm_kb "$2") | $BAD |"
 }
 
 # table TITLE: nginx ($NGX, $NGX_WORKER), baton proxy with one worker ($B1,
@@ -129,15 +134,8 @@ BD=$BPID; BDPORT=$BPORT
 # fast_measure label pid port mode: like measure, with the CPU of the
 # process's children (nginx's workers) and wrk's own CPU.
 fast_measure() {
-    local label=$1 pid=$2 port=$3 mode=$4 c0 c1 out cpu_us client extra=()
-    [ "$mode" = close ] && extra=(-H "Connection: close")
-    c0=$(tree_ticks "$pid")
-    out=$(timed wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1 | wrk_summary)
-    c1=$(tree_ticks "$pid")
-    read -r rps p50 p99 n bad <<<"$out"
-    cpu_us=$(python3 -c "print(f'{($c1-$c0)/$TCK*1e6/max($n,1):.1f}')")
-    client=$(python3 -c "print(f'{$(cat "$WORK/client.cpu")/$DURATION*100:.0f}')")
-    echo "| $label | $mode | $rps | $p50 | $p99 | $cpu_us | $client | $bad |"
+    sample "$2" "$3" "$4"
+    echo "| $1 | $4 | $RPS | $P50 | $P99 | $CPU_US | $CLIENT | $BAD |"
 }
 # start_nginx_n NAME WORKERS -> NGX (its port), NGX_MASTER
 start_nginx_n() {
