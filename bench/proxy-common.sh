@@ -114,15 +114,17 @@ http {
 EOF
 }
 
-# start_nginx [NAME] -> NGX (its port), NGX_WORKER (its one worker's pid):
-# one worker, proxy_pass to the upstream on $UP with upstream keep-alive,
-# access log off; its files in $WORK/NAME (default nginx).
+# start_nginx [NAME] [WORKERS] -> NGX (its port), NGX_MASTER, NGX_WORKER (its
+# first worker's pid): WORKERS workers (default 1), proxy_pass to the
+# upstream on $UP with upstream keep-alive, access log off; its files in
+# $WORK/NAME (default nginx).
 start_nginx() {
     local d="$WORK/${1:-nginx}"
     NGX=$(free_port)
-    nginx_proxy_conf "$d" "$NGX"
+    nginx_proxy_conf "$d" "$NGX" "${2:-1}"
     nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
     PIDS+=($!)
+    NGX_MASTER=$!
     wait_port "$NGX"
     NGX_WORKER=$(pgrep -P "$(cat "$d/nginx.pid")" | head -1)
 }

@@ -131,29 +131,19 @@ BD=$BPID; BDPORT=$BPORT
 [ -z "${FAST_ONLY:-}" ] && table "proxy throughput and latency, upstream: baton hello"
 
 # ---- a fast upstream -----------------------------------------------------------
-# fast_measure label pid port mode: like measure, with the CPU of the
-# process's children (nginx's workers) and wrk's own CPU.
+# fast_measure label pid port mode: like measure, with wrk's CPU in place
+# of memory.
 fast_measure() {
     sample "$2" "$3" "$4"
     echo "| $1 | $4 | $RPS | $P50 | $P99 | $CPU_US | $CLIENT | $BAD |"
-}
-# start_nginx_n NAME WORKERS -> NGX (its port), NGX_MASTER
-start_nginx_n() {
-    local d="$WORK/$1"
-    NGX=$(free_port)
-    nginx_proxy_conf "$d" "$NGX" "$2"
-    nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
-    PIDS+=($!)
-    NGX_MASTER=$!
-    wait_port "$NGX"
 }
 SAVED=("$UP" "$BD" "$BDPORT")
 N=$(nproc)
 for bytes in ${BODIES:-2 4096}; do
     start_fast_upstream "$bytes"
     UP=$UPF
-    start_nginx_n "nginx-fast1-$bytes" 1; N1=$NGX_MASTER; N1P=$NGX
-    start_nginx_n "nginx-fastn-$bytes" "$N"; NN=$NGX_MASTER; NNP=$NGX
+    start_nginx "nginx-fast1-$bytes" 1; N1=$NGX_MASTER; N1P=$NGX
+    start_nginx "nginx-fastn-$bytes" "$N"; NN=$NGX_MASTER; NNP=$NGX
     start_baton "f1-$bytes" 1; M1=$BPID; M1P=$BPORT
     start_baton "fd-$bytes" "$N"; MN=$BPID; MNP=$BPORT
     start_baton "w1-$bytes" 1 per-worker; W1=$BPID; W1P=$BPORT

@@ -289,8 +289,8 @@ fn init_logging(format: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
-    // `baton proxy`: the configuration is read first, as `[server] workers`
-    // sizes the runtime.
+    // `baton proxy`: the configuration is read first, as `[server] runtime`
+    // and `workers` decide the runtime.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let mut loaded = None;
     if let Command::Proxy {

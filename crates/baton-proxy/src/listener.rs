@@ -167,29 +167,13 @@ async fn serve(
                 _ = remove.cancelled() => true,
             }
         };
+        let handle = drain.handle();
         let removed = match &listener {
-            Socket::Here(listener) => {
-                accept_until(
-                    listener,
-                    &dispatch,
-                    &stats,
-                    &drain.handle(),
-                    stop,
-                    &mut incoming,
-                )
-                .await
+            Socket::Here(l) => {
+                accept_until(l, &dispatch, &stats, &handle, stop, &mut incoming).await
             }
-            Socket::Workers(socket, workers) => {
-                accept_on_workers(
-                    socket,
-                    workers,
-                    &dispatch,
-                    &stats,
-                    &drain.handle(),
-                    stop,
-                    &mut incoming,
-                )
-                .await
+            Socket::Workers(l, workers) => {
+                accept_on_workers(l, workers, &dispatch, &stats, &handle, stop, &mut incoming).await
             }
         };
         if removed {

@@ -14,7 +14,7 @@
 use std::cell::Cell;
 
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
@@ -31,33 +31,33 @@ pub(crate) fn index() -> usize {
 #[derive(Debug)]
 pub(crate) struct Workers {
     handles: Vec<Handle>,
-    stop: Vec<oneshot::Sender<()>>,
+    stop: CancellationToken,
 }
 
 impl Workers {
     /// Starts `n` worker threads (`baton-worker-0` …).
     pub(crate) fn start(n: usize) -> std::io::Result<Workers> {
-        let mut handles = Vec::with_capacity(n);
-        let mut stop = Vec::with_capacity(n);
+        // Stops the ones started so far if a later one cannot start.
+        let mut workers = Workers {
+            handles: Vec::with_capacity(n),
+            stop: CancellationToken::new(),
+        };
         for i in 0..n {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let handle = runtime.handle().clone();
-            let (tx, rx) = oneshot::channel::<()>();
+            let stop = workers.stop.clone();
             std::thread::Builder::new()
                 .name(format!("baton-worker-{i}"))
                 .spawn(move || {
                     INDEX.with(|c| c.set(i));
                     // Runs what is spawned on `handle` until stopped.
-                    runtime.block_on(async {
-                        let _ = rx.await;
-                    });
+                    runtime.block_on(stop.cancelled());
                 })?;
-            handles.push(handle);
-            stop.push(tx);
+            workers.handles.push(handle);
         }
-        Ok(Workers { handles, stop })
+        Ok(workers)
     }
 
     /// Their runtimes, by index.
@@ -73,9 +73,7 @@ impl Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        for tx in self.stop.drain(..) {
-            let _ = tx.send(());
-        }
+        self.stop.cancel();
     }
 }
 

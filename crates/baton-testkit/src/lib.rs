@@ -342,18 +342,50 @@ pub fn reaped_or_gone(pid: u32) -> bool {
     }
 }
 
+/// The fields of a `/proc/.../stat` file after the command name: the
+/// state (field 3) first.
+fn stat_fields(path: &Path) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
 /// The state letter of `pid` from `/proc/PID/stat` (R, S, Z, ...), or None.
 pub fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    after.trim_start().chars().next()
+    stat_fields(Path::new(&format!("/proc/{pid}/stat")))?
+        .first()?
+        .chars()
+        .next()
 }
 
 /// The parent pid of `pid`.
 pub fn proc_ppid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    after.split_whitespace().nth(1)?.parse().ok()
+    stat_fields(Path::new(&format!("/proc/{pid}/stat")))?
+        .get(1)?
+        .parse()
+        .ok()
+}
+
+/// The threads of `pid`: each one's name and the CPU it has used (user +
+/// system, in clock ticks), sorted by name.
+pub fn proc_threads(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        // utime and stime are fields 14 and 15.
+        let ticks = stat_fields(&t.path().join("stat")).map_or(0, |f| {
+            [11, 12]
+                .iter()
+                .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
+                .sum()
+        });
+        out.push((name.trim().to_owned(), ticks));
+    }
+    out.sort();
+    out
 }
 
 /// Zombie processes whose parent is this process.

@@ -232,6 +232,20 @@ impl Proxy {
         self.control(r#"{"command":"upgrade"}"#)
     }
 
+    /// [`upgrade`](Self::upgrade), which must succeed (`what` names it in
+    /// the failure, with the proxy's stderr); returns the new generation's
+    /// pid and the answer.
+    pub fn upgrade_ok(&self, what: &str) -> (u32, Value) {
+        let answer = self.upgrade();
+        assert_eq!(
+            answer["ok"],
+            true,
+            "{what}: {answer}\n{}",
+            self.server.stderr()
+        );
+        (answer["pid"].as_u64().unwrap() as u32, answer)
+    }
+
     /// The upstream server entry `addr` of upstream `name` in `status`.
     pub fn upstream_server(&self, name: &str, addr: SocketAddr) -> Value {
         let s = self.status();

@@ -430,14 +430,7 @@ fn eight_upgrades_and_a_certificate_reload_under_tls_and_http2_load_lose_no_requ
 
     let mut pids = vec![p.pid()];
     for i in 0..8u64 {
-        let answer = p.upgrade();
-        assert_eq!(
-            answer["ok"],
-            true,
-            "upgrade {i}: {answer}\n{}",
-            p.server.stderr()
-        );
-        pids.push(answer["pid"].as_u64().unwrap() as u32);
+        pids.push(p.upgrade_ok(&format!("upgrade {i}")).0);
         load.wait_for_progress(100, Duration::from_secs(30));
         h2.wait_for_progress(100, Duration::from_secs(30));
         h2_slow.wait_for_progress(8, Duration::from_secs(30));

@@ -16,15 +16,8 @@ fn twenty_upgrades_under_load_lose_no_request() {
     load.wait_for_progress(200, Duration::from_secs(20));
     let mut pids = vec![p.pid()];
     for i in 0..20u64 {
-        let answer = p.upgrade();
-        assert_eq!(
-            answer["ok"],
-            true,
-            "upgrade {i}: {answer}\n{}",
-            p.server.stderr()
-        );
+        let (pid, answer) = p.upgrade_ok(&format!("upgrade {i}"));
         assert_eq!(answer["generation"], i + 2);
-        let pid = answer["pid"].as_u64().unwrap() as u32;
         pids.push(pid);
         load.wait_for_progress(50, Duration::from_secs(20));
     }

@@ -28,27 +28,10 @@ fn two_listeners(a: std::net::SocketAddr, site: &TestCert, extra: &str) -> Strin
 /// CPU ticks (user + system) of each thread of `pid` named
 /// `baton-worker-N`, by name.
 fn worker_ticks(pid: u32) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let comm = comm.trim();
-        if !comm.starts_with("baton-worker-") {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        // After the command's closing parenthesis: state is field 3, utime
-        // and stime are fields 14 and 15.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        out.push((comm.to_owned(), ticks));
-    }
-    out.sort();
-    out
+    baton_testkit::proc_threads(pid)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("baton-worker-"))
+        .collect()
 }
 
 #[test]
@@ -110,14 +93,7 @@ fn through_a_reload_and_upgrades(model: &str) {
 
     let mut pids = vec![p.pid()];
     for i in 0..4u64 {
-        let answer = p.upgrade();
-        assert_eq!(
-            answer["ok"],
-            true,
-            "upgrade {i}: {answer}\n{}",
-            p.server.stderr()
-        );
-        pids.push(answer["pid"].as_u64().unwrap() as u32);
+        pids.push(p.upgrade_ok(&format!("upgrade {i}")).0);
         plain.wait_for_progress(100, Duration::from_secs(30));
         over_tls.wait_for_progress(50, Duration::from_secs(30));
         h2.wait_for_progress(50, Duration::from_secs(30));
