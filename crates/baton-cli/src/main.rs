@@ -18,6 +18,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: a proxy allocates a task, a
+/// reactor registration and its buffers for every connection, and glibc's
+/// malloc took a sixth of the proxy's user-space instructions per new
+/// connection (most of it in the slow paths for aligned and multi-KiB
+/// blocks). See docs/BENCH-PROXY.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "baton",

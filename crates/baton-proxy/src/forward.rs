@@ -307,6 +307,10 @@ enum Outcome {
     Reroute,
 }
 
+/// How many header fields a request head is parsed for at first; most
+/// heads have fewer than a dozen.
+const FEW_HEADERS: usize = 24;
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     fn new(stream: S, peer: SocketAddr, ctx: Arc<HttpContext>, shutdown: baton::Shutdown) -> Self {
         let now = Instant::now();
@@ -355,10 +359,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             // The head is parsed from a buffer of its own so that `self`
             // stays free to use while the request is forwarded.
             let buf = std::mem::take(&mut self.rbuf);
+            // Parsed into room for [`FEW_HEADERS`] fields, which this
+            // future holds while the request is forwarded; a head with
+            // more is parsed again into room for [`h1::MAX_HEADERS`] on
+            // the heap. (A future's whole size is copied when it is
+            // spawned: room for the maximum here would be most of it.)
             let mut headers =
-                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
+                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; FEW_HEADERS];
+            let mut more = Vec::new();
             let mut req = httparse::Request::new(&mut []);
-            let (outcome, used) = match req.parse_with_uninit_headers(&buf, &mut headers) {
+            let mut parsed = req.parse_with_uninit_headers(&buf, &mut headers);
+            if matches!(parsed, Err(httparse::Error::TooManyHeaders)) {
+                more.resize_with(h1::MAX_HEADERS, MaybeUninit::uninit);
+                req = httparse::Request::new(&mut []);
+                parsed = req.parse_with_uninit_headers(&buf, &mut more);
+            }
+            let (outcome, used) = match parsed {
                 Ok(httparse::Status::Complete(head_len)) => {
                     self.fresh = false;
                     self.request(&req, &buf, head_len).await
@@ -739,11 +755,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 match r {
                     Err(Upstream::Closed) if conn.reused && fresh_retry => {
                         fresh_retry = false;
-                        match UpstreamConn::connect(
+                        match Box::pin(UpstreamConn::connect(
                             conn.addr,
                             conn.tls.clone().as_ref(),
                             CONNECT_TIMEOUT,
-                        )
+                        ))
                         .await
                         {
                             Ok(c) => conn = c,
@@ -846,7 +862,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if let Some(c) = self.ctx.idle.take(addr, tls) {
             return Ok(c);
         }
-        UpstreamConn::connect(addr, tls, CONNECT_TIMEOUT).await
+        Box::pin(UpstreamConn::connect(addr, tls, CONNECT_TIMEOUT)).await
     }
 
     /// Sends `wbuf` (the head) and the request body (`rest` holds what

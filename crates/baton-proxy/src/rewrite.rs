@@ -74,23 +74,23 @@ impl<'a> Forwarded<'a> {
 /// The client's address and scheme as the forwarding fields write them.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
-    /// As an `X-Forwarded-For` element.
+    /// The address, as an `X-Forwarded-For` element.
     text: String,
-    /// As a `Forwarded` node (an IPv6 address quoted in brackets).
-    node: String,
+    /// An IPv6 address, which a `Forwarded` node quotes in brackets.
+    v6: bool,
     /// The client came over TLS (`https`, else `http`).
     https: bool,
 }
 
 impl Peer {
     pub(crate) fn new(ip: IpAddr) -> Peer {
-        let node = match ip {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        let (text, v6) = match ip {
+            IpAddr::V4(ip) => (ipv4_text(ip), false),
+            IpAddr::V6(ip) => (ip.to_string(), true),
         };
         Peer {
-            text: ip.to_string(),
-            node,
+            text,
+            v6,
             https: false,
         }
     }
@@ -108,6 +108,26 @@ impl Peer {
             b"http"
         }
     }
+}
+
+/// `ip` in dotted decimal, as `Display` writes it, without the formatting
+/// machinery: this runs for every new connection, and `Display` took more
+/// instructions than parsing the request head.
+fn ipv4_text(ip: std::net::Ipv4Addr) -> String {
+    let mut text = String::with_capacity(15);
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
 }
 
 /// A request target, split and its path normalised
@@ -285,7 +305,13 @@ pub(crate) fn request_head(
     out.extend_from_slice(b"\r\nx-forwarded-proto: ");
     out.extend_from_slice(peer.proto());
     out.extend_from_slice(b"\r\nforwarded: for=");
-    out.extend_from_slice(peer.node.as_bytes());
+    if peer.v6 {
+        out.extend_from_slice(b"\"[");
+        out.extend_from_slice(peer.text.as_bytes());
+        out.extend_from_slice(b"]\"");
+    } else {
+        out.extend_from_slice(peer.text.as_bytes());
+    }
     out.extend_from_slice(b";proto=");
     out.extend_from_slice(peer.proto());
     if let Some(host) = f.host.filter(|h| !h.contains('"') && !h.contains('\\')) {
@@ -495,6 +521,18 @@ mod tests {
             ["for=\"[2001:db8::1]\";proto=https"]
         );
         assert_eq!(field_values(&v6, "x-forwarded-proto"), ["https"]);
+    }
+
+    #[test]
+    fn an_ipv4_address_is_written_as_display_writes_it() {
+        for octet in 0..=255u8 {
+            for ip in [
+                std::net::Ipv4Addr::new(octet, 0, 9, 255),
+                std::net::Ipv4Addr::new(10, octet, 100, octet),
+            ] {
+                assert_eq!(ipv4_text(ip), ip.to_string());
+            }
+        }
     }
 
     #[test]

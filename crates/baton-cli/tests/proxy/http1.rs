@@ -554,6 +554,47 @@ fn responses_chunked_close_delimited_bodiless_and_to_http10_clients() {
     );
 }
 
+/// A head is parsed into room for a few fields first and again into room
+/// for the limit (128) when it has more: each field still reaches the
+/// upstream, in order; past the limit the answer is 431.
+#[test]
+fn a_head_with_many_fields_is_forwarded_whole_up_to_the_limit() {
+    let (up, seen) = scripted(answers);
+    let p = proxy_to(up, "h1-many-fields");
+    let head = |n: usize| {
+        let mut h = String::from("GET /many HTTP/1.1\r\nHost: x\r\n");
+        for i in 0..n {
+            h.push_str(&format!("X-F{i}: v{i}\r\n"));
+        }
+        h + "Connection: close\r\n\r\n"
+    };
+    for n in [20, 23, 24, 100, 126] {
+        let s = connect(p.addr("web"));
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        w.write_all(head(n).as_bytes()).unwrap();
+        assert_eq!(read_response(&mut r, false).status(), 200, "{n} fields");
+        let m = seen.recv_timeout(TIMEOUT).unwrap();
+        let sent: Vec<String> = m
+            .headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("X-F"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let want: Vec<String> = (0..n).map(|i| format!("X-F{i}=v{i}")).collect();
+        assert_eq!(sent, want, "{n} fields");
+    }
+    let s = connect(p.addr("web"));
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(head(127).as_bytes()).unwrap();
+    assert_eq!(read_response(&mut r, false).status(), 431);
+    assert!(
+        seen.try_recv().is_err(),
+        "the upstream saw a refused request"
+    );
+}
+
 #[test]
 fn pipelined_requests_are_answered_in_order() {
     let (up, _seen) = scripted(answers);
