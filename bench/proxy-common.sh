@@ -132,9 +132,15 @@ start_nginx() {
 # start_fast_upstream BYTES -> UPF (its port): nginx, one worker, answering
 # every request with 200 and the same file of BYTES bytes from the page
 # cache, access log off: a fast upstream, so that the proxy in front of it
-# is what is measured.
+# is what is measured. FAST_UPSTREAM=return: the same body from nginx's
+# `return 200 "..."` instead, which does no file system calls per request
+# (about half the upstream's CPU per request of the file).
 start_fast_upstream() {
     local bytes=$1 d="$WORK/fast-$1"
+    local serve="try_files /body =404;"
+    if [ "${FAST_UPSTREAM:-file}" = return ]; then
+        serve="return 200 \"$(python3 -c "print('x' * $bytes)")\";"
+    fi
     UPF=$(free_port)
     mkdir -p "$d/www"
     python3 -c "import sys; open(sys.argv[1], 'w').write('x' * $bytes)" "$d/www/body"
@@ -156,7 +162,7 @@ http {
     server {
         listen 127.0.0.1:$UPF;
         root $d/www;
-        location / { try_files /body =404; }
+        location / { $serve }
     }
 }
 EOF

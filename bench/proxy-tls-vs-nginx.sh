@@ -22,6 +22,8 @@
 #
 # MODES="handshake h2" runs only those loads (default: handshake,
 # keepalive and h2; handshake-few only when named).
+# FAST_UPSTREAM=return: the upstream answers with nginx's `return 200`
+# instead of the file (see start_fast_upstream in proxy-common.sh).
 #
 # Installs nginx, wrk, h2load (nghttp2-client) and openssl with apt-get when
 # missing. Prints Markdown for docs/BENCH-PROXY.md. Every load is bounded
@@ -145,7 +147,7 @@ baton_tls b1 1; B1=$PROC; B1P=$PORT
 nginx_tls ngxn "$(nproc)"; NN=$PROC; NNP=$PORT
 baton_tls bn "$(nproc)"; BN=$PROC; BNP=$PORT
 
-echo "## TLS: baton proxy vs nginx, fast upstream ($(nproc) cores; wrk -t1 -c$CONNS -d${DURATION}s; h2load -c$CONNS -m10 -t1 -D$DURATION; ECDSA P-256)"
+echo "## TLS: baton proxy vs nginx, fast upstream by ${FAST_UPSTREAM:-file} ($(nproc) cores; wrk -t1 -c$CONNS -d${DURATION}s; h2load -c$CONNS -m10 -t1 -D$DURATION; ECDSA P-256)"
 echo
 echo "| proxy | load | req/s | p50 ms | p99 ms | CPU µs/req | client CPU % | errors |"
 echo "|---|---|---|---|---|---|---|---|"

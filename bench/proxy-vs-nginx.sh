@@ -4,6 +4,7 @@
 #
 #   bash bench/proxy-vs-nginx.sh [DURATION_SECONDS] [CONNECTIONS] [ROUNDS]
 #   FAST_ONLY=1 bash bench/proxy-vs-nginx.sh ...   # only the fast-upstream tables
+#   FAST_UPSTREAM=return ...   # the fast upstream answers with `return 200`, not a file
 #
 # Measures, for each proxy and for keep-alive and new-connection-per-request
 # clients: requests/s, p50/p99 latency (wrk --latency), CPU time per request
@@ -148,7 +149,7 @@ for bytes in ${BODIES:-2 4096}; do
     start_baton "fd-$bytes" "$N"; MN=$BPID; MNP=$BPORT
     start_baton "w1-$bytes" 1 per-worker; W1=$BPID; W1P=$BPORT
     start_baton "wn-$bytes" "$N" per-worker; WN=$BPID; WNP=$BPORT
-    echo "## proxy throughput and latency, fast upstream (nginx, a $bytes-byte body; $N cores, wrk -t1 -c$CONNS -d${DURATION}s)"
+    echo "## proxy throughput and latency, fast upstream (nginx, a $bytes-byte body by ${FAST_UPSTREAM:-file}; $N cores, wrk -t1 -c$CONNS -d${DURATION}s)"
     echo
     echo "| proxy | clients | req/s | p50 ms | p99 ms | CPU µs/req | client CPU % | errors |"
     echo "|---|---|---|---|---|---|---|---|"

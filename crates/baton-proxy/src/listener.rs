@@ -342,8 +342,8 @@ async fn accept_until(
         let handle = shutdown.clone();
         // Each connection's future is boxed: a task moves its future
         // several times as it is spawned and finished, and these are
-        // kilobytes (their buffers); copying them cost more per new
-        // connection than the rest of the proxy's user-space work.
+        // kilobytes (an HTTP/1 connection's is about 4.8 KiB), so only a
+        // pointer moves.
         match dispatch {
             Dispatch::Http(ctx) if ctx.tls.is_some() => {
                 shutdown.spawn(Box::pin(serve_tls(io, peer, ctx.clone(), handle, guard)));
