@@ -4,7 +4,7 @@
 #
 #   bash bench/proxy-vs-nginx.sh [DURATION_SECONDS] [CONNECTIONS] [ROUNDS]
 #   FAST_ONLY=1 bash bench/proxy-vs-nginx.sh ...   # only the fast-upstream tables
-#   FAST_UPSTREAM=return ...   # the fast upstream answers with `return 200`, not a file
+#   FAST_UPSTREAM=return BODIES=2 ...   # the fast upstream answers with `return 200`, not a file
 #
 # Measures, for each proxy and for keep-alive and new-connection-per-request
 # clients: requests/s, p50/p99 latency (wrk --latency), CPU time per request
